@@ -1,0 +1,127 @@
+"""``raynoisy train | shard | noise``: the command line. Bad input exits with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from raynoisy.errors import RaynoisyError
+
+# CLI flag -> dotted config path.
+_FLAG_FIELDS = {
+    "data_root": "data.root",
+    "noise": "noise.type",
+    "noise_rate": "noise.rate",
+    "clean_per_class": "split.clean_per_class",
+    "train_subset": "split.train_subset",
+    "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "seed": "run.seed",
+    "workers": "scaling.workers",
+    "gpus_per_worker": "scaling.gpus_per_worker",
+    "output": "run.output",
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, dataset: str | None = None, method: str | None = None) -> None:
+    """The flags of a training run; ``dataset``/``method`` fix a default (as the job scripts do)."""
+    parser.add_argument("--dataset", default=dataset, required=dataset is None, help="data source name")
+    parser.add_argument("--data-root", help="folder (or file) of the data set; omit for embedded data")
+    parser.add_argument("--method", default=method, required=method is None, help="noisy-label method")
+    parser.add_argument("--noise", help="none|uniform|symmetric|flip|pair|matrix:PATH")
+    parser.add_argument("--noise-rate", type=float)
+    parser.add_argument("--clean-per-class", type=int, help="trusted samples per class")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="global batch size, split over workers")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU or CPU slot)")
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set")
+    parser.add_argument("--output", help="run directory for metrics.json, labels.parquet, model.pt")
+    parser.add_argument("--config", help="YAML file layered over the preset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any field")
+
+
+def config_from_args(args: argparse.Namespace):
+    from raynoisy.config import load_config
+
+    flags = {path: getattr(args, name, None) for name, path in _FLAG_FIELDS.items()}
+    return load_config(args.dataset, args.method, config_file=args.config, flags=flags, overrides=args.set)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from raynoisy.train.driver import train
+
+    cfg = config_from_args(args)
+    metrics = train(cfg)
+    print(f"test accuracy: {metrics['test_accuracy']:.4f}")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from raynoisy.train.driver import prepare
+
+    if args.output is None:
+        args.output = args.shard_root or "."
+    cfg = config_from_args(args)
+    if args.shard_root:
+        cfg.data.shard_root = args.shard_root
+    prepared = prepare(cfg)
+    out = Path(cfg.run.output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(prepared.labels_table(), out / "labels.parquet")
+    print(json.dumps({"shards": prepared.shards.uri, "counts": prepared.shards.manifest["counts"],
+                      "noise": prepared.plan.noise.to_dict()}, indent=1))
+    return 0
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from raynoisy.data.plan import plan_labels
+    from raynoisy.data.sources import load_catalog
+    from raynoisy.train.driver import resolve_root
+
+    args.output = args.output or "."
+    cfg = config_from_args(args)
+    catalog = load_catalog(cfg.data.dataset, resolve_root(cfg), cfg.data.options)
+    report = plan_labels(catalog, cfg).noise.to_dict()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raynoisy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+        "train": ("train a method on a data set with Ray Train", _train),
+        "shard": ("write a data set (split + noise) as Parquet shards with a manifest", _shard),
+        "noise": ("report the actual noise rate and transition matrix a config produces", _noise),
+    }
+    for name, (help_text, fn) in commands.items():
+        p = sub.add_parser(name, help=help_text)
+        add_run_arguments(p, method="ce" if name != "train" else None)
+        if name == "shard":
+            p.add_argument("--shard-root", help="local path or s3:// / gs:// URI for the shards")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse and run; user errors become one line on stderr and exit code 2."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except RaynoisyError as exc:
+        print(f"raynoisy: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))

@@ -1,0 +1,1 @@
+"""The noisy-data layer: sources, noise models, splits, Parquet shards and Ray Data pipelines."""

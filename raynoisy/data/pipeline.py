@@ -1,0 +1,191 @@
+"""Ray Data pipelines from Parquet shards to torch batches that keep ``sample_id``.
+
+The noisy training stream is one Dataset the driver hands to Ray Train, which splits it across workers
+(``streaming_split``, equal row counts so every rank takes the same number of steps). The small streams
+(trusted batches, validation, test, per-sample exports) are built inside each worker from the shard file
+list: evaluation sets are divided by file across ranks, so each sample is evaluated exactly once and
+accuracies are exact after one all-reduce.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from raynoisy.data.shards import ShardSet
+from raynoisy.data.transforms import ImageTransform, normalize
+from raynoisy.errors import TooManyBadSamplesError
+from raynoisy.methods.base import Batch
+
+_COLUMNS = ["sample_id", "payload", "given_label", "true_label"]
+DECODE_BATCH_ROWS = 256
+# Splits whose shard files on this rank add up to less than this are read once into worker memory and
+# decoded in-process: a Ray Data execution costs about a second to start, which would dominate small
+# validation/trusted passes. Larger splits stream through Ray Data every time.
+IN_MEMORY_BYTES = 256 * 2**20
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress bars: rank 0 prints its own progress lines."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Image geometry of a run, shared by the driver and the workers."""
+
+    family: str
+    size: int
+    channels: int
+
+    def transform(self, train: bool) -> ImageTransform:
+        return ImageTransform(self.family, self.size, self.channels, train)
+
+
+def image_dataset(files: list[str], spec: InputSpec, *, train: bool) -> ray.data.Dataset:
+    """read_parquet -> decode/augment in map_batches; file order shuffled per epoch when training."""
+    ds = ray.data.read_parquet(files, columns=_COLUMNS, shuffle="files" if train else None)
+    if train:
+        ds = ds.randomize_block_order()
+    return ds.map_batches(spec.transform(train), batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
+
+
+def files_for_rank(files: list[str], rank: int, world_size: int) -> list[str]:
+    return files[rank::world_size]
+
+
+class BadSampleCounter:
+    """Counts rows that failed to decode, so the worker can enforce ``data.max_bad_fraction``."""
+
+    def __init__(self) -> None:
+        self.bad = 0
+        self.seen = 0
+
+    def reset(self) -> None:
+        self.bad = self.seen = 0
+
+
+def check_bad_fraction(bad: int, seen: int, limit: float) -> None:
+    """Fail the run once more than ``limit`` of the rows seen could not be decoded."""
+    if seen and bad > limit * seen:
+        raise TooManyBadSamplesError(
+            f"{bad} of {seen} images failed to decode this epoch (limit {limit:.1%}); "
+            "fix the shards or raise data.max_bad_fraction"
+        )
+
+
+def to_batch(raw: dict[str, torch.Tensor], family: str, counter: BadSampleCounter | None) -> Batch:
+    """Drop undecodable rows (counted), normalise images, and wrap as a Batch."""
+    ok = raw["ok"].bool()
+    if counter is not None:
+        counter.seen += int(ok.numel())
+        counter.bad += int((~ok).sum())
+    if not bool(ok.all()):
+        raw = {k: v[ok] for k, v in raw.items()}
+    return Batch(
+        x=normalize(raw["image"], family),
+        y=raw["given_label"].long(),
+        sample_id=raw["sample_id"].long(),
+        true_y=raw["true_label"].long(),
+    )
+
+
+def iter_batches(
+    iterable,
+    *,
+    batch_size: int,
+    family: str,
+    device: torch.device,
+    counter: BadSampleCounter | None = None,
+    drop_last: bool = False,
+    shuffle_rows: int | None = None,
+    shuffle_seed: int | None = None,
+) -> Iterator[Batch]:
+    """Torch batches from a Dataset or a Train dataset shard (both have ``iter_torch_batches``)."""
+    for raw in iterable.iter_torch_batches(
+        batch_size=batch_size,
+        device=device,
+        drop_last=drop_last,
+        local_shuffle_buffer_size=shuffle_rows,
+        local_shuffle_seed=shuffle_seed,
+    ):
+        batch = to_batch(raw, family, counter)
+        if len(batch):
+            yield batch
+
+
+class InMemorySplit:
+    """A small split's rows held as payload bytes on the worker; decoded and augmented on demand."""
+
+    def __init__(self, files: list[str], spec: InputSpec) -> None:
+        tables = [_read_table(f) for f in files]
+        table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in _COLUMNS})
+        self.spec = spec
+        self.rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
+        self.rows["true_label"] = np.nan_to_num(self.rows["true_label"].astype(np.float64), nan=-1).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows["sample_id"])
+
+    def batches(
+        self, batch_size: int, *, train: bool, device: torch.device, rng: np.random.Generator,
+        counter: BadSampleCounter | None = None,
+    ) -> Iterator[Batch]:
+        order = rng.permutation(len(self)) if train else np.arange(len(self))
+        transform = self.spec.transform(train)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            raw = transform({c: v[idx] for c, v in self.rows.items()})
+            batch = to_batch({k: torch.from_numpy(v).to(device) for k, v in raw.items()}, self.spec.family, counter)
+            if len(batch):
+                yield batch
+
+
+def _read_table(uri: str) -> pa.Table:
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return pq.read_table(path, filesystem=fs, columns=_COLUMNS)
+    return pq.read_table(uri, columns=_COLUMNS)
+
+
+def total_bytes(files: list[str]) -> int:
+    size = 0
+    for uri in files:
+        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        size += fs.get_file_info(path).size or 0
+    return size
+
+
+def cycle_batches(
+    files: list[str], spec: InputSpec, *, batch_size: int, device: torch.device, seed: int,
+    counter: BadSampleCounter | None = None,
+) -> Iterator[Batch]:
+    """Endless augmented batches from a small split (the trusted set); a new shuffle each pass."""
+    small = InMemorySplit(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
+    ds = None if small is not None else image_dataset(files, spec, train=True)
+    for cycle in itertools.count():
+        rng = np.random.default_rng([seed, cycle])
+        if small is not None:
+            batches = small.batches(batch_size, train=True, device=device, rng=rng, counter=counter)
+        else:
+            batches = iter_batches(
+                ds, batch_size=batch_size, family=spec.family, device=device, counter=counter,
+                shuffle_rows=4 * batch_size, shuffle_seed=int(rng.integers(2**31)),
+            )
+        produced = False
+        for batch in batches:
+            produced = True
+            yield batch
+        if not produced:
+            raise RuntimeError(f"the trusted stream over {len(files)} shard files produced no samples")

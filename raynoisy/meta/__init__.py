@@ -1,0 +1,53 @@
+"""The shared bilevel engine: functional look-ahead, hypergradients, meta-gradient sync.
+
+Methods compose these pieces; none of them touches the real model's parameters, ``.grad``, optimizer
+state or (by default) BatchNorm buffers. See each module's docstring for the reasoning.
+"""
+
+from raynoisy.meta.batchnorm import BNPolicy
+from raynoisy.meta.hypergrad import (
+    Hypergradient,
+    MetaStep,
+    MLCHypergradAccumulator,
+    MLCHypergradient,
+    identity_hessian_discount,
+    lookahead_hypergrad,
+    mlc_hypergrad,
+)
+from raynoisy.meta.lookahead import (
+    ParamRule,
+    functional_forward,
+    lookahead,
+    unwrap_model,
+    update_rules,
+    virtual_step,
+)
+from raynoisy.meta.sync import (
+    ReplicasDivergedError,
+    all_reduce_mean_,
+    assert_replicas_identical,
+    replica_fingerprint,
+    set_grads_synced,
+)
+
+__all__ = [
+    "BNPolicy",
+    "Hypergradient",
+    "MLCHypergradAccumulator",
+    "MLCHypergradient",
+    "MetaStep",
+    "ParamRule",
+    "ReplicasDivergedError",
+    "all_reduce_mean_",
+    "assert_replicas_identical",
+    "functional_forward",
+    "identity_hessian_discount",
+    "lookahead",
+    "lookahead_hypergrad",
+    "mlc_hypergrad",
+    "replica_fingerprint",
+    "set_grads_synced",
+    "unwrap_model",
+    "update_rules",
+    "virtual_step",
+]

@@ -1,0 +1,57 @@
+"""Baselines: cross-entropy on the noisy labels (``ce``) and on the trusted set only (``ce-clean``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from raynoisy.methods import register_method
+from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.supervised import MainModel
+
+
+@register_method
+class CrossEntropy(Method):
+    """Plain cross-entropy on the given (noisy) labels: the baseline every method must beat."""
+
+    name = "ce"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.main = MainModel(ctx)
+
+    def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        logits, _ = self.main.model(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
+        self.main.step(loss)
+        return {"loss": float(loss.detach())}
+
+    def eval_model(self) -> nn.Module:
+        return self.main.net
+
+    def current_lr(self) -> float:
+        return self.main.lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+
+
+@register_method
+class CleanOnlyCrossEntropy(CrossEntropy):
+    """Cross-entropy on the trusted set alone, for as many steps as a noisy-data epoch has.
+
+    The step budget matches ``ce`` so that the comparison measures what the noisy data adds, not how
+    long each model trained.
+    """
+
+    name = "ce-clean"
+    needs_trusted = True
+    epoch_source = "trusted"
+
+    def trusted_batch_size(self) -> int:
+        return self.ctx.local_batch_size

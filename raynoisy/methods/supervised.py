@@ -1,0 +1,62 @@
+"""The part every method shares: one main model trained with SGD on a per-iteration schedule.
+
+Methods compose this rather than inherit behaviour they do not use: it holds the DDP-wrapped model
+(``model``) for the real step, the bare module (``net``) for evaluation and functional calls, the
+optimizer, the schedule, and their checkpoint state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from raynoisy.methods.base import MethodContext
+from raynoisy.train.optim import build_scheduler, build_sgd
+
+
+class MainModel:
+    """Main network + SGD + per-iteration lr schedule, identical on every rank."""
+
+    def __init__(self, ctx: MethodContext, epochs: int | None = None) -> None:
+        self.ctx = ctx
+        self.net = ctx.build_backbone()
+        self.model = ctx.wrap_ddp(self.net)
+        self.epochs = epochs or ctx.cfg.optim.epochs
+        self.reset_optimizer()
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state and a schedule that starts again from the base lr."""
+        self.optimizer = build_sgd(self.net.parameters(), self.ctx.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.ctx.cfg.optim, self.ctx.steps_per_epoch, self.epochs)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward through DDP (gradients averaged over ranks), optimizer step, schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def apply_grads(self, grads: list[torch.Tensor]) -> None:
+        """Real step from gradients that are already averaged over ranks (meta methods)."""
+        for p, g in zip(self.net.parameters(), grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+

@@ -1,0 +1,89 @@
+"""Backbone registry: one name per architecture, one builder signature for all of them.
+
+Methods and the trainer build networks only through ``build_model``, so adding an architecture is one
+module with a ``@register_model`` builder and nothing else changes. Every backbone honours one contract,
+which ``build_model`` checks so a new family cannot break the methods silently:
+
+- ``forward(x)`` returns ``(logits, features)``: ``logits`` is ``[B, num_classes]``, ``features`` is
+  ``[B, feature_dim]``, the pooled penultimate representation (the input of the last linear layer). MLC's
+  label-correction net, MetaLabelNet's soft-label layer and MixNN's kNN index all read these features.
+- ``feature_dim`` is an int attribute and the last layer is an ``nn.Linear`` called ``fc``, because GLC
+  re-initialises the classifier between its two phases.
+- No in-place operation on a tensor autograd saves, and no ``inplace=True`` ReLU: the meta-learning
+  methods differentiate twice through ``torch.func.functional_call``.
+- Initialisation draws only from torch's global generator, so ``torch.manual_seed`` fixes every parameter
+  and buffer, which the distributed trainer relies on to start all workers identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from torch import nn
+
+from raynoisy.errors import ConfigError
+
+
+class ModelBuilder(Protocol):
+    """What ``@register_model`` decorates: keyword arguments in, a backbone out."""
+
+    def __call__(
+        self, *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
+    ) -> nn.Module: ...
+
+
+BuilderT = TypeVar("BuilderT", bound=ModelBuilder)
+
+_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[BuilderT], BuilderT]:
+    """Decorator registering ``builder`` under ``name``; a second registration of a name is a bug."""
+
+    def decorator(builder: BuilderT) -> BuilderT:
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def model_names() -> list[str]:
+    """Registered names, sorted, for error messages and the CLI's choices."""
+    return sorted(_BUILDERS)
+
+
+def build_model(
+    name: str, *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None = None
+) -> nn.Module:
+    """Build backbone ``name`` for images of ``in_channels`` x ``image_size`` x ``image_size``.
+
+    ``pretrained`` is None (random init), a local state-dict path, or ``"imagenet"`` (torchvision's hub,
+    online only); families without published weights reject anything but None.
+    """
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ConfigError("model.name", f"unknown model {name!r}", f"use one of {model_names()}")
+    model = builder(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, pretrained=pretrained
+    )
+    fc = getattr(model, "fc", None)
+    feature_dim = getattr(model, "feature_dim", None)
+    if not isinstance(fc, nn.Linear) or fc.in_features != feature_dim or fc.out_features != num_classes:
+        raise TypeError(
+            f"model {name!r} breaks the backbone contract: it needs an nn.Linear `fc` with "
+            f"in_features == feature_dim ({feature_dim}) and out_features == num_classes ({num_classes})"
+        )
+    return model
+
+
+def reject_pretrained(name: str, pretrained: str | None) -> None:
+    """Fail loudly for families without published weights rather than silently training from scratch."""
+    if pretrained is not None:
+        raise ConfigError(
+            "model.pretrained",
+            f"{name} has no pretrained weights (got {pretrained!r})",
+            "set model.pretrained to null, or use a torchvision ResNet (resnet18, resnet34, resnet50)",
+        )

@@ -1,0 +1,217 @@
+"""The driver side of a run: prepare labels and shards, start Ray Train, write the run's outputs.
+
+Everything that can fail on bad input (config, list files, class counts, noise matrix) fails here,
+before Ray starts. Outputs in ``run.output``: labels.parquet, metrics.json, model.pt (best-validation
+weights), the method's per-sample export if it has one, and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from raynoisy.config import Config, default_shard_root
+from raynoisy.data.catalog import Catalog
+from raynoisy.data.pipeline import InputSpec
+from raynoisy.data.plan import LabelPlan, plan_labels
+from raynoisy.data.shards import ShardSet, write_shards
+from raynoisy.data.sources import get_source, load_catalog
+from raynoisy.errors import ConfigError
+from raynoisy.methods import get_method_class
+from raynoisy.train.worker import BEST_MODEL_FILE, SUMMARY_FILE, RunInfo, train_worker
+
+
+@dataclass
+class Prepared:
+    """A planned and sharded data set."""
+
+    catalog: Catalog
+    plan: LabelPlan
+    shards: ShardSet
+    source_root: str | None
+
+    def labels_table(self):
+        used = self.plan.used()
+        skipped = set(self.shards.skipped_ids.tolist())
+        if skipped:
+            used = used[[i not in skipped for i in used.tolist()]]
+        return self.plan.table(used)
+
+
+def resolve_root(cfg: Config, log=print) -> str | None:
+    if cfg.data.root is not None:
+        return str(Path(cfg.data.root).expanduser().resolve())
+    if get_source(cfg.data.dataset).needs_root:
+        from raynoisy.data.embedded import embedded_root
+
+        return str(embedded_root(cfg.data.dataset, log=log))
+    return None
+
+
+def prepare(cfg: Config, log=print) -> Prepared:
+    """Catalog -> label plan -> shards (reused when they exist). Runs before Ray Train starts."""
+    root = resolve_root(cfg, log)
+    catalog = load_catalog(cfg.data.dataset, root, cfg.data.options)
+    needs_trusted = get_method_class(cfg.method.name).needs_trusted
+    plan = plan_labels(catalog, cfg, needs_trusted=needs_trusted)
+    counts = plan.counts()
+    log(f"[data] {catalog.name}: {catalog.num_samples} samples, {catalog.num_classes} classes; split {counts}; "
+        f"noise {plan.noise.type} rate {plan.noise.rate} -> actual {plan.noise.actual_rate:.4f}")
+    shards = write_shards(
+        catalog, plan, cfg.data.shard_root or default_shard_root(), seed=cfg.run.seed, source_root=root,
+        options=cfg.data.options, rows_per_shard=cfg.data.rows_per_shard,
+        max_bad_fraction=cfg.data.max_bad_fraction, log=log,
+    )
+    return Prepared(catalog, plan, shards, root)
+
+
+def input_spec(cfg: Config) -> InputSpec:
+    source = get_source(cfg.data.dataset)
+    return InputSpec(source.transform, cfg.data.image_size or source.image_size, source.channels)
+
+
+def steps_per_epoch(cfg: Config, train_rows: int) -> int:
+    """Steps each rank takes per epoch: equal row split, then whole local batches only."""
+    local_batch = cfg.optim.batch_size // cfg.scaling.workers
+    steps = (train_rows // cfg.scaling.workers) // local_batch
+    if steps < 1:
+        raise ConfigError(
+            "optim.batch_size", f"{train_rows} training samples give no full batch of {local_batch} per worker",
+            "lower --batch-size or --workers",
+        )
+    return steps
+
+
+def run_name(cfg: Config) -> str:
+    """Deterministic, so that re-running the same command in the same output resumes the run."""
+    if cfg.run.name:
+        return cfg.run.name
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.data.dataset}-{cfg.method.name}-{digest}"
+
+
+def _cpus_per_worker(cfg: Config) -> float:
+    """Leave about half of the CPUs to the Ray Data decode tasks when the user did not choose."""
+    import ray
+
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg.scaling.cpus_per_worker
+    total = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(8.0, math.floor(4 * total / (2 * cfg.scaling.workers)) / 4))
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    from raynoisy.data.pipeline import quiet_ray_data
+
+    quiet_ray_data()
+
+
+def train(cfg: Config, log=print) -> dict:
+    """Run one training job end to end; returns the metrics also written to ``<output>/metrics.json``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raynoisy.data.pipeline import image_dataset
+
+    start = time.time()
+    output = Path(cfg.run.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, log)
+    pq.write_table(prepared.labels_table(), output / "labels.parquet")
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    shards = prepared.shards
+    spec = input_spec(cfg)
+    info = RunInfo(
+        num_classes=prepared.catalog.num_classes,
+        input=spec,
+        files={split: shards.files(split) for split in shards.manifest["files"]},
+        counts=dict(shards.manifest["counts"]),
+        steps_per_epoch=steps_per_epoch(cfg, shards.count("train")),
+        output=str(output),
+        fault_marker=str(output / ".fault-drill-done"),
+        actual_noise_rate=prepared.plan.noise.actual_rate,
+    )
+    _init_ray()
+    cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg)
+    use_gpu = cfg.scaling.gpus_per_worker > 0
+    resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})
+    name = run_name(cfg)
+    storage = cfg.run.storage_path or str(output / "ray_results")
+    log(f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "
+        f"{info.steps_per_epoch} steps/epoch, run {name} in {storage}")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "info": info},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+        datasets={"train": image_dataset(shards.files("train"), spec, train=True)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = _collect_outputs(cfg, prepared, result.checkpoint, output, time.time() - start)
+    log(f"[train] test accuracy (best-val model, epoch {metrics['best_epoch']}): {metrics['test_accuracy']:.4f}; "
+        f"final-epoch test accuracy {metrics['final_test_accuracy']:.4f}; outputs in {output}")
+    return metrics
+
+
+def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, wall: float) -> dict:
+    method_cls = get_method_class(cfg.method.name)
+    with checkpoint.as_directory() as d:
+        summary = json.loads((Path(d) / SUMMARY_FILE).read_text())
+        if (Path(d) / BEST_MODEL_FILE).exists():
+            shutil.copy(Path(d) / BEST_MODEL_FILE, output / "model.pt")
+        export = None
+        if method_cls.export_name is not None:
+            src = Path(d) / f"{method_cls.export_name}.parquet"
+            shutil.copy(src, output / src.name)
+            export = pq.read_table(output / src.name)
+    counts = prepared.shards.manifest["counts"]
+    noise = prepared.plan.noise
+    metrics = {
+        "method": cfg.method.name,
+        "dataset": cfg.data.dataset,
+        "noise": {"type": noise.type, "rate": noise.rate, "actual_rate": noise.actual_rate},
+        "clean_size": counts.get("trusted", 0),
+        "train_size": counts.get("train", 0),
+        "val_size": counts.get("val", 0),
+        "test_size": counts.get("test", 0),
+        "epochs": summary["epochs"],
+        "best_epoch": summary["best_epoch"],
+        "test_accuracy": summary["test_accuracy"],
+        "best_val_accuracy": summary["best_val_accuracy"],
+        "final_test_accuracy": summary["final_test_accuracy"],
+        "model_selection": "test accuracy of the epoch with the best validation accuracy",
+        "wall_seconds": wall,
+        "train_samples_per_second": summary["train_samples_per_second"],
+        "workers": cfg.scaling.workers,
+        "seed": cfg.run.seed,
+        "skipped_samples": len(prepared.shards.manifest["skipped"]),
+        "shards": prepared.shards.uri,
+        "noise_transition_empirical": noise.to_dict()["empirical"],
+        "history": summary["history"],
+    }
+    if export is not None:
+        metrics.update(method_cls.summarize_export(export, pq.read_table(output / "labels.parquet")))
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    return metrics

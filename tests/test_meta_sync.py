@@ -1,0 +1,201 @@
+"""Gradient sync and replica checks with 2 gloo processes on CPU, and the engine's rank averaging.
+
+The engine check: MLC's hypergradient computed by 2 ranks on the halves of a batch must equal the
+single-process one on the whole batch (the parent computes it), and the look-ahead hypergradient must
+be the mean of the per-half ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raynoisy.meta import (
+    ReplicasDivergedError,
+    all_reduce_mean_,
+    assert_replicas_identical,
+    functional_forward,
+    lookahead_hypergrad,
+    mlc_hypergrad,
+    set_grads_synced,
+)
+
+WORLD = 2
+CLASSES = 3
+HALF = 4
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(x)
+        return self.head(h), h
+
+
+class LabelCorrector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(CLASSES, 2)
+        self.net = nn.Linear(5 + 2, CLASSES)
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return F.softmax(self.net(torch.cat([features, self.embed(labels)], dim=1)), dim=1)
+
+
+class Setup:
+    """Identical on every process (seeded): a model with momentum buffers, two meta-nets, data."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = Net().double()
+        self.corrector = LabelCorrector().double()
+        self.weigher = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1), nn.Sigmoid()).double()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for p in self.model.parameters():
+            p.grad = torch.randn_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = WORLD * HALF
+        self.x, self.y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
+        self.xg, self.yg = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
+
+    def mlc(self, part: slice) -> dict[str, object]:
+        def corrected(params: dict[str, Tensor]) -> Tensor:
+            logits, h = functional_forward(self.model, params, self.x[part])
+            soft = self.corrector(h.detach(), self.y[part])
+            return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+        def gold(params: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(functional_forward(self.model, params, self.xg[part])[0], self.yg[part])
+
+        result = mlc_hypergrad(
+            self.model, self.optimizer, corrected, gold, list(self.corrector.parameters()), with_discount=True
+        )
+        return {
+            "meta_grads": result.meta_grads,
+            "train_grads": result.train_grads,
+            "train_loss": result.train_loss,
+            "gold_loss_after": result.gold_loss_after,
+            "discount": result.discount,
+        }
+
+    def mwnet(self, part: slice) -> list[Tensor]:
+        def weighted(params: dict[str, Tensor], step: int) -> Tensor:
+            losses = F.cross_entropy(
+                functional_forward(self.model, params, self.x[part])[0], self.y[part], reduction="none"
+            )
+            return (self.weigher(losses.detach().unsqueeze(1)).squeeze(1) * losses).mean()
+
+        def gold(params: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(functional_forward(self.model, params, self.xg[part])[0], self.yg[part])
+
+        meta = list(self.weigher.parameters())
+        return lookahead_hypergrad(
+            self.model, self.optimizer, weighted, gold, meta, rule="sgd-plain"
+        ).meta_grads
+
+
+def _close(actual: object, expected: object) -> None:
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys()
+        for key in expected:
+            _close(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            _close(a, e)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def _check_all_reduce_mean(rank: int) -> None:
+    scale = rank + 1.0
+    tensors = [
+        torch.full((2, 3), scale, dtype=torch.float64),
+        torch.tensor(10.0 * rank, dtype=torch.float32),
+        (torch.arange(6, dtype=torch.float64).reshape(2, 3) * scale).t(),
+    ]
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    dist.all_reduce = counting
+    try:
+        all_reduce_mean_(tensors)
+    finally:
+        dist.all_reduce = original
+    assert len(calls) == 1
+    assert torch.equal(tensors[0], torch.full((2, 3), 1.5, dtype=torch.float64))
+    assert tensors[1].dtype == torch.float32 and tensors[1].item() == 5.0
+    assert torch.equal(tensors[2], (torch.arange(6, dtype=torch.float64).reshape(2, 3) * 1.5).t())
+
+
+def _check_set_grads(rank: int) -> None:
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))]
+    set_grads_synced(params, [torch.full((2,), float(rank)), torch.full((3,), 2.0 * rank)])
+    assert torch.equal(params[0].grad, torch.full((2,), 0.5))
+    assert torch.equal(params[1].grad, torch.full((3,), 1.0))
+
+
+def _check_replica_assertion(rank: int) -> None:
+    assert_replicas_identical([torch.ones(3), torch.arange(4)])
+    try:
+        assert_replicas_identical({"weight": torch.ones(3), "bias": torch.full((2,), float(rank))})
+    except ReplicasDivergedError as error:
+        assert "'bias'" in str(error) and "[1]" in str(error)
+    else:
+        raise AssertionError("diverged replicas were not detected")
+
+
+def _check_engine(rank: int, expected: dict[str, object]) -> None:
+    setup = Setup()
+    part = slice(rank * HALF, (rank + 1) * HALF)
+    mlc = setup.mlc(part)
+    _close(mlc, expected["mlc"])
+    mwnet = setup.mwnet(part)
+    _close(mwnet, expected["mwnet"])
+    assert_replicas_identical([*mlc["meta_grads"], *mlc["train_grads"].values(), *mwnet])  # type: ignore[attr-defined]
+
+
+def _worker(rank: int, init_file: str, expected: dict[str, object]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        _check_all_reduce_mean(rank)
+        _check_set_grads(rank)
+        _check_replica_assertion(rank)
+        _check_engine(rank, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_and_engine_with_two_gloo_ranks(tmp_path: Path) -> None:
+    setup = Setup()
+    halves = [setup.mwnet(slice(r * HALF, (r + 1) * HALF)) for r in range(WORLD)]
+    expected = {
+        "mlc": setup.mlc(slice(0, WORLD * HALF)),
+        "mwnet": [torch.stack(per_param).mean(dim=0) for per_param in zip(*halves, strict=True)],
+    }
+    # fork, not spawn: a spawned child re-imports torch, which costs seconds per rank on a 2-core machine
+    mp.start_processes(
+        _worker, args=(str(tmp_path / "rendezvous"), expected), nprocs=WORLD, join=True, start_method="fork"
+    )
+
+
+def test_sync_is_a_no_op_without_a_process_group() -> None:
+    tensors = [torch.ones(2)]
+    all_reduce_mean_(tensors)
+    assert_replicas_identical(tensors)
+    assert torch.equal(tensors[0], torch.ones(2))
