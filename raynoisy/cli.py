@@ -27,7 +27,9 @@ _FLAG_FIELDS = {
 }
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, dataset: str | None = None, method: str | None = None) -> None:
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, dataset: str | None = None, method: str | None = None
+) -> None:
     """The flags of a training run; ``dataset``/``method`` fix a default (as the job scripts do)."""
     parser.add_argument("--dataset", default=dataset, required=dataset is None, help="data source name")
     parser.add_argument("--data-root", help="folder (or file) of the data set; omit for embedded data")
@@ -41,10 +43,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, dataset: str | None = 
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU or CPU slot)")
     parser.add_argument("--gpus-per-worker", type=float)
-    parser.add_argument("--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set")
+    parser.add_argument(
+        "--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set"
+    )
     parser.add_argument("--output", help="run directory for metrics.json, labels.parquet, model.pt")
     parser.add_argument("--config", help="YAML file layered over the preset")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any field")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any field"
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -77,8 +83,16 @@ def _shard(args: argparse.Namespace) -> int:
     out = Path(cfg.run.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(prepared.labels_table(), out / "labels.parquet")
-    print(json.dumps({"shards": prepared.shards.uri, "counts": prepared.shards.manifest["counts"],
-                      "noise": prepared.plan.noise.to_dict()}, indent=1))
+    print(
+        json.dumps(
+            {
+                "shards": prepared.shards.uri,
+                "counts": prepared.shards.manifest["counts"],
+                "noise": prepared.plan.noise.to_dict(),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

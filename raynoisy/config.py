@@ -168,7 +168,9 @@ def _read_yaml(path: Path, field_name: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
-        raise ConfigError(field_name, f"cannot read {path}: {exc.strerror}", "pass a readable YAML file") from None
+        raise ConfigError(
+            field_name, f"cannot read {path}: {exc.strerror}", "pass a readable YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(field_name, f"{path} is not valid YAML ({exc})", "fix the YAML syntax") from None
     if not isinstance(data, dict):
@@ -276,22 +278,37 @@ def validate(cfg: Config) -> None:
     noise = NoiseSpec.parse(cfg.noise.type, cfg.noise.rate)
     if noise.type == "matrix" and not (noise.matrix_path and Path(noise.matrix_path).expanduser().is_file()):
         raise ConfigError(
-            "noise.type", f"matrix file {noise.matrix_path} does not exist or is not a file",
+            "noise.type",
+            f"matrix file {noise.matrix_path} does not exist or is not a file",
             "pass --noise matrix:PATH with a row-stochastic KxK .npy or .csv",
         )
-    if cfg.data.root is not None and "://" not in cfg.data.root and not Path(cfg.data.root).expanduser().exists():
-        raise ConfigError("data.root", f"{cfg.data.root} does not exist", "pass --data-root pointing at the data set")
+    if (
+        cfg.data.root is not None
+        and "://" not in cfg.data.root
+        and not Path(cfg.data.root).expanduser().exists()
+    ):
+        raise ConfigError(
+            "data.root", f"{cfg.data.root} does not exist", "pass --data-root pointing at the data set"
+        )
     if source.needs_root and cfg.data.root is None and cfg.data.dataset not in EMBEDDED_DATASETS:
-        raise ConfigError("data.root", f"dataset {cfg.data.dataset!r} needs a data root", "pass --data-root PATH")
+        raise ConfigError(
+            "data.root", f"dataset {cfg.data.dataset!r} needs a data root", "pass --data-root PATH"
+        )
     if source.transform == "text":
         raise ConfigError(
-            "data.dataset", "training on text needs a text backbone, which this release does not ship",
+            "data.dataset",
+            "training on text needs a text backbone, which this release does not ship",
             "use `raynoisy shard` to prepare text data, or train on an image data set",
         )
     if cfg.model.name not in model_names():
         raise ConfigError("model.name", f"unknown model {cfg.model.name!r}", f"use one of {model_names()}")
-    if cfg.model.pretrained not in (None, "imagenet") and not Path(cfg.model.pretrained).expanduser().exists():
-        raise ConfigError("model.pretrained", f"{cfg.model.pretrained} does not exist", "pass a local weights file")
+    if (
+        cfg.model.pretrained not in (None, "imagenet")
+        and not Path(cfg.model.pretrained).expanduser().exists()
+    ):
+        raise ConfigError(
+            "model.pretrained", f"{cfg.model.pretrained} does not exist", "pass a local weights file"
+        )
     _check_range("split.clean_fraction", cfg.split.clean_fraction, 0.0, 1.0, open_interval=True)
     _check_range("split.test_fraction", cfg.split.test_fraction, 0.0, 1.0, open_interval=True)
     _check_range("data.max_bad_fraction", cfg.data.max_bad_fraction, 0.0, 1.0)
@@ -305,25 +322,31 @@ def validate(cfg: Config) -> None:
     if o.lr <= 0:
         raise ConfigError("optim.lr", f"must be > 0, got {o.lr}", "pass a positive --lr")
     if o.schedule not in ("multistep", "cosine", "constant"):
-        raise ConfigError("optim.schedule", f"unknown schedule {o.schedule!r}", "use multistep, cosine or constant")
+        raise ConfigError(
+            "optim.schedule", f"unknown schedule {o.schedule!r}", "use multistep, cosine or constant"
+        )
     s = cfg.scaling
     if s.workers < 1:
         raise ConfigError("scaling.workers", f"must be >= 1, got {s.workers}", "pass --workers 1 or more")
     if o.batch_size < s.workers or o.batch_size % s.workers:
         raise ConfigError(
-            "optim.batch_size", f"global batch {o.batch_size} does not split evenly over {s.workers} workers",
+            "optim.batch_size",
+            f"global batch {o.batch_size} does not split evenly over {s.workers} workers",
             f"pass a --batch-size that is a multiple of {s.workers}",
         )
     if s.gpus_per_worker < 0 or (0 < s.gpus_per_worker < 1 and s.workers > 1):
         raise ConfigError(
-            "scaling.gpus_per_worker", f"{s.gpus_per_worker} would put two DDP ranks on one GPU",
+            "scaling.gpus_per_worker",
+            f"{s.gpus_per_worker} would put two DDP ranks on one GPU",
             "use 0 (CPU) or whole GPUs per worker",
         )
     if cfg.run.output is None:
         raise ConfigError("run.output", "no output directory", "pass --output DIR")
 
 
-def _check_range(path: str, value: float | None, lo: float, hi: float, *, open_interval: bool = False) -> None:
+def _check_range(
+    path: str, value: float | None, lo: float, hi: float, *, open_interval: bool = False
+) -> None:
     if value is None:
         return
     bad = not (lo < value < hi) if open_interval else not (lo <= value <= hi)

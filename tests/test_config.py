@@ -11,7 +11,9 @@ def test_preset_and_layering(tmp_path):
     user = tmp_path / "user.yaml"
     user.write_text("optim: {lr: 0.2, epochs: 3}\nsplit: {val_per_class: 7}\n")
     cfg = load_config(
-        "fashion-mnist", "glc", config_file=str(user),
+        "fashion-mnist",
+        "glc",
+        config_file=str(user),
         flags={"optim.epochs": 4, "run.output": str(tmp_path), "data.root": str(tmp_path)},
         overrides=["optim.lr=0.3", "method.params={}"],
     )
@@ -52,9 +54,9 @@ def test_bad_values_name_the_field(tmp_path, kwargs, field):
 
 
 def test_unknown_dataset_and_method():
-    with pytest.raises(ConfigError, match="data.dataset: unknown dataset"):
+    with pytest.raises(ConfigError, match=r"data\.dataset: unknown dataset"):
         load_config("mnist-9000", "ce", flags={"run.output": "x"})
-    with pytest.raises(ConfigError, match="method.name: unknown method"):
+    with pytest.raises(ConfigError, match=r"method\.name: unknown method"):
         load_config("digits", "magic", flags={"run.output": "x"})
 
 
@@ -74,7 +76,9 @@ def test_every_preset_validates(tmp_path):
 
 
 def test_cli_exit_code_2_and_one_line(tmp_path, capsys):
-    code = run(["train", "--dataset", "digits", "--method", "ce", "--noise-rate", "2", "--output", str(tmp_path)])
+    code = run(
+        ["train", "--dataset", "digits", "--method", "ce", "--noise-rate", "2", "--output", str(tmp_path)]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
@@ -83,8 +87,21 @@ def test_cli_exit_code_2_and_one_line(tmp_path, capsys):
 
 def test_data_dependent_error_before_ray(tmp_path, capsys):
     # More clean samples per class than digits has (~180 per class): fails in the driver, before Ray starts.
-    code = run(["train", "--dataset", "digits", "--method", "glc", "--clean-per-class", "500",
-                "--output", str(tmp_path), "--set", f"data.shard_root={tmp_path}/shards"])
+    code = run(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--method",
+            "glc",
+            "--clean-per-class",
+            "500",
+            "--output",
+            str(tmp_path),
+            "--set",
+            f"data.shard_root={tmp_path}/shards",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "split.clean_per_class" in err and "at most" in err

@@ -7,8 +7,12 @@ be the mean of the per-half ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,6 +32,16 @@ from raynoisy.meta import (
 WORLD = 2
 CLASSES = 3
 HALF = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every op waits at a
+    barrier for a descheduled sibling thread (measured 10x slower); restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):
@@ -68,7 +82,7 @@ class Setup:
         self.x, self.y = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
         self.xg, self.yg = torch.randn(n, 4, dtype=torch.float64), torch.randint(0, CLASSES, (n,))
 
-    def mlc(self, part: slice) -> dict[str, object]:
+    def mlc(self, part: slice) -> dict[str, Any]:
         def corrected(params: dict[str, Tensor]) -> Tensor:
             logits, h = functional_forward(self.model, params, self.x[part])
             soft = self.corrector(h.detach(), self.y[part])
@@ -104,7 +118,7 @@ class Setup:
         ).meta_grads
 
 
-def _close(actual: object, expected: object) -> None:
+def _close(actual: Any, expected: Any) -> None:
     if isinstance(expected, dict):
         assert isinstance(actual, dict) and actual.keys() == expected.keys()
         for key in expected:
@@ -127,9 +141,9 @@ def _check_all_reduce_mean(rank: int) -> None:
     calls = []
     original = dist.all_reduce
 
-    def counting(*args: object, **kwargs: object) -> object:
+    def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+        return original(*args, **kwargs)
 
     dist.all_reduce = counting
     try:
@@ -159,19 +173,21 @@ def _check_replica_assertion(rank: int) -> None:
         raise AssertionError("diverged replicas were not detected")
 
 
-def _check_engine(rank: int, expected: dict[str, object]) -> None:
+def _check_engine(rank: int, expected: dict[str, Any]) -> None:
     setup = Setup()
     part = slice(rank * HALF, (rank + 1) * HALF)
     mlc = setup.mlc(part)
     _close(mlc, expected["mlc"])
     mwnet = setup.mwnet(part)
     _close(mwnet, expected["mwnet"])
-    assert_replicas_identical([*mlc["meta_grads"], *mlc["train_grads"].values(), *mwnet])  # type: ignore[attr-defined]
+    assert_replicas_identical([*mlc["meta_grads"], *mlc["train_grads"].values(), *mwnet])
 
 
-def _worker(rank: int, init_file: str, expected: dict[str, object]) -> None:
+def _worker(rank: int, init_file: str, expected: dict[str, Any]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
     try:
         _check_all_reduce_mean(rank)
         _check_set_grads(rank)

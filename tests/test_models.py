@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -105,8 +106,18 @@ def test_second_order_gradients_through_functional_call(name: str, size: int) ->
     assert second[0].abs().sum() > 0  # reaches the first convolution, through the whole network
 
 
+@pytest.mark.parametrize("name", ["small-cnn", "resnet32", "resnet18"])
+def test_models_pickle(name: str) -> None:
+    """Ray ships models between processes by pickling them."""
+    model = _build(name, size=8).eval()
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+
+
 def test_same_seed_gives_identical_parameters_and_buffers() -> None:
-    for name in FEATURE_DIM:
+    for name in ("small-cnn", "resnet32", "resnet18", "resnet50"):
         states = []
         for seed in (3, 3, 4):
             torch.manual_seed(seed)
@@ -249,6 +260,6 @@ def test_offline_imagenet_download_says_to_pass_a_local_path(monkeypatch: pytest
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(ConfigError) as info:
-        _build("resnet50", size=224, pretrained="imagenet")
+        _build("resnet18", size=224, pretrained="imagenet")
     assert "no route to host" in info.value.problem
     assert "local path" in info.value.fix

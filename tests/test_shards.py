@@ -25,9 +25,17 @@ def _digits_plan(tmp_path, **flags):
 
 
 def test_round_trip_and_manifest(tmp_path):
-    cfg, catalog, plan = _digits_plan(tmp_path, **{"noise.type": "symmetric", "noise.rate": 0.4})
-    shards = write_shards(catalog, plan, str(tmp_path / "shards"), seed=0, source_root=None, options={},
-                          rows_per_shard=300, log=lambda _: None)
+    _, catalog, plan = _digits_plan(tmp_path, **{"noise.type": "symmetric", "noise.rate": 0.4})
+    shards = write_shards(
+        catalog,
+        plan,
+        str(tmp_path / "shards"),
+        seed=0,
+        source_root=None,
+        options={},
+        rows_per_shard=300,
+        log=lambda _: None,
+    )
     rows = pq.read_table(sorted((tmp_path / "shards").glob("*/train/*.parquet"))).to_pandas()
     assert len(shards.files("train")) == -(-plan.counts()["train"] // 300)
     every = [pq.read_table(f) for split in shards.manifest["files"] for f in shards.files(split)]
@@ -54,7 +62,10 @@ def test_idempotent_and_fingerprinted(tmp_path):
     assert again.uri == first.uri and "reusing" in logs[0]
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.parquet")}
     _, _, other = _digits_plan(tmp_path, **{"run.seed": 1})
-    assert write_shards(catalog, other, root, seed=1, source_root=None, options={}, log=lambda _: None).uri != first.uri
+    assert (
+        write_shards(catalog, other, root, seed=1, source_root=None, options={}, log=lambda _: None).uri
+        != first.uri
+    )
 
 
 def _catalog_with_missing(n: int, missing: set[int]) -> Catalog:
@@ -68,22 +79,42 @@ def _catalog_with_missing(n: int, missing: set[int]) -> Catalog:
 
 
 def test_missing_payload_skipped_and_recorded(tmp_path):
-    cfg = load_config("digits", "ce", flags={"run.output": str(tmp_path)}, overrides=["split.test_fraction=0.5"])
+    cfg = load_config(
+        "digits", "ce", flags={"run.output": str(tmp_path)}, overrides=["split.test_fraction=0.5"]
+    )
     catalog = _catalog_with_missing(400, {3})
     plan = plan_labels(catalog, cfg)
-    shards = write_shards(catalog, plan, str(tmp_path / "s"), seed=0, source_root=None, options={},
-                          max_bad_fraction=0.01, log=lambda _: None)
+    shards = write_shards(
+        catalog,
+        plan,
+        str(tmp_path / "s"),
+        seed=0,
+        source_root=None,
+        options={},
+        max_bad_fraction=0.01,
+        log=lambda _: None,
+    )
     assert shards.skipped_ids.tolist() == [3]
     assert "images/3.jpg" in read_manifest(shards.uri)["skipped"][0]["reason"]
     assert sum(shards.manifest["counts"].values()) == 399
 
 
 def test_too_many_missing_payloads_is_a_clear_error(tmp_path):
-    cfg = load_config("digits", "ce", flags={"run.output": str(tmp_path)}, overrides=["split.test_fraction=0.5"])
+    cfg = load_config(
+        "digits", "ce", flags={"run.output": str(tmp_path)}, overrides=["split.test_fraction=0.5"]
+    )
     catalog = _catalog_with_missing(100, set(range(10)))
     with pytest.raises(TooManyBadSamplesError, match="10 of 100 samples could not be read"):
-        write_shards(catalog, plan_labels(catalog, cfg), str(tmp_path / "s"), seed=0, source_root=None,
-                     options={}, max_bad_fraction=0.05, log=lambda _: None)
+        write_shards(
+            catalog,
+            plan_labels(catalog, cfg),
+            str(tmp_path / "s"),
+            seed=0,
+            source_root=None,
+            options={},
+            max_bad_fraction=0.05,
+            log=lambda _: None,
+        )
 
 
 def _jpeg(color, size=40) -> bytes:

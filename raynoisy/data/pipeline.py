@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from raynoisy.data.shards import ShardSet
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
 from raynoisy.methods.base import Batch
@@ -133,13 +132,20 @@ class InMemorySplit:
         table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in _COLUMNS})
         self.spec = spec
         self.rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
-        self.rows["true_label"] = np.nan_to_num(self.rows["true_label"].astype(np.float64), nan=-1).astype(np.int64)
+        self.rows["true_label"] = np.nan_to_num(self.rows["true_label"].astype(np.float64), nan=-1).astype(
+            np.int64
+        )
 
     def __len__(self) -> int:
         return len(self.rows["sample_id"])
 
     def batches(
-        self, batch_size: int, *, train: bool, device: torch.device, rng: np.random.Generator,
+        self,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device,
+        rng: np.random.Generator,
         counter: BadSampleCounter | None = None,
     ) -> Iterator[Batch]:
         order = rng.permutation(len(self)) if train else np.arange(len(self))
@@ -147,7 +153,9 @@ class InMemorySplit:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             raw = transform({c: v[idx] for c, v in self.rows.items()})
-            batch = to_batch({k: torch.from_numpy(v).to(device) for k, v in raw.items()}, self.spec.family, counter)
+            batch = to_batch(
+                {k: torch.from_numpy(v).to(device) for k, v in raw.items()}, self.spec.family, counter
+            )
             if len(batch):
                 yield batch
 
@@ -168,7 +176,12 @@ def total_bytes(files: list[str]) -> int:
 
 
 def cycle_batches(
-    files: list[str], spec: InputSpec, *, batch_size: int, device: torch.device, seed: int,
+    files: list[str],
+    spec: InputSpec,
+    *,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
     counter: BadSampleCounter | None = None,
 ) -> Iterator[Batch]:
     """Endless augmented batches from a small split (the trusted set); a new shuffle each pass."""
@@ -180,8 +193,13 @@ def cycle_batches(
             batches = small.batches(batch_size, train=True, device=device, rng=rng, counter=counter)
         else:
             batches = iter_batches(
-                ds, batch_size=batch_size, family=spec.family, device=device, counter=counter,
-                shuffle_rows=4 * batch_size, shuffle_seed=int(rng.integers(2**31)),
+                ds,
+                batch_size=batch_size,
+                family=spec.family,
+                device=device,
+                counter=counter,
+                shuffle_rows=4 * batch_size,
+                shuffle_seed=int(rng.integers(2**31)),
             )
         produced = False
         for batch in batches:

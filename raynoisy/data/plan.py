@@ -82,18 +82,22 @@ def plan_labels(catalog: Catalog, cfg: Config, *, needs_trusted: bool = False) -
         if np.any(true[train] == UNKNOWN_LABEL):
             raise ConfigError(
                 "noise.type",
-                f"{catalog.name} has training samples without true labels, so synthetic noise cannot be injected",
+                f"{catalog.name} has training samples without true labels, so synthetic noise "
+                "cannot be injected",
                 "use --noise none (the data's own labels)",
             )
         # Both calls start from the same stream: the defined T is then the one apply_noise sampled from
         # (for ``flip``, whose class map is itself random).
-        defined = defined_transition(spec, k, dataset=catalog.name, rng=np.random.default_rng([cfg.run.seed, _NOISE_STREAM]))
+        defined = defined_transition(
+            spec, k, dataset=catalog.name, rng=np.random.default_rng([cfg.run.seed, _NOISE_STREAM])
+        )
         given[train] = apply_noise(
             true[train], k, spec, np.random.default_rng([cfg.run.seed, _NOISE_STREAM]), dataset=catalog.name
         )
     if needs_trusted and not np.any(split == TRUSTED):
         raise ConfigError(
-            "split.clean_per_class", f"method {cfg.method.name!r} needs a trusted set and this split has none",
+            "split.clean_per_class",
+            f"method {cfg.method.name!r} needs a trusted set and this split has none",
             "pass --clean-per-class N (or --set split.clean_fraction=F)",
         )
     known = train & (true != UNKNOWN_LABEL)

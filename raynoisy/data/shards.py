@@ -90,7 +90,9 @@ def _read_payloads(catalog: Catalog, ids: np.ndarray) -> tuple[list, list[dict]]
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         results = list(pool.map(read, ids))
     skipped = [
-        {"sample_id": int(i), "reason": str(r)} for i, r in zip(ids, results, strict=True) if isinstance(r, Exception)
+        {"sample_id": int(i), "reason": str(r)}
+        for i, r in zip(ids, results, strict=True)
+        if isinstance(r, Exception)
     ]
     return results, skipped
 
@@ -154,13 +156,16 @@ def write_shards(
             files[split].append(name)
             counts[split] += table.num_rows
             done += len(chunk)
-            log(f"[shard] {split}: {counts[split]}/{len(ids)} written ({done}/{len(used)} total, "
-                f"{done / max(1e-9, time.time() - start):.0f} samples/s)")
+            log(
+                f"[shard] {split}: {counts[split]}/{len(ids)} written ({done}/{len(used)} total, "
+                f"{done / max(1e-9, time.time() - start):.0f} samples/s)"
+            )
     if len(skipped) > max_bad_fraction * max(1, len(used)):
         first = skipped[0]
         raise TooManyBadSamplesError(
             f"{len(skipped)} of {len(used)} samples could not be read (limit {max_bad_fraction:.1%}); "
-            f"first: sample {first['sample_id']}: {first['reason']}; fix the data or raise data.max_bad_fraction"
+            f"first: sample {first['sample_id']}: {first['reason']}; "
+            "fix the data or raise data.max_bad_fraction"
         )
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -124,6 +124,12 @@ def mlc_hypergrad(
     gw are averaged before the look-ahead (every rank takes the same w'), gw' before the proxy, and the
     proxy's gradients after (three flattened all-reduces). ``with_discount`` adds gw and γ, which cost
     one more gold forward/backward; pass ``accumulator.needs_discount``.
+
+    Deliberate differences from the reference code: lr and the other hyper-parameters come from each
+    parameter's group (current lr, not ``get_lr()`` nor ``opt.defaults``), and a parameter without a
+    momentum buffer steps with buffer = d as torch's SGD does, so its coefficient is lr·(1 + m) with
+    nesterov, else lr, where the reference (zero buffer plus dampening) uses lr·(1 + m(1 - τ)) or
+    lr·(1 - τ); the two agree when dampening τ = 0, the default.
     """
     module = unwrap_model(model)
     params = dict(module.named_parameters())

@@ -11,6 +11,9 @@ _METHOD_MODULES = {
     "ce": "ce",
     "ce-clean": "ce",
     "glc": "glc",
+    "mwnet": "mwnet",
+    "mlc": "mlc",
+    "metalabelnet": "metalabelnet",
 }
 
 METHODS: dict[str, type[Method]] = {}
@@ -34,4 +37,12 @@ def get_method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Batch", "Method", "MethodContext", "get_method_class", "method_names", "register_method"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "Method",
+    "MethodContext",
+    "get_method_class",
+    "method_names",
+    "register_method",
+]

@@ -53,7 +53,9 @@ class MethodContext:
     steps_per_epoch: int
     num_train: int
     num_trusted: int
-    iter_trusted_pass: Callable[[], Iterator[Batch]] | None = None  # one pass, eval transform, this rank's part
+    iter_trusted_pass: Callable[[], Iterator[Batch]] | None = (
+        None  # one pass, eval transform, this rank's part
+    )
 
     @property
     def local_batch_size(self) -> int:

@@ -42,7 +42,7 @@ class GoldLossCorrection(Method):
         return 2 * self.phase_epochs
 
     def trusted_batch_size(self) -> int:
-        """Trusted samples per step in proportion to the set sizes, as in GLC's shuffled gold+silver loader."""
+        """Trusted samples per step in proportion to the set sizes, like GLC's shuffled gold+silver loader."""
         share = self.ctx.num_trusted / max(1, self.ctx.num_train + self.ctx.num_trusted)
         return max(1, round(self.ctx.local_batch_size * share))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from raynoisy.methods.base import MethodContext
 from raynoisy.train.optim import build_scheduler, build_sgd
 
@@ -27,7 +28,9 @@ class MainModel:
     def reset_optimizer(self) -> None:
         """Fresh optimizer state and a schedule that starts again from the base lr."""
         self.optimizer = build_sgd(self.net.parameters(), self.ctx.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.ctx.cfg.optim, self.ctx.steps_per_epoch, self.epochs)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.ctx.cfg.optim, self.ctx.steps_per_epoch, self.epochs
+        )
 
     @property
     def lr(self) -> float:
@@ -59,4 +62,3 @@ class MainModel:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-

@@ -1,11 +1,12 @@
 """``small-cnn``: a four-convolution network for 8x8 to 28x28 grey or colour images on a CPU.
 
-It exists so that tests, laptop runs and noise-rate sweeps on Fashion-MNIST or 8x8 digits take seconds:
-it reaches ~91% clean Fashion-MNIST test accuracy after 3 epochs, and a batch-128 training step at 28x28
-takes tens of milliseconds on two CPU cores. The layout keeps that cost low on purpose: only the 16-channel
-first convolution runs at full resolution (wider full-resolution layers triple the step time for no
-accuracy in a few epochs), each max-pool halves the grid before the channel count doubles, and a global
-average pool makes the 128-d feature independent of the input size.
+It exists so that tests, laptop runs and noise-rate sweeps on Fashion-MNIST or 8x8 digits take seconds.
+It reaches ~91% clean Fashion-MNIST test accuracy after 3 epochs (SGD, lr 0.1, momentum 0.9, cosine or
+one-cycle schedule), and a batch-128 training step at 28x28 takes tens of milliseconds on two CPU cores.
+The layout keeps that cost low on purpose: only the 16-channel first convolution runs at full resolution
+(a wider or second full-resolution layer costs 2-3x the step time for under half a point of accuracy),
+each max-pool halves the grid before the channel count doubles, and a global average pool makes the
+128-d feature independent of the input size.
 """
 
 from __future__ import annotations

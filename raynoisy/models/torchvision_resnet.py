@@ -50,13 +50,14 @@ class TorchvisionResNet(ResNet):
     ) -> None:
         super().__init__(block, layers)
         self.feature_dim = 512 * block.expansion
+        if small_stem or in_channels != 3:
+            kernel, stride, padding = (3, 1, 1) if small_stem else (7, 2, 3)
+            self.conv1 = nn.Conv2d(
+                in_channels, _STEM_WIDTH, kernel, stride=stride, padding=padding, bias=False
+            )
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
         if small_stem:
-            self.conv1 = nn.Conv2d(in_channels, _STEM_WIDTH, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
-        elif in_channels != 3:
-            self.conv1 = nn.Conv2d(in_channels, _STEM_WIDTH, kernel_size=7, stride=2, padding=3, bias=False)
-        # torchvision's own initialisation for convolutions, applied to the (possibly) new stem.
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.fc = nn.Linear(self.feature_dim, num_classes)
         nn.init.xavier_normal_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
@@ -178,12 +179,16 @@ def _register(name: str) -> None:
                 "not fit",
                 f"resize the images to at least {SMALL_IMAGE_SIZE} px, or set model.pretrained to null",
             )
-        model = TorchvisionResNet(block, layers, num_classes, in_channels, small_stem)
+        # Weights are read before the network is built, so a bad file or no network fails fast.
+        state, source = None, ""
         if pretrained == "imagenet":
-            _load_backbone(model, name, _fetch_imagenet(name, weights), f"torchvision's {weights.DEFAULT}")
+            state, source = _fetch_imagenet(name, weights), f"torchvision's {weights.DEFAULT}"
         elif pretrained is not None:
             path = Path(pretrained).expanduser()
-            _load_backbone(model, name, _read_state_dict(path), str(path))
+            state, source = _read_state_dict(path), str(path)
+        model = TorchvisionResNet(block, layers, num_classes, in_channels, small_stem)
+        if state is not None:
+            _load_backbone(model, name, state, source)
         return model
 
 

@@ -63,12 +63,21 @@ def prepare(cfg: Config, log=print) -> Prepared:
     needs_trusted = get_method_class(cfg.method.name).needs_trusted
     plan = plan_labels(catalog, cfg, needs_trusted=needs_trusted)
     counts = plan.counts()
-    log(f"[data] {catalog.name}: {catalog.num_samples} samples, {catalog.num_classes} classes; split {counts}; "
-        f"noise {plan.noise.type} rate {plan.noise.rate} -> actual {plan.noise.actual_rate:.4f}")
+    log(
+        f"[data] {catalog.name}: {catalog.num_samples} samples, {catalog.num_classes} classes; "
+        f"split {counts}; "
+        f"noise {plan.noise.type} rate {plan.noise.rate} -> actual {plan.noise.actual_rate:.4f}"
+    )
     shards = write_shards(
-        catalog, plan, cfg.data.shard_root or default_shard_root(), seed=cfg.run.seed, source_root=root,
-        options=cfg.data.options, rows_per_shard=cfg.data.rows_per_shard,
-        max_bad_fraction=cfg.data.max_bad_fraction, log=log,
+        catalog,
+        plan,
+        cfg.data.shard_root or default_shard_root(),
+        seed=cfg.run.seed,
+        source_root=root,
+        options=cfg.data.options,
+        rows_per_shard=cfg.data.rows_per_shard,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        log=log,
     )
     return Prepared(catalog, plan, shards, root)
 
@@ -84,7 +93,8 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     steps = (train_rows // cfg.scaling.workers) // local_batch
     if steps < 1:
         raise ConfigError(
-            "optim.batch_size", f"{train_rows} training samples give no full batch of {local_batch} per worker",
+            "optim.batch_size",
+            f"{train_rows} training samples give no full batch of {local_batch} per worker",
             "lower --batch-size or --workers",
         )
     return steps
@@ -146,11 +156,15 @@ def train(cfg: Config, log=print) -> dict:
     _init_ray()
     cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg)
     use_gpu = cfg.scaling.gpus_per_worker > 0
-    resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})
+    resources = {"CPU": cfg.scaling.cpus_per_worker} | (
+        {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
+    )
     name = run_name(cfg)
     storage = cfg.run.storage_path or str(output / "ray_results")
-    log(f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "
-        f"{info.steps_per_epoch} steps/epoch, run {name} in {storage}")
+    log(
+        f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "
+        f"{info.steps_per_epoch} steps/epoch, run {name} in {storage}"
+    )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "info": info},
@@ -170,8 +184,11 @@ def train(cfg: Config, log=print) -> dict:
     if result.error is not None:
         raise result.error
     metrics = _collect_outputs(cfg, prepared, result.checkpoint, output, time.time() - start)
-    log(f"[train] test accuracy (best-val model, epoch {metrics['best_epoch']}): {metrics['test_accuracy']:.4f}; "
-        f"final-epoch test accuracy {metrics['final_test_accuracy']:.4f}; outputs in {output}")
+    log(
+        f"[train] test accuracy (best-val model, epoch {metrics['best_epoch']}): "
+        f"{metrics['test_accuracy']:.4f}; "
+        f"final-epoch test accuracy {metrics['final_test_accuracy']:.4f}; outputs in {output}"
+    )
     return metrics
 
 

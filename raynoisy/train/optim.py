@@ -17,7 +17,11 @@ from raynoisy.config import OptimConfig
 
 def build_sgd(params: Iterable[torch.nn.Parameter], o: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(
-        params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0
+        params,
+        lr=o.lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov and o.momentum > 0,
     )
 
 
@@ -36,6 +40,4 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, o: OptimConfig, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration schedule: call ``step()`` after every optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(o, it, steps_per_epoch, epochs)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(o, it, steps_per_epoch, epochs))

@@ -31,8 +31,8 @@ from raynoisy.data.pipeline import (
     IN_MEMORY_BYTES,
     BadSampleCounter,
     InMemorySplit,
-    check_bad_fraction,
     InputSpec,
+    check_bad_fraction,
     cycle_batches,
     files_for_rank,
     image_dataset,
@@ -40,6 +40,7 @@ from raynoisy.data.pipeline import (
     quiet_ray_data,
     total_bytes,
 )
+from raynoisy.meta.sync import all_reduce_mean_, assert_replicas_identical
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext
 from raynoisy.train.evaluate import accuracy, count_correct, distributed
@@ -84,6 +85,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def state_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state dict, keyed by its path: what must match across ranks."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, list | tuple)
+        else ()
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in items:
+        out.update(state_tensors(value, f"{prefix}/{key}"))
+    return out
 
 
 def _seed_everything(seed: int) -> None:
@@ -133,7 +151,7 @@ class WorkerLoop:
 
     # ---- data -------------------------------------------------------------------------------------
     def _eval_batches(self, split: str):
-        """This rank's files of ``split``, evaluation transform; small splits are held in memory after the first read."""
+        """This rank's files of ``split`` with the evaluation transform; small splits stay in memory."""
         files = files_for_rank(self.info.files.get(split, []), self.rank, self.world)
         batch_size = max(256, self.cfg.optim.batch_size)
         if not files:
@@ -145,16 +163,23 @@ class WorkerLoop:
         if cached is not None:
             return cached.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
         ds = image_dataset(files, self.info.input, train=False)
-        return iter_batches(ds, batch_size=batch_size, family=self.info.input.family, device=self.device,
-                            counter=self.bad)
+        return iter_batches(
+            ds, batch_size=batch_size, family=self.info.input.family, device=self.device, counter=self.bad
+        )
 
     def _trusted_stream(self):
         size = self.method.trusted_batch_size()
         if size == 0:
             return None
         seed = self.cfg.run.seed * 1000 + self.rank + 7919 * self.progress.epoch
-        return cycle_batches(self.info.files["trusted"], self.info.input, batch_size=size, device=self.device,
-                             seed=seed, counter=self.bad)
+        return cycle_batches(
+            self.info.files["trusted"],
+            self.info.input,
+            batch_size=size,
+            device=self.device,
+            seed=seed,
+            counter=self.bad,
+        )
 
     def _epoch_batches(self, trusted_stream):
         if self.method_cls.epoch_source == "trusted":
@@ -163,8 +188,13 @@ class WorkerLoop:
             return
         shard = ray.train.get_dataset_shard("train")
         batches = iter_batches(
-            shard, batch_size=self.cfg.optim.batch_size // self.world, family=self.info.input.family,
-            device=self.device, counter=self.bad, drop_last=True, shuffle_rows=self.cfg.data.shuffle_buffer_rows,
+            shard,
+            batch_size=self.cfg.optim.batch_size // self.world,
+            family=self.info.input.family,
+            device=self.device,
+            counter=self.bad,
+            drop_last=True,
+            shuffle_rows=self.cfg.data.shuffle_buffer_rows,
         )
         for batch in batches:
             yield batch, (next(trusted_stream) if trusted_stream is not None else None)
@@ -184,8 +214,10 @@ class WorkerLoop:
         self._log(f"resumed from checkpoint at epoch {self.progress.epoch}")
 
     def _write_checkpoint(self, d: Path) -> None:
-        torch.save({"method": self.method.state_dict(), "progress": asdict(self.progress), "rng": _rng_state()},
-                   d / STATE_FILE)
+        torch.save(
+            {"method": self.method.state_dict(), "progress": asdict(self.progress), "rng": _rng_state()},
+            d / STATE_FILE,
+        )
         if self.best_state is not None:
             torch.save(self.best_state, d / BEST_MODEL_FILE)
 
@@ -247,12 +279,16 @@ class WorkerLoop:
                 sums[key] = sums.get(key, 0.0) + value
             if self.rank == 0 and steps % self.cfg.run.log_every_steps == 0:
                 rate = samples * self.world / max(1e-9, time.time() - start)
-                self._log(f"epoch {epoch + 1}/{total_epochs} step {steps}/{self.info.steps_per_epoch} "
-                          f"loss {sums.get('loss', 0.0) / steps:.4f} lr {self.method.current_lr():.4g} "
-                          f"{rate:.0f} samples/s")
+                self._log(
+                    f"epoch {epoch + 1}/{total_epochs} step {steps}/{self.info.steps_per_epoch} "
+                    f"loss {sums.get('loss', 0.0) / steps:.4f} lr {self.method.current_lr():.4g} "
+                    f"{rate:.0f} samples/s"
+                )
                 global_step = epoch * self.info.steps_per_epoch + steps
-                self._scalars({f"train/{k}": v for k, v in stats.items()} | {"train/lr": self.method.current_lr()},
-                              global_step)
+                self._scalars(
+                    {f"train/{k}": v for k, v in stats.items()} | {"train/lr": self.method.current_lr()},
+                    global_step,
+                )
         seconds = time.time() - start
         self.progress.train_seconds += seconds
         self.progress.train_samples += samples * self.world
@@ -269,25 +305,40 @@ class WorkerLoop:
             self._maybe_inject_failure(epoch)
             metrics = self.train_epoch(epoch, total)
             net = self.method.eval_model()
+            # BatchNorm running statistics drift apart on each rank's own batches (DDP only broadcasts them
+            # at the next forward): average them so evaluation and the checkpoint see the global statistics.
+            all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
             val = count_correct(net, self._eval_batches("val"), self.device)
             test = count_correct(net, self._eval_batches("test"), self.device)
             self._check_bad_fraction()
-            metrics.update(epoch=epoch + 1, val_accuracy=accuracy(*val), test_accuracy=accuracy(*test),
-                           lr=self.method.current_lr(), bad_samples=self.epoch_bad)
+            assert_replicas_identical(state_tensors(self.method.state_dict()))
+            metrics.update(
+                epoch=epoch + 1,
+                val_accuracy=accuracy(*val),
+                test_accuracy=accuracy(*test),
+                lr=self.method.current_lr(),
+                bad_samples=self.epoch_bad,
+                replicas_identical=True,
+            )
             self._select(epoch, metrics, net)
             metrics["best_val_accuracy"] = self.progress.best_val_accuracy
             self.progress.history.append(metrics)
             self.progress.epoch = epoch + 1
-            self._log(f"epoch {epoch + 1}/{total} done in {metrics['train_seconds']:.1f}s: "
-                      f"train loss {metrics.get('train_loss', float('nan')):.4f} "
-                      f"val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f}")
-            self._scalars({f"epoch/{k}": v for k, v in metrics.items()}
-                          | {"epoch/actual_noise_rate": self.info.actual_noise_rate}, epoch + 1)
+            self._log(
+                f"epoch {epoch + 1}/{total} done in {metrics['train_seconds']:.1f}s: "
+                f"train loss {metrics.get('train_loss', float('nan')):.4f} "
+                f"val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f}"
+            )
+            self._scalars(
+                {f"epoch/{k}": v for k, v in metrics.items()}
+                | {"epoch/actual_noise_rate": self.info.actual_noise_rate},
+                epoch + 1,
+            )
             self._report(metrics)
         self.finish()
 
     def _select(self, epoch: int, metrics: dict, net: torch.nn.Module) -> None:
-        """Best-validation model selection over epochs the method allows (final model if there is no val set)."""
+        """Best-validation selection over the epochs the method allows (the last one without a val set)."""
         if not self.method.selectable(epoch):
             return
         val = metrics["val_accuracy"]
@@ -343,9 +394,13 @@ class WorkerLoop:
             if table is not None:
                 pq.write_table(table, d / f"{self.method_cls.export_name}.parquet")
 
-        self._log(f"finished: best epoch {p.best_epoch}, val {p.best_val_accuracy:.4f}, "
-                  f"test {p.best_test_accuracy:.4f}")
-        self._report({k: v for k, v in summary.items() if k != "history"} | {"final": True}, extra_files=write)
+        self._log(
+            f"finished: best epoch {p.best_epoch}, val {p.best_val_accuracy:.4f}, "
+            f"test {p.best_test_accuracy:.4f}"
+        )
+        self._report(
+            {k: v for k, v in summary.items() if k != "history"} | {"final": True}, extra_files=write
+        )
         if self.writer is not None:
             self.writer.close()
 

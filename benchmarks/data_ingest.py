@@ -1,0 +1,383 @@
+"""Images/s of the project's Ray Data pipeline against a torch DataLoader: same shards, same transforms.
+
+Both pipelines read the very same JPEG Parquet shards (the ``train`` split that ``raynoisy.train.driver``
+writes for a Clothing1M-layout miniature), decode and augment every image with the same
+``ImageTransform`` (resize, random crop, flip) and normalise it with the same ``to_batch``, so the only
+difference is the machinery that moves the work onto the CPUs:
+
+- ``ray-data``: ``image_dataset`` (read_parquet -> map_batches) consumed by one ``iter_torch_batches`` loop,
+  exactly as a training worker consumes its shard (``iter_batches``, its local shuffle buffer);
+- ``ray-data split x2``: the same Dataset through ``streaming_split(2, equal=True)``, two consumer threads,
+  as Ray Train feeds two workers (each takes half the global batch);
+- ``dataloader``: a map-style ``torch.utils.data.Dataset`` over the same Parquet rows, decoding one sample
+  at a time with ``ImageTransform.decode_one`` in ``num_workers`` worker processes, ``shuffle=True``.
+
+Ray gets as many CPUs as the DataLoader gets workers, so both have the same decode parallelism.
+Each pipeline runs one untimed warm-up epoch (worker start-up, page cache), then ``--epochs`` timed epochs;
+the pipelines take turns within every round, so that load from other processes hits them alike. The
+table reports the median epoch, and the ratio (Ray Data images/s / DataLoader images/s) is the number to
+read: absolute times on a shared machine mean little (DESIGN.md, principle 7). Every epoch of every pipeline
+must deliver the same sample ids, otherwise the benchmark fails instead of comparing different work.
+
+    python benchmarks/data_ingest.py                 # ~2,000 train images, 224 crops of 256 px JPEGs
+    python benchmarks/data_ingest.py --small         # CI size, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from raynoisy.config import Config, load_config
+from raynoisy.data.miniature import build_miniature_clothing1m
+from raynoisy.data.pipeline import (
+    BadSampleCounter,
+    InMemorySplit,
+    InputSpec,
+    image_dataset,
+    iter_batches,
+    quiet_ray_data,
+    to_batch,
+)
+from raynoisy.methods.base import Batch
+from raynoisy.train.driver import input_spec, prepare
+
+DATALOADER = "dataloader"
+RAY_DATA = "ray-data"
+RAY_SPLIT = "ray-data split x2"
+SPLIT_WAYS = 2
+
+# Full size: ~2,000 train images take seconds per epoch on 2 cores, long enough for timer and start-up
+# noise to matter little, and the JPEGs are generated in about a minute. --small: the smallest miniature
+# the clean-set minimums allow (308 train images) at 64 px, for CI.
+FULL = {"images_per_class": 200, "image_size": 224, "epochs": 3}
+SMALL = {"images_per_class": 60, "image_size": 64, "epochs": 1}
+
+
+@dataclass
+class Epoch:
+    """One pass of one pipeline: what it delivered and how long it took."""
+
+    images: int
+    seconds: float
+    ids: np.ndarray  # sorted sample ids of every delivered image, duplicates kept
+
+
+@dataclass
+class Measurement:
+    """All timed epochs of one pipeline (the warm-up epoch is checked but not kept)."""
+
+    name: str
+    epochs: list[Epoch] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return self.epochs[0].images
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(e.seconds for e in self.epochs)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+@dataclass
+class Report:
+    """What ``main`` measured; the test reads it, users read the printed table."""
+
+    results: dict[str, Measurement]
+    expected_ids: np.ndarray  # sorted sample ids of the train shards
+
+    def ratio(self, name: str = RAY_DATA) -> float:
+        return self.results[name].images_per_s / self.results[DATALOADER].images_per_s
+
+
+class ParquetImageDataset(torch.utils.data.Dataset):
+    """Map-style Dataset over the shard rows; JPEGs decoded one by one in the DataLoader's workers.
+
+    This is what a user would write for a DataLoader: random access by index (so ``shuffle=True`` is a full
+    per-epoch permutation), payload bytes read with pyarrow by the project's ``InMemorySplit`` (the same
+    columns and null handling as the Ray path), and undecodable bytes marked ``ok = False`` instead of
+    raising, so that ``to_batch`` skips and counts them exactly as it does for Ray Data batches.
+    """
+
+    def __init__(self, files: list[str], spec: InputSpec) -> None:
+        self.rows = InMemorySplit(files, spec).rows
+        self.transform = spec.transform(train=True)
+        self.shape = (spec.size, spec.size, spec.channels)
+        self._rng: np.random.Generator | None = None  # created in each worker process, after the fork
+
+    def __len__(self) -> int:
+        return len(self.rows["sample_id"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | bool | int]:
+        if self._rng is None:
+            self._rng = np.random.default_rng()
+        try:
+            image, ok = self.transform.decode_one(bytes(self.rows["payload"][index]), self._rng), True
+        except Exception:  # as in ImageTransform.__call__: skipped and counted, never fatal
+            image, ok = np.zeros(self.shape, dtype=np.uint8), False
+        return {
+            "image": image,
+            "ok": ok,
+            "sample_id": self.rows["sample_id"][index],
+            "given_label": self.rows["given_label"][index],
+            "true_label": self.rows["true_label"][index],
+        }
+
+
+def dataloader_batches(files: list[str], spec: InputSpec, batch_size: int, workers: int) -> Iterator[Batch]:
+    """One DataLoader epoch. The Dataset is built inside the epoch so that, like Ray Data, every epoch pays
+    for reading the Parquet files (cheap next to JPEG decoding, but the comparison stays like for like)."""
+    dataset = ParquetImageDataset(files, spec)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+    for raw in loader:
+        batch = to_batch(raw, spec.family, BadSampleCounter())
+        if len(batch):
+            yield batch
+
+
+def _consume(batches: Iterable[Batch], out: list[np.ndarray]) -> None:
+    """Drain a batch stream, keeping only the sample ids (what both pipelines must agree on)."""
+    for batch in batches:
+        out.append(batch.sample_id.numpy())
+
+
+def timed_epoch(run_epoch: Callable[[list[np.ndarray]], None]) -> Epoch:
+    """Time ``run_epoch(out)`` from before its pipeline starts until its last batch is consumed."""
+    out: list[np.ndarray] = []
+    start = time.perf_counter()
+    run_epoch(out)
+    seconds = time.perf_counter() - start
+    ids = np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+    return Epoch(images=len(ids), seconds=seconds, ids=ids)
+
+
+@dataclass
+class Bench:
+    """The shards, the input geometry and the three pipelines, each runnable one epoch at a time."""
+
+    files: list[str]
+    spec: InputSpec
+    batch_size: int
+    workers: int
+    shuffle_rows: int
+    split: bool
+
+    def __post_init__(self) -> None:
+        # Built once, like the driver builds the Dataset it hands to Ray Train; each epoch re-executes it.
+        self.dataset = image_dataset(self.files, self.spec, train=True)
+        self.splits = self.dataset.streaming_split(SPLIT_WAYS, equal=True) if self.split else None
+
+    def pipelines(self) -> dict[str, Callable[[list[np.ndarray]], None]]:
+        runs = {DATALOADER: self.run_dataloader, RAY_DATA: self.run_ray}
+        if self.split:
+            runs[RAY_SPLIT] = self.run_ray_split
+        return runs
+
+    def run_dataloader(self, out: list[np.ndarray]) -> None:
+        _consume(dataloader_batches(self.files, self.spec, self.batch_size, self.workers), out)
+
+    def _worker_batches(self, iterable, batch_size: int) -> Iterator[Batch]:
+        """Same call as the training worker's epoch loop, except ``drop_last=False`` so that every image is
+        counted and both pipelines must deliver the same ids."""
+        return iter_batches(
+            iterable,
+            batch_size=batch_size,
+            family=self.spec.family,
+            device=torch.device("cpu"),
+            counter=BadSampleCounter(),
+            drop_last=False,
+            shuffle_rows=self.shuffle_rows,
+        )
+
+    def run_ray(self, out: list[np.ndarray]) -> None:
+        _consume(self._worker_batches(self.dataset, self.batch_size), out)
+
+    def run_ray_split(self, out: list[np.ndarray]) -> None:
+        """Both split iterators must be consumed at once (they advance together), as two Train ranks do."""
+        parts: list[list[np.ndarray]] = [[] for _ in range(SPLIT_WAYS)]
+        errors: list[BaseException] = []
+
+        def rank(i: int) -> None:
+            try:
+                _consume(self._worker_batches(self.splits[i], self.batch_size // SPLIT_WAYS), parts[i])
+            except BaseException as exc:  # re-raised in the calling thread below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=rank, args=(i,), daemon=True) for i in range(SPLIT_WAYS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        for part in parts:
+            out.extend(part)
+
+
+def build_shards(
+    workdir: Path, images_per_class: int, image_size: int, rows_per_shard: int
+) -> tuple[list[str], InputSpec, Config]:
+    """Generate the JPEG miniature and shard it through the driver's own ``prepare``.
+
+    JPEGs are ``image_size * 8/7`` pixels (256 for 224), the side ``ImageTransform`` resizes to before it
+    crops, as Clothing1M training code does with ~256 px images. Shards are small (``rows_per_shard``)
+    because the real set has hundreds of them: with a miniature in one or two files, Ray Data would get
+    one or two read tasks, a serialisation that never happens at real scale.
+    """
+    jpeg_size = round(image_size * 8 / 7)
+    root = build_miniature_clothing1m(
+        workdir / f"clothing1m-{images_per_class}x{jpeg_size}",
+        images_per_class=images_per_class,
+        image_size=jpeg_size,
+    )
+    cfg = load_config(
+        "clothing1m",
+        "ce",
+        flags={"data.root": str(root), "run.output": str(workdir / "run")},
+        # The shard fingerprint does not cover rows_per_shard, so it goes into the folder name.
+        overrides=[
+            f"data.shard_root={workdir / f'shards-r{rows_per_shard}'}",
+            f"data.image_size={image_size}",
+            f"data.rows_per_shard={rows_per_shard}",
+        ],
+    )
+    prepared = prepare(cfg, log=lambda _: None)
+    return prepared.shards.files("train"), input_spec(cfg), cfg
+
+
+def check_same_ids(report: Report) -> None:
+    """Fail loudly if the pipelines did not do the same work: a speed ratio over different images is void.
+
+    ``streaming_split(equal=True)`` may drop up to ``SPLIT_WAYS - 1`` rows to keep the ranks in step.
+    """
+    for m in report.results.values():
+        for e in m.epochs:
+            if m.name == RAY_SPLIT:
+                ok = len(np.unique(e.ids)) == len(e.ids) and np.isin(e.ids, report.expected_ids).all()
+                ok = ok and e.images >= len(report.expected_ids) - (SPLIT_WAYS - 1)
+            else:
+                ok = np.array_equal(e.ids, report.expected_ids)
+            if not ok:
+                raise RuntimeError(
+                    f"{m.name} delivered {e.images} images whose ids differ from the "
+                    f"{len(report.expected_ids)} train samples in the shards"
+                )
+
+
+def format_table(report: Report) -> str:
+    lines = [
+        f"| {'pipeline':<18} | {'images':>6} | {'seconds':>7} | {'images/s':>8} | {'epochs (s)':<22} |",
+        f"|{'-' * 20}|{'-' * 8}|{'-' * 9}|{'-' * 10}|{'-' * 24}|",
+    ]
+    for m in report.results.values():
+        spread = ", ".join(f"{e.seconds:.2f}" for e in m.epochs)
+        lines.append(
+            f"| {m.name:<18} | {m.images:>6} | {m.seconds:>7.2f} | {m.images_per_s:>8.1f} | {spread:<22} |"
+        )
+    lines.append(f"ratio Ray Data / DataLoader (images/s): {report.ratio(RAY_DATA):.2f}x")
+    if RAY_SPLIT in report.results:
+        lines.append(f"ratio Ray Data split x2 / DataLoader (images/s): {report.ratio(RAY_SPLIT):.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images-per-class", type=int, help=f"miniature size (default {FULL['images_per_class']})"
+    )
+    parser.add_argument(
+        "--image-size", type=int, help=f"crop side; JPEGs are 8/7 of it (default {FULL['image_size']})"
+    )
+    parser.add_argument("--batch-size", type=int, help="global batch (default: the clothing1m preset's, 32)")
+    parser.add_argument(
+        "--epochs", type=int, help=f"timed epochs after the warm-up (default {FULL['epochs']})"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = Ray CPUs (default 2)")
+    parser.add_argument(
+        "--rows-per-shard", type=int, default=256, help="Parquet rows per shard file (default 256)"
+    )
+    parser.add_argument("--workdir", type=Path, help="where the JPEGs and shards go (default: a temp dir)")
+    parser.add_argument(
+        "--no-split", action="store_true", help=f"skip the streaming_split x{SPLIT_WAYS} variant"
+    )
+    parser.add_argument("--small", action="store_true", help="CI size: smallest miniature, 64 px, one epoch")
+    args = parser.parse_args(argv)
+    sizes = SMALL if args.small else FULL
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.epochs < 1 or args.workers < 1:
+        parser.error("--epochs and --workers must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> Report:
+    import ray
+
+    files, spec, cfg = build_shards(workdir, args.images_per_class, args.image_size, args.rows_per_shard)
+    batch_size = args.batch_size or cfg.optim.batch_size
+    expected = np.sort(InMemorySplit(files, spec).rows["sample_id"].astype(np.int64))
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        quiet_ray_data()
+        print(
+            f"[ingest] {len(expected)} train images in {len(files)} Parquet shards, JPEG "
+            f"{round(spec.size * 8 / 7)} px -> {spec.size} px crop ({spec.family} transforms), "
+            f"batch {batch_size}; "
+            f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs; "
+            f"1 warm-up + {args.epochs} timed epochs each, median reported",
+            flush=True,
+        )
+        bench = Bench(
+            files, spec, batch_size, args.workers, cfg.data.shuffle_buffer_rows, split=not args.no_split
+        )
+        pipelines = bench.pipelines()
+        results = {name: Measurement(name) for name in pipelines}
+        report = Report(results, expected)
+        names = list(pipelines)
+        for name in names:
+            warm = Measurement(name, [timed_epoch(pipelines[name])])
+            check_same_ids(Report({name: warm}, expected))
+        for round_ in range(args.epochs):
+            # Rotate who goes first, so that a burst of load from other processes does not always hit one.
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                results[name].epochs.append(timed_epoch(pipelines[name]))
+        check_same_ids(report)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(format_table(report), flush=True)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the benchmark, print its table and ratio lines, and return what was measured."""
+    args = parse_args(argv)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return run(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="raynoisy-ingest-") as tmp:
+        return run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

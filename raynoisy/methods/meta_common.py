@@ -1,0 +1,167 @@
+"""What the trusted-set meta methods (``mwnet``, ``mlc``, ``metalabelnet``) share.
+
+- ``TrustedMetaMethod``: the main model, the trusted stream, evaluation and the meta optimizer step.
+- ``exact_one_step_hypergrad``: the one-step hypergradient that is the same whatever the number of ranks.
+- The per-sample export: corrected-label columns and the summaries that score them (and MW-Net's
+  weights) as detectors of mislabelled samples against ``labels.parquet``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor, nn
+
+from raynoisy.errors import ConfigError
+from raynoisy.meta import MLCHypergradient, mlc_hypergrad
+from raynoisy.meta.hypergrad import Loss
+from raynoisy.meta.lookahead import Rule
+from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.supervised import MainModel
+
+# The soft label goes into the export only up to this many classes: for Clothing1M's 14 it is 14 floats
+# per sample; for 1000 classes it would be 4 kB per sample for a column nobody reads whole.
+SOFT_LABEL_MAX_CLASSES = 20
+
+
+def check_param(ok: bool, name: str, problem: str, fix: str) -> None:
+    """Reject a bad ``method.params`` value while the config is validated, i.e. before Ray starts."""
+    if not ok:
+        raise ConfigError(f"method.params.{name}", problem, fix)
+
+
+class TrustedMetaMethod(Method):
+    """A method with a main model trained on noisy batches, a meta network, and a trusted batch per step."""
+
+    needs_trusted = True
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.main = MainModel(ctx)
+
+    def eval_model(self) -> nn.Module:
+        return self.main.net
+
+    def current_lr(self) -> float:
+        return self.main.lr
+
+    @staticmethod
+    def meta_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """Step the meta optimizer with gradients that are already averaged over ranks.
+
+        The grads are assigned rather than accumulated, and cleared afterwards, so nothing a step leaves in
+        ``.grad`` can leak into the next one.
+        """
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def exact_one_step_hypergrad(
+    main: MainModel,
+    inner_loss: Loss,
+    outer_loss: Loss,
+    meta_params: Sequence[Tensor],
+    *,
+    rule: Rule,
+    lr: float | None = None,
+) -> MLCHypergradient:
+    """d outer_loss(w') / d meta_params for ONE virtual step w' = step(w, ∇inner_loss(w)), synchronised.
+
+    Why not ``lookahead_hypergrad``: under data parallelism it looks ahead on each rank's own inner batch
+    and averages the ranks' hypergradients, which is not the hypergradient of the global batch (the fast
+    weights differ per rank and the cross terms between ranks are lost), so a 2-worker run would not
+    reproduce a 1-worker run on the concatenated batch. ``mlc_hypergrad`` computes the same second-order
+    one-step hypergradient exactly, by the dot-product identity (with gw' = ∇outer(w') held constant,
+    d outer(w'(α))/dα = ∂/∂α[-c·⟨∇inner(w, α), gw'⟩]), and it all-reduces the inner gradient before the
+    step and gw' before the product, so every rank takes the global step and gets the global
+    hypergradient.
+
+    ``rule="optimizer"`` steps like the real SGD (momentum, weight decay, current lr); ``"sgd-plain"`` is
+    w - lr·g with ``lr`` or else the current lr, obtained by handing the engine a state-less plain SGD
+    over the same parameters (it holds no state, so building one per step costs nothing).
+    """
+    optimizer = main.optimizer
+    if rule == "sgd-plain":
+        optimizer = torch.optim.SGD(main.net.parameters(), lr=main.lr if lr is None else lr)
+    return mlc_hypergrad(main.net, optimizer, inner_loss, outer_loss, meta_params)
+
+
+@contextmanager
+def evaluating(*nets: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the duration (per-sample export); restores each net's mode after."""
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
+
+
+def corrected_label_columns(batch: Batch, soft: Tensor) -> dict[str, np.ndarray]:
+    """The ``corrected_labels`` export for one batch: argmax and max of the soft label, the soft label if small."""
+    soft = soft.detach().float().cpu()
+    confidence, corrected = soft.max(dim=1)
+    columns = {
+        "sample_id": batch.sample_id.cpu().numpy(),
+        "given_label": batch.y.cpu().numpy(),
+        "corrected_label": corrected.numpy(),
+        "corrected_confidence": confidence.numpy(),
+    }
+    if soft.shape[1] <= SOFT_LABEL_MAX_CLASSES:
+        columns["soft_label"] = soft.numpy()
+    return columns
+
+
+def true_labels_of(sample_ids: np.ndarray, labels: pa.Table) -> np.ndarray:
+    """True label of each id from labels.parquet (sample_id, ..., true_label nullable); -1 if unknown/absent."""
+    true = pc.fill_null(labels.column("true_label"), -1).to_numpy()
+    lookup = pd.Series(true, index=labels.column("sample_id").to_numpy())
+    return lookup.reindex(sample_ids, fill_value=-1).to_numpy().astype(np.int64)
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    """A rate, or None (JSON null) when it is undefined, rather than a NaN that strict JSON rejects."""
+    return numerator / denominator if denominator else None
+
+
+def detector_scores(flagged: np.ndarray, mislabelled: np.ndarray) -> dict[str, float | None]:
+    """Precision and recall of ``flagged`` as a detector of ``mislabelled`` (both boolean, known samples only)."""
+    hits = int(np.count_nonzero(flagged & mislabelled))
+    return {
+        "precision": _ratio(hits, int(np.count_nonzero(flagged))),
+        "recall": _ratio(hits, int(np.count_nonzero(mislabelled))),
+    }
+
+
+def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, Any]:
+    """``label_correction`` for metrics.json from a ``corrected_labels`` table.
+
+    ``fraction_changed`` counts every exported sample; accuracies and the detector scores of
+    "corrected != given" for "given != true" count only samples whose true label is known (all of them
+    under synthetic noise, the human-checked subset on Clothing1M), and are left out when there are none.
+    """
+    given = table.column("given_label").to_numpy()
+    corrected = table.column("corrected_label").to_numpy()
+    changed = corrected != given
+    out: dict[str, Any] = {"samples": len(given), "fraction_changed": _ratio(int(changed.sum()), len(given))}
+    true = true_labels_of(table.column("sample_id").to_numpy(), labels)
+    known = true >= 0
+    out["samples_with_true_label"] = int(known.sum())
+    if known.any():
+        given, corrected, true, changed = given[known], corrected[known], true[known], changed[known]
+        out["corrected_label_accuracy"] = float(np.mean(corrected == true))
+        out["given_label_accuracy"] = float(np.mean(given == true))
+        out.update(detector_scores(changed, given != true))
+    return {"label_correction": out}

@@ -1,0 +1,196 @@
+"""MetaLabelNet (Algan & Ulusoy, IEEE TNNLS; arXiv 2103.10869; gorkemalgan/MetaLabelNet ``main.py``).
+
+Stage 1 (``warmup_epochs``): cross-entropy on the noisy labels. At the start of stage 2 a frozen copy of
+the main network becomes the feature encoder (eval mode, never updated), and a single-layer soft-label
+net (SLP) ŷ = softmax(Linear(encoder features)) generates the training targets. Per stage-2 step, with a
+trusted batch as large as the noisy one:
+
+1. meta step: one virtual step θ' = θ - inner_lr·∇KL(p‖ŷ) (plain SGD, inner lr 1 as the reference), with
+   p = softmax(f(x; θ)) and KL averaged over B·C (mean of p·(log p - log ŷ), the reference's 1/C scaling);
+   cross-entropy on the trusted batch at θ'; the SLP takes an Adam step (lr β, weight decay 1e-4) with
+   the hypergradient (second order, exact across ranks: ``exact_one_step_hypergrad``);
+2. real step through DDP on KL(p‖ŷ') + (-mean_{B·C} p·log p) with ŷ' from the UPDATED SLP, no graph to it.
+   The two terms sum to -mean_{B·C} p·log ŷ': the entropy term cancels KL's own -H(p), so the update
+   pulls p towards the one-hot at ŷ's mode rather than towards ŷ itself (entropy minimisation).
+
+The noisy label is not an input of the SLP; after stage 1 it is not used at all. The main model keeps
+one SGD optimizer and one lr schedule over both stages (``optim.epochs`` in total), as the reference's
+per-epoch lr function. Only stage-2 epochs can be picked as the best-validation model: a stage-1 model
+is a cross-entropy model.
+
+``warmup_epochs`` defaults to the reference's CIFAR-10 proportion 44/120 of ``optim.epochs`` (rounded, at
+most ``optim.epochs - 1``); the Clothing1M preset sets 1 of 10 as the reference does.
+
+BatchNorm: the look-ahead forwards use copies of the buffers, the real forward updates them once per step
+(the reference's fast forward also updates the real ones). The encoder runs in eval mode on its frozen
+running statistics and under no_grad (the reference leaves requires_grad on and computes unused grads).
+
+Export ``corrected_labels.parquet``: argmax and max of the final SLP's soft label per training sample.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raynoisy.errors import ConfigError
+from raynoisy.meta import functional_forward
+from raynoisy.methods import register_method
+from raynoisy.methods.base import Batch, MethodContext
+from raynoisy.methods.meta_common import (
+    TrustedMetaMethod,
+    check_param,
+    corrected_label_columns,
+    evaluating,
+    exact_one_step_hypergrad,
+    summarize_corrected_labels,
+)
+from raynoisy.models.meta_nets import SoftLabelNet
+
+# The reference's CIFAR-10 schedule: 44 warm-up epochs of 120.
+DEFAULT_WARMUP_FRACTION = 44 / 120
+# Added inside log(ŷ) as the reference does, so a soft label that underflows to 0 gives a finite loss.
+LOG_EPS = 1e-10
+
+
+@dataclass
+class MetaLabelNetParams:
+    """Reference CIFAR-10 defaults (β = 1e-2); Clothing1M uses β = 1e-3 and 1 warm-up epoch (its preset)."""
+
+    meta_lr: float = 1e-2
+    meta_weight_decay: float = 1e-4
+    inner_lr: float = 1.0
+    warmup_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 1e-2")
+        check_param(self.meta_weight_decay >= 0, "meta_weight_decay", "must be >= 0", "e.g. 1e-4")
+        check_param(self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}", "the reference uses 1")
+        check_param(
+            self.warmup_epochs is None or self.warmup_epochs >= 0,
+            "warmup_epochs",
+            f"must be >= 0, got {self.warmup_epochs}",
+            "leave it unset for the default share of optim.epochs",
+        )
+
+
+def kl_to_soft_labels(logits: Tensor, soft: Tensor) -> Tensor:
+    """KL(p‖ŷ) averaged over B·C (not summed over classes): the reference's scaling, kept with its lr 1."""
+    log_p = F.log_softmax(logits, dim=1)
+    return (log_p.exp() * (log_p - torch.log(soft + LOG_EPS))).mean()
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """-mean_{B·C} p·log p, the entropy-minimisation term of the real step."""
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).mean()
+
+
+@register_method
+class MetaLabelNet(TrustedMetaMethod):
+    name = "metalabelnet"
+    Params = MetaLabelNetParams
+    export_name = "corrected_labels"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        p, epochs = self.params, ctx.cfg.optim.epochs
+        default = min(epochs - 1, round(epochs * DEFAULT_WARMUP_FRACTION))
+        self.warmup_epochs = default if p.warmup_epochs is None else p.warmup_epochs
+        if self.warmup_epochs >= epochs:
+            raise ConfigError(
+                "method.params.warmup_epochs",
+                f"{self.warmup_epochs} warm-up epochs leave none of optim.epochs={epochs} for stage 2",
+                "use fewer warm-up epochs or more epochs",
+            )
+        self.soft_label_net = SoftLabelNet(self.main.net.feature_dim, ctx.num_classes).to(ctx.device)
+        self.meta_optimizer = torch.optim.Adam(
+            self.soft_label_net.parameters(), lr=p.meta_lr, weight_decay=p.meta_weight_decay
+        )
+        self.encoder: nn.Module | None = None  # the frozen stage-1 network, from the first stage-2 epoch on
+
+    def _frozen_copy(self) -> nn.Module:
+        encoder = copy.deepcopy(self.main.net).eval().requires_grad_(False)
+        encoder.zero_grad(set_to_none=True)
+        return encoder
+
+    def on_epoch_start(self, epoch: int) -> None:
+        # Every rank copies the same network: the worker averaged BatchNorm buffers after the last epoch.
+        if epoch >= self.warmup_epochs and self.encoder is None:
+            self.encoder = self._frozen_copy()
+
+    def trusted_batch_size(self) -> int:
+        """No trusted batches in the warm-up (the worker asks after ``on_epoch_start``, once per epoch)."""
+        return 0 if self.encoder is None else self.ctx.local_batch_size
+
+    def selectable(self, epoch: int) -> bool:
+        return epoch >= self.warmup_epochs
+
+    def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        if self.encoder is None:
+            logits, _ = self.main.model(batch.x)
+            loss = F.cross_entropy(logits, batch.y)
+            self.main.step(loss)
+            return {"loss": float(loss.detach())}
+        assert trusted is not None, "metalabelnet needs a trusted batch every stage-2 step"
+        net = self.main.net
+        with torch.no_grad():
+            features = self.encoder(batch.x)[1]
+
+        def inner(params: dict[str, Tensor]) -> Tensor:
+            return kl_to_soft_labels(functional_forward(net, params, batch.x)[0], self.soft_label_net(features))
+
+        def outer(params: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
+
+        meta_params = list(self.soft_label_net.parameters())
+        hyper = exact_one_step_hypergrad(
+            self.main, inner, outer, meta_params, rule="sgd-plain", lr=self.params.inner_lr
+        )
+        self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
+
+        logits, _ = self.main.model(batch.x)
+        with torch.no_grad():
+            soft = self.soft_label_net(features)
+        kl, ent = kl_to_soft_labels(logits, soft), entropy(logits)
+        self.main.step(kl + ent)
+        return {
+            "loss": float((kl + ent).detach()),
+            "kl": float(kl.detach()),
+            "entropy": float(ent.detach()),
+            "meta_loss": float(hyper.gold_loss_after),
+        }
+
+    def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
+        assert self.encoder is not None, "the soft-label net exists only from the first stage-2 epoch on"
+        with evaluating(self.soft_label_net):
+            soft = self.soft_label_net(self.encoder(batch.x)[1])
+        return corrected_label_columns(batch, soft)
+
+    @classmethod
+    def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
+        return summarize_corrected_labels(table, labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "main": self.main.state_dict(),
+            "soft_label_net": self.soft_label_net.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "encoder": None if self.encoder is None else self.encoder.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+        self.soft_label_net.load_state_dict(state["soft_label_net"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.encoder = None
+        if state["encoder"] is not None:
+            self.encoder = self._frozen_copy()
+            self.encoder.load_state_dict(state["encoder"])
