@@ -12,7 +12,11 @@ difference is the machinery that moves the work onto the CPUs:
 - ``dataloader``: a map-style ``torch.utils.data.Dataset`` over the same Parquet rows, decoding one sample
   at a time with ``ImageTransform.decode_one`` in ``num_workers`` worker processes, ``shuffle=True``.
 
-Ray gets as many CPUs as the DataLoader gets workers, so both have the same decode parallelism.
+Ray gets as many CPUs as the DataLoader gets workers, so both may decode on the same number of cores;
+whether Ray Data does depends on how many read tasks ``read_parquet`` plans (Ray 2.60 packs up to 128 MiB
+of Parquet into one, and ``map_batches`` decodes one read block per task), and each epoch also starts
+a pool of Parquet footer-reader actors. The Ray Data operator lines printed under the table (tasks,
+blocks, seconds) show both; ``--bin-mib`` and ``--footer-actors`` set those knobs to see what they cost.
 Each pipeline runs one untimed warm-up epoch (worker start-up, page cache), then ``--epochs`` timed epochs;
 the pipelines take turns within every round, so that load from other processes hits them alike. The
 table reports the median epoch, and the ratio (Ray Data images/s / DataLoader images/s) is the number to
@@ -20,12 +24,15 @@ read: absolute times on a shared machine mean little (DESIGN.md, principle 7). E
 must deliver the same sample ids, otherwise the benchmark fails instead of comparing different work.
 
     python benchmarks/data_ingest.py                 # ~2,000 train images, 224 crops of 256 px JPEGs
-    python benchmarks/data_ingest.py --small         # CI size, well under a minute
+    python benchmarks/data_ingest.py --small         # CI size
+    python benchmarks/data_ingest.py --bin-mib 4 --footer-actors 1   # one read task per shard file
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import tempfile
 import threading
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.utils.data
 
@@ -59,9 +67,15 @@ SPLIT_WAYS = 2
 
 # Full size: ~2,000 train images take seconds per epoch on 2 cores, long enough for timer and start-up
 # noise to matter little, and the JPEGs are generated in about a minute. --small: the smallest miniature
-# the clean-set minimums allow (308 train images) at 64 px, for CI.
-FULL = {"images_per_class": 200, "image_size": 224, "epochs": 3}
-SMALL = {"images_per_class": 60, "image_size": 64, "epochs": 1}
+# the clean-set minimums allow (308 train images) at 64 px, for CI; it also starts one Parquet footer
+# reader per epoch instead of Ray's pool of 32 processes (seconds to tens of seconds per epoch on 2 cores).
+FULL = {"images_per_class": 200, "image_size": 224, "epochs": 3, "footer_actors": None}
+SMALL = {"images_per_class": 60, "image_size": 64, "epochs": 1, "footer_actors": 1}
+
+# Ray Data (2.60) read_parquet knobs that decide the Ray path's fixed cost per epoch and its decode
+# parallelism. Unset, the benchmark measures what a training run gets (Ray's defaults).
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # actors started per execution to read footers
+BIN_BYTES_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"  # Parquet bytes packed into one read task (128 MiB)
 
 
 @dataclass
@@ -99,6 +113,7 @@ class Report:
 
     results: dict[str, Measurement]
     expected_ids: np.ndarray  # sorted sample ids of the train shards
+    ray_operators: list[str] = field(default_factory=list)  # Ray Data's per-operator summary, last epoch
 
     def ratio(self, name: str = RAY_DATA) -> float:
         return self.results[name].images_per_s / self.results[DATALOADER].images_per_s
@@ -190,7 +205,9 @@ class Bench:
     def run_dataloader(self, out: list[np.ndarray]) -> None:
         _consume(dataloader_batches(self.files, self.spec, self.batch_size, self.workers), out)
 
-    def _worker_batches(self, iterable, batch_size: int) -> Iterator[Batch]:
+    def _worker_batches(
+        self, iterable: ray.data.Dataset | ray.data.DataIterator, batch_size: int
+    ) -> Iterator[Batch]:
         """Same call as the training worker's epoch loop, except ``drop_last=False`` so that every image is
         counted and both pipelines must deliver the same ids."""
         return iter_batches(
@@ -235,8 +252,9 @@ def build_shards(
 
     JPEGs are ``image_size * 8/7`` pixels (256 for 224), the side ``ImageTransform`` resizes to before it
     crops, as Clothing1M training code does with ~256 px images. Shards are small (``rows_per_shard``)
-    because the real set has hundreds of them: with a miniature in one or two files, Ray Data would get
-    one or two read tasks, a serialisation that never happens at real scale.
+    because the real set has hundreds of them; with ``--bin-mib`` below the shard size Ray Data then gets
+    one read (and decode) task per shard, as it does at real scale. With Ray's default 128 MiB bins the
+    whole miniature is one read task whatever the shard size, which is what a training run gets today.
     """
     jpeg_size = round(image_size * 8 / 7)
     root = build_miniature_clothing1m(
@@ -278,6 +296,15 @@ def check_same_ids(report: Report) -> None:
                 )
 
 
+def operator_summary(dataset: ray.data.Dataset) -> list[str]:
+    """One line per Ray Data operator of the last execution (tasks, blocks, wall time).
+
+    Printed under the table because it explains the ratio: how many decode tasks ran in parallel and
+    what a fixed per-epoch cost (file listing, footer reads) amounted to.
+    """
+    return [line.strip() for line in dataset.stats().splitlines() if line.startswith("Operator ")]
+
+
 def format_table(report: Report) -> str:
     lines = [
         f"| {'pipeline':<18} | {'images':>6} | {'seconds':>7} | {'images/s':>8} | {'epochs (s)':<22} |",
@@ -291,6 +318,7 @@ def format_table(report: Report) -> str:
     lines.append(f"ratio Ray Data / DataLoader (images/s): {report.ratio(RAY_DATA):.2f}x")
     if RAY_SPLIT in report.results:
         lines.append(f"ratio Ray Data split x2 / DataLoader (images/s): {report.ratio(RAY_SPLIT):.2f}x")
+    lines += [f"[ray-data, last epoch] {line}" for line in report.ray_operators]
     return "\n".join(lines)
 
 
@@ -316,20 +344,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-split", action="store_true", help=f"skip the streaming_split x{SPLIT_WAYS} variant"
     )
-    parser.add_argument("--small", action="store_true", help="CI size: smallest miniature, 64 px, one epoch")
+    parser.add_argument(
+        "--footer-actors",
+        type=int,
+        help=f"sets {FOOTER_ACTORS_ENV} for this run (default: Ray's, 32; --small: 1)",
+    )
+    parser.add_argument(
+        "--bin-mib",
+        type=int,
+        help=f"sets {BIN_BYTES_ENV} for this run, in MiB (default: Ray's, 128: the whole miniature "
+        "is then one read task and one decode task)",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="CI size: smallest miniature, 64 px, one epoch, 1 footer actor"
+    )
     args = parser.parse_args(argv)
     sizes = SMALL if args.small else FULL
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs < 1 or args.workers < 1:
-        parser.error("--epochs and --workers must be >= 1")
+    if min(args.epochs, args.workers, args.footer_actors or 1, args.bin_mib or 1) < 1:
+        parser.error("--epochs, --workers, --footer-actors and --bin-mib must be >= 1")
     return args
 
 
-def run(args: argparse.Namespace, workdir: Path) -> Report:
-    import ray
+@contextlib.contextmanager
+def ray_data_knobs(footer_actors: int | None, bin_mib: int | None) -> Iterator[str]:
+    """Set the read_parquet knobs in this process for the duration of the run, then restore them.
 
+    Ray Data reads them on the driver when it builds and plans the read, so they need not reach the
+    cluster's workers, and restoring them keeps a pytest session's later Ray tests on Ray's defaults.
+    Yields a description for the header line, so the table always says which settings it measured.
+    """
+    wanted = {FOOTER_ACTORS_ENV: footer_actors, BIN_BYTES_ENV: bin_mib * 2**20 if bin_mib else None}
+    saved = {key: os.environ.get(key) for key in wanted}
+    for key, value in wanted.items():
+        if value is not None:
+            os.environ[key] = str(value)
+    try:
+        yield ", ".join(f"{key}={os.environ.get(key, 'default')}" for key in wanted)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run(args: argparse.Namespace, workdir: Path) -> Report:
     files, spec, cfg = build_shards(workdir, args.images_per_class, args.image_size, args.rows_per_shard)
     batch_size = args.batch_size or cfg.optim.batch_size
     expected = np.sort(InMemorySplit(files, spec).rows["sample_id"].astype(np.int64))
@@ -337,35 +399,51 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
     if started_ray:
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        quiet_ray_data()
-        print(
-            f"[ingest] {len(expected)} train images in {len(files)} Parquet shards, JPEG "
-            f"{round(spec.size * 8 / 7)} px -> {spec.size} px crop ({spec.family} transforms), "
-            f"batch {batch_size}; "
-            f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs; "
-            f"1 warm-up + {args.epochs} timed epochs each, median reported",
-            flush=True,
-        )
-        bench = Bench(
-            files, spec, batch_size, args.workers, cfg.data.shuffle_buffer_rows, split=not args.no_split
-        )
-        pipelines = bench.pipelines()
-        results = {name: Measurement(name) for name in pipelines}
-        report = Report(results, expected)
-        names = list(pipelines)
-        for name in names:
-            warm = Measurement(name, [timed_epoch(pipelines[name])])
-            check_same_ids(Report({name: warm}, expected))
-        for round_ in range(args.epochs):
-            # Rotate who goes first, so that a burst of load from other processes does not always hit one.
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                results[name].epochs.append(timed_epoch(pipelines[name]))
-        check_same_ids(report)
+        with ray_data_knobs(args.footer_actors, args.bin_mib) as knobs:
+            report = measure(args, files, spec, cfg, batch_size, expected, knobs)
     finally:
         if started_ray:
             ray.shutdown()
     print(format_table(report), flush=True)
+    return report
+
+
+def measure(
+    args: argparse.Namespace,
+    files: list[str],
+    spec: InputSpec,
+    cfg: Config,
+    batch_size: int,
+    expected: np.ndarray,
+    knobs: str,
+) -> Report:
+    """Warm up every pipeline once, then time ``args.epochs`` rounds in rotating order."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    quiet_ray_data()
+    print(
+        f"[ingest] {len(expected)} train images in {len(files)} Parquet shards, JPEG "
+        f"{round(spec.size * 8 / 7)} px -> {spec.size} px crop ({spec.family} transforms), "
+        f"batch {batch_size}; "
+        f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs; "
+        f"1 warm-up + {args.epochs} timed epochs each, median reported; {knobs}",
+        flush=True,
+    )
+    bench = Bench(
+        files, spec, batch_size, args.workers, cfg.data.shuffle_buffer_rows, split=not args.no_split
+    )
+    pipelines = bench.pipelines()
+    results = {name: Measurement(name) for name in pipelines}
+    report = Report(results, expected)
+    names = list(pipelines)
+    for name in names:
+        warm = Measurement(name, [timed_epoch(pipelines[name])])
+        check_same_ids(Report({name: warm}, expected))
+    for round_ in range(args.epochs):
+        # Rotate who goes first, so that a burst of load from other processes does not always hit one.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            results[name].epochs.append(timed_epoch(pipelines[name]))
+    check_same_ids(report)
+    report.ray_operators = operator_summary(bench.dataset)
     return report
 
 

@@ -53,7 +53,9 @@ class TrustedMetaMethod(Method):
         return self.main.lr
 
     @staticmethod
-    def meta_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    def meta_step(
+        optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]
+    ) -> None:
         """Step the meta optimizer with gradients that are already averaged over ranks.
 
         The grads are assigned rather than accumulated, and cleared afterwards, so nothing a step leaves in
@@ -110,7 +112,7 @@ def evaluating(*nets: nn.Module) -> Iterator[None]:
 
 
 def corrected_label_columns(batch: Batch, soft: Tensor) -> dict[str, np.ndarray]:
-    """The ``corrected_labels`` export for one batch: argmax and max of the soft label, the soft label if small."""
+    """One batch of ``corrected_labels``: argmax and max of the soft label, and all of it if C is small."""
     soft = soft.detach().float().cpu()
     confidence, corrected = soft.max(dim=1)
     columns = {
@@ -125,7 +127,7 @@ def corrected_label_columns(batch: Batch, soft: Tensor) -> dict[str, np.ndarray]
 
 
 def true_labels_of(sample_ids: np.ndarray, labels: pa.Table) -> np.ndarray:
-    """True label of each id from labels.parquet (sample_id, ..., true_label nullable); -1 if unknown/absent."""
+    """True label of each id from labels.parquet (true_label is nullable); -1 if unknown or absent."""
     true = pc.fill_null(labels.column("true_label"), -1).to_numpy()
     lookup = pd.Series(true, index=labels.column("sample_id").to_numpy())
     return lookup.reindex(sample_ids, fill_value=-1).to_numpy().astype(np.int64)
@@ -137,7 +139,7 @@ def _ratio(numerator: int, denominator: int) -> float | None:
 
 
 def detector_scores(flagged: np.ndarray, mislabelled: np.ndarray) -> dict[str, float | None]:
-    """Precision and recall of ``flagged`` as a detector of ``mislabelled`` (both boolean, known samples only)."""
+    """Precision and recall of ``flagged`` as a detector of ``mislabelled`` (boolean, known samples only)."""
     hits = int(np.count_nonzero(flagged & mislabelled))
     return {
         "precision": _ratio(hits, int(np.count_nonzero(flagged))),

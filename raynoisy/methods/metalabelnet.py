@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raynoisy.errors import ConfigError
-from raynoisy.meta import functional_forward
+from raynoisy.meta import all_reduce_mean_, functional_forward
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
@@ -72,7 +72,9 @@ class MetaLabelNetParams:
     def __post_init__(self) -> None:
         check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 1e-2")
         check_param(self.meta_weight_decay >= 0, "meta_weight_decay", "must be >= 0", "e.g. 1e-4")
-        check_param(self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}", "the reference uses 1")
+        check_param(
+            self.inner_lr > 0, "inner_lr", f"must be > 0, got {self.inner_lr}", "the reference uses 1"
+        )
         check_param(
             self.warmup_epochs is None or self.warmup_epochs >= 0,
             "warmup_epochs",
@@ -122,9 +124,12 @@ class MetaLabelNet(TrustedMetaMethod):
         return encoder
 
     def on_epoch_start(self, epoch: int) -> None:
-        # Every rank copies the same network: the worker averaged BatchNorm buffers after the last epoch.
         if epoch >= self.warmup_epochs and self.encoder is None:
             self.encoder = self._frozen_copy()
+            # BatchNorm running statistics differ between ranks by their last local batches unless the caller
+            # has just averaged them (the worker does, after every epoch; averaging again changes nothing):
+            # the encoder is checkpointed and must be identical everywhere.
+            all_reduce_mean_([b for b in self.encoder.buffers() if b.is_floating_point()])
 
     def trusted_batch_size(self) -> int:
         """No trusted batches in the warm-up (the worker asks after ``on_epoch_start``, once per epoch)."""
@@ -145,7 +150,9 @@ class MetaLabelNet(TrustedMetaMethod):
             features = self.encoder(batch.x)[1]
 
         def inner(params: dict[str, Tensor]) -> Tensor:
-            return kl_to_soft_labels(functional_forward(net, params, batch.x)[0], self.soft_label_net(features))
+            return kl_to_soft_labels(
+                functional_forward(net, params, batch.x)[0], self.soft_label_net(features)
+            )
 
         def outer(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)

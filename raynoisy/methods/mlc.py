@@ -67,7 +67,10 @@ class MLCParams:
         check_param(self.cls_dim >= 1, "cls_dim", f"must be >= 1, got {self.cls_dim}", "e.g. 128")
         check_param(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}", "e.g. 128")
         check_param(
-            self.gradient_steps >= 1, "gradient_steps", f"must be >= 1, got {self.gradient_steps}", "1 is plain MLC"
+            self.gradient_steps >= 1,
+            "gradient_steps",
+            f"must be >= 1, got {self.gradient_steps}",
+            "1 is plain MLC",
         )
 
 
@@ -82,7 +85,7 @@ class MetaLabelCorrection(TrustedMetaMethod):
         if ctx.local_batch_size < 2:
             raise ConfigError(
                 "optim.batch_size",
-                f"mlc splits each worker's trusted batch ({ctx.local_batch_size}) into a gold and a clean half",
+                f"mlc splits each worker's trusted batch ({ctx.local_batch_size}) into gold and clean halves",
                 "use at least 2 samples per worker",
             )
         p = self.params

@@ -99,7 +99,9 @@ class MetaWeightNet(TrustedMetaMethod):
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
 
         meta_params = list(self.weight_net.parameters())
-        hyper = exact_one_step_hypergrad(self.main, inner, outer, meta_params, rule=self.params.lookahead_rule)
+        hyper = exact_one_step_hypergrad(
+            self.main, inner, outer, meta_params, rule=self.params.lookahead_rule
+        )
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
 
         logits, _ = self.main.model(batch.x)
@@ -146,8 +148,12 @@ class MetaWeightNet(TrustedMetaMethod):
         if known.any():
             mislabelled = given[known] != true[known]
             known_weights = weights[known]
-            out["mean_weight_clean"] = float(known_weights[~mislabelled].mean()) if (~mislabelled).any() else None
-            out["mean_weight_mislabelled"] = float(known_weights[mislabelled].mean()) if mislabelled.any() else None
+            out["mean_weight_clean"] = (
+                float(known_weights[~mislabelled].mean()) if (~mislabelled).any() else None
+            )
+            out["mean_weight_mislabelled"] = (
+                float(known_weights[mislabelled].mean()) if mislabelled.any() else None
+            )
             out.update(detector_scores(down[known], mislabelled))
         return {"sample_weights": out}
 

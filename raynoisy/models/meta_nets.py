@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 
 class WeightNet(nn.Module):
-    """MW-Net's VNet: per-sample loss -> weight in (0, 1), Linear(1, hidden) -> ReLU -> Linear(hidden, 1) -> sigmoid.
+    """MW-Net's VNet, per-sample loss -> weight in (0, 1): Linear(1, h) -> ReLU -> Linear(h, 1) -> sigmoid.
 
     PyTorch's default Linear initialisation is kept because the reference's ``MetaLinear`` wraps an
     ``nn.Linear`` and copies its initial weights.
@@ -25,7 +25,7 @@ class WeightNet(nn.Module):
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
 
     def forward(self, losses: Tensor) -> Tensor:
-        """Weights ``[B]`` for per-sample losses ``[B]``; the caller detaches the losses (as the reference)."""
+        """Weights ``[B]`` for per-sample losses ``[B]``; callers detach the losses, as the reference."""
         return self.net(losses.unsqueeze(1)).squeeze(1)
 
 

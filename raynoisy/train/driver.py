@@ -153,13 +153,14 @@ def train(cfg: Config, log=print) -> dict:
         fault_marker=str(output / ".fault-drill-done"),
         actual_noise_rate=prepared.plan.noise.actual_rate,
     )
+    # Named before the cluster fills in defaults, so a resubmission resumes even after autoscaling.
+    name = run_name(cfg)
     _init_ray()
     cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg)
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker} | (
         {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
     )
-    name = run_name(cfg)
     storage = cfg.run.storage_path or str(output / "ray_results")
     log(
         f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "

@@ -1,0 +1,541 @@
+"""Cost of one training step of each method, as a ratio to one plain cross-entropy step.
+
+What a meta method costs is the question users ask before they pick one, and the issue sets the bar: every
+meta method's step (``mwnet``, ``mlc``, ``metalabelnet``) must take at most 3.0x a CE step. Absolute times
+on a shared machine mean little (DESIGN.md, principle 7), so every number that matters is a ratio to the
+``ce`` step measured in the same run, in the same process, on the same device, with the same model and
+the same batch.
+
+How each method is built and driven, so that the step timed is the step training runs:
+
+- the config is the data set's preset (``load_config``: ``fashion-mnist`` for ``small-cnn`` at 28x28x1,
+  ``cifar10`` for ``resnet32`` at 32x32x3), with the model's batch size for every method (a preset with
+  another batch size, e.g. MetaLabelNet's CIFAR-10 128, is overridden and said so: same batch for all);
+- the ``MethodContext`` is filled as ``raynoisy.train.worker`` fills it for one rank, from the data set's
+  nominal split sizes (GLC's trusted batch is proportional to them); the seed is reset before each method is
+  built, so every method starts from the same main-model weights;
+- the epoch hooks are driven, without steps, up to the first epoch whose model the method may select
+  (``Method.selectable``): GLC's phase 2 (its corruption matrix estimated from a trusted pass) and
+  MetaLabelNet's stage 2 (its frozen encoder copied). Earlier epochs run a CE step, so the method's own step
+  is the one that tells what it costs; the table says which epochs that is and what share of training;
+- ``train_step(batch, trusted)`` with one fixed synthetic batch and a trusted batch of the method's
+  ``trusted_batch_size()``; no data is read, so ``data.root`` is any existing folder.
+
+Timing runs with the torch thread count the trainer gives one worker on this machine (``--threads``; about
+half the CPUs, the rest decode data). Warm-up steps come first (lazy optimizer state, allocator and kernel
+caches), then ``--repeats`` rounds in which every method takes one timed step, in an order rotated each
+round, so that load from other processes and any drift hit all methods alike. Reported: the median step
+and its inter-quartile range, the ratio of the medians to CE's, and the inter-quartile range of the
+per-round ratios (method step / CE step of the same round), which shows whether the 3.0x target is met
+by a margin or by noise.
+
+Memory: the peak a step allocates above what is allocated when it starts, which is the same measure on both
+devices and does not count the other methods that share the process. On CUDA it is
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On CPU there is no allocator
+high-water mark, and RSS is useless (glibc keeps freed pages, other methods' tensors share the heap), so
+steps run under ``torch.profiler.profile(profile_memory=True)`` and the peak is the maximum of the running
+sum of the allocation events (+size on allocate, -size on free) in time order, minus its level when the step
+starts: the exact high-water mark of torch's CPU allocator during the step. The memory a method holds
+between steps (networks, optimizer state, meta-nets, frozen copies: every tensor in its ``state_dict``) is
+shown next to it.
+
+    python benchmarks/meta_step.py                      # both models, all registered methods
+    python benchmarks/meta_step.py --small              # CI size, seconds
+    python benchmarks/meta_step.py --models resnet32 --methods ce mlc --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raynoisy.config import load_config
+from raynoisy.data.sources import get_source
+from raynoisy.methods import get_method_class
+from raynoisy.methods.base import Batch, Method, MethodContext
+
+# Kineto prints start/stop lines for every profiled step; level 6 silences them (set before the profiler's
+# first use, which is when kineto reads it), unless the user asked for a level.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+BASELINE = "ce"
+DEFAULT_METHODS = ("ce", "glc", "mwnet", "mlc", "metalabelnet")
+# The issue's target applies to the methods that learn through a look-ahead step of the main model.
+META_METHODS = ("mwnet", "mlc", "metalabelnet")
+TARGET_RATIO = 3.0
+MIB = 2**20
+PROGRESS_EVERY = 5  # rounds between progress lines: a full CPU run takes many minutes
+MEASURED_STEP = "meta_step: measured step"  # profiler label of the step whose peak is taken
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone at the input size and batch the issue names, and the preset it trains under.
+
+    ``num_train``/``num_trusted`` are the data set's sizes after the preset's split (training images minus
+    the trusted and validation images per class); they only shape the context (GLC's trusted share, the
+    schedule's steps per epoch), since no data is read.
+    """
+
+    name: str
+    dataset: str
+    batch_size: int
+    num_classes: int
+    num_train: int
+    num_trusted: int
+
+
+MODELS = {
+    # Fashion-MNIST: 60,000 training images, 100 trusted + 100 validation per class.
+    "small-cnn": ModelSpec("small-cnn", "fashion-mnist", 128, 10, num_train=58_000, num_trusted=1_000),
+    # CIFAR-10: 50,000 training images, 100 trusted + 50 validation per class.
+    "resnet32": ModelSpec("resnet32", "cifar10", 100, 10, num_train=48_500, num_trusted=1_000),
+}
+
+# Full size follows the issue; --small is for CI: a tiny batch and few steps, only to prove the code runs.
+FULL = {"repeats": 20, "warmup": 3}
+SMALL = {"repeats": 3, "warmup": 1, "batch_size": 8}
+
+
+@dataclass
+class MethodRun:
+    """One method built for one model, and what was measured on it."""
+
+    name: str
+    method: Method
+    trusted: Batch | None
+    timed_from_epoch: int  # first epoch of the phase whose step is timed
+    total_epochs: int
+    times: list[float] = field(default_factory=list)  # seconds, one per round, in round order
+    peak_bytes: int = 0  # above what was allocated when the step started
+    held_bytes: int = 0  # tensors in the method's state_dict
+    finite: bool = True  # every logged scalar of every step was finite
+
+    @property
+    def phase(self) -> str:
+        """Which epochs run the step that was timed, and their share of training."""
+        if self.timed_from_epoch == 0:
+            return "every epoch"
+        share = (self.total_epochs - self.timed_from_epoch) / self.total_epochs
+        return f"epochs {self.timed_from_epoch}-{self.total_epochs - 1} of {self.total_epochs} ({share:.0%})"
+
+
+@dataclass
+class Row:
+    """One line of the table: a method's step on one model, relative to CE's step on that model."""
+
+    model: str
+    method: str
+    phase: str
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    ratio: float  # median step / median CE step
+    ratio_q1: float  # inter-quartile range of the per-round ratios
+    ratio_q3: float
+    peak_mib: float
+    peak_ratio: float
+    held_mib: float
+    finite: bool
+
+    @property
+    def has_target(self) -> bool:
+        return self.method in META_METHODS
+
+    @property
+    def meets_target(self) -> bool:
+        return self.ratio <= TARGET_RATIO
+
+
+@dataclass
+class Report:
+    """What ``main`` measured; the test reads it, users read the printed table."""
+
+    device: str
+    threads: int
+    rows: list[Row]
+    skipped: dict[str, str]  # method -> why it was not measured
+    notes: list[str]
+
+    def missed_targets(self) -> list[Row]:
+        return [r for r in self.rows if r.has_target and not r.meets_target]
+
+
+def trainer_threads() -> int:
+    """The torch threads one training worker gets here: the driver's default ``cpus_per_worker``.
+
+    ``raynoisy.train.driver`` leaves about half of the node's CPUs to the Ray Data decode tasks (a quarter
+    CPU granularity, at most 8) and the worker calls ``torch.set_num_threads`` with that. Timing with
+    torch's own default (every core) would measure a configuration training never runs, and on a shared
+    machine OpenMP threads that wait for a descheduled sibling make each step many times slower.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, int(min(8.0, math.floor(4 * cpus / 2) / 4)))
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(Q1, median, Q3); with fewer than two values all three are the value itself."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def synthetic_batch(
+    n: int, spec: ModelSpec, channels: int, size: int, device: torch.device, seed: int
+) -> Batch:
+    """Normalised-image-like noise and uniform labels: the step's cost does not depend on the pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    return Batch(
+        x=torch.randn(n, channels, size, size, generator=gen).to(device),
+        y=torch.randint(spec.num_classes, (n,), generator=gen).to(device),
+        sample_id=torch.arange(n).to(device),
+        true_y=torch.full((n,), -1, dtype=torch.long).to(device),
+    )
+
+
+def first_batch_of(batch: Batch, n: int) -> Batch:
+    return Batch(batch.x[:n], batch.y[:n], batch.sample_id[:n], batch.true_y[:n])
+
+
+def registered_methods(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The methods that can be built now, CE first (it is the denominator), and why the others cannot.
+
+    Methods are being added while this benchmark runs in CI, so a name that is not registered, or whose
+    module does not import yet, is skipped with its reason rather than failing the whole table.
+    """
+    ordered = [BASELINE, *(n for n in dict.fromkeys(names) if n != BASELINE)]
+    ok, skipped = [], {}
+    for name in ordered:
+        try:
+            get_method_class(name)
+        except Exception as exc:  # unknown name, or a module still being written
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        ok.append(name)
+    if BASELINE not in ok:
+        raise RuntimeError(f"the baseline {BASELINE!r} cannot be built: {skipped[BASELINE]}")
+    return ok, skipped
+
+
+def build_run(
+    name: str,
+    spec: ModelSpec,
+    batch_size: int,
+    device: torch.device,
+    root: str,
+    trusted_pool: Batch,
+    notes: list[str],
+) -> MethodRun:
+    """Build ``name`` as the worker does for one rank and bring it to the phase that is timed."""
+    cfg = load_config(
+        spec.dataset, name, flags={"data.root": root, "run.output": root, "optim.batch_size": batch_size}
+    )
+    preset_batch = load_config(
+        spec.dataset, name, flags={"data.root": root, "run.output": root}
+    ).optim.batch_size
+    if preset_batch != batch_size and batch_size == spec.batch_size:
+        notes.append(
+            f"{spec.name}/{name}: the {spec.dataset} preset trains with batch {preset_batch}; "
+            f"timed at {batch_size} like every other method"
+        )
+    source = get_source(spec.dataset)
+    ctx = MethodContext(
+        cfg=cfg,
+        num_classes=spec.num_classes,
+        in_channels=source.channels,
+        image_size=source.image_size,
+        device=device,
+        rank=0,
+        world_size=1,
+        steps_per_epoch=spec.num_train // batch_size,
+        num_train=spec.num_train,
+        num_trusted=spec.num_trusted,
+        iter_trusted_pass=lambda: iter([trusted_pool]),
+    )
+    torch.manual_seed(cfg.run.seed)  # as the worker seeds before building: same initial weights for all
+    method = get_method_class(name)(ctx)
+    total = method.total_epochs()
+    start = next((e for e in range(total) if method.selectable(e)), 0)
+    # The worker's hook order without the steps: each earlier epoch's start and end, then the timed epoch's.
+    for epoch in range(start):
+        method.on_epoch_start(epoch)
+        method.on_epoch_end(epoch)
+    method.on_epoch_start(start)
+    size = method.trusted_batch_size()
+    if size > len(trusted_pool):
+        raise ValueError(f"{name} wants a trusted batch of {size}, more than the pool of {len(trusted_pool)}")
+    trusted = first_batch_of(trusted_pool, size) if size > 0 else None
+    return MethodRun(name, method, trusted, start, total)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(run: MethodRun, batch: Batch, device: torch.device) -> float:
+    """Seconds of one ``train_step``, with the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    logged = run.method.train_step(batch, run.trusted)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    run.finite = run.finite and all(math.isfinite(v) for v in logged.values())
+    return seconds
+
+
+def _walk(nodes: Sequence[Any]) -> Iterator[Any]:
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def cpu_step_peak(run: MethodRun, batch: Batch) -> int:
+    """Peak bytes one CPU step allocates above its start, from the profiler's allocation events.
+
+    Two steps run under the profiler and the second is measured: blocks allocated before profiling began
+    (the previous step's gradients, say) have no known size when they are freed, so the first step's level
+    is off by a constant, which cancels in the second step's peak minus its starting level. The events come
+    from ``experimental_event_tree``, the profiler's raw stream (every allocation and free with its size and
+    time); the public ``key_averages`` folds sizes into operators and loses the order, hence the peak.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run.method.train_step(batch, run.trusted)
+        with record_function(MEASURED_STEP):
+            run.method.train_step(batch, run.trusted)
+    nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    marker = next(n for n in nodes if n.tag == _EventType.TorchOp and n.name == MEASURED_STEP)
+    allocations = sorted(
+        (n for n in nodes if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"),
+        key=lambda n: n.start_time_ns,
+    )
+    level, start_level, peak = 0, None, 0
+    for node in allocations:
+        if node.start_time_ns > marker.end_time_ns:
+            break
+        if start_level is None and node.start_time_ns >= marker.start_time_ns:
+            start_level = peak = level
+        level += node.extra_fields.alloc_size
+        if start_level is not None:
+            peak = max(peak, level)
+    return 0 if start_level is None else peak - start_level
+
+
+def cuda_step_peak(run: MethodRun, batch: Batch, device: torch.device) -> int:
+    """Peak bytes one CUDA step allocates above its start, from the caching allocator's high-water mark."""
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run.method.train_step(batch, run.trusted)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def held_bytes(state: Any, seen: set[tuple[str, int]] | None = None) -> int:
+    """Bytes of the distinct tensor storages in a (nested) state dict: what the method keeps between steps."""
+    seen = set() if seen is None else seen
+    if isinstance(state, torch.Tensor):
+        storage = state.untyped_storage()
+        key = (str(state.device), storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(state, dict):
+        return sum(held_bytes(v, seen) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(held_bytes(v, seen) for v in state)
+    return 0
+
+
+def measure_model(
+    spec: ModelSpec,
+    names: Sequence[str],
+    args: argparse.Namespace,
+    device: torch.device,
+    root: str,
+    notes: list[str],
+) -> list[Row]:
+    """Build every method for ``spec``, time them round-robin, measure their peaks; one row per method."""
+    batch_size = args.batch_size or spec.batch_size
+    source = get_source(spec.dataset)
+    batch = synthetic_batch(batch_size, spec, source.channels, source.image_size, device, seed=0)
+    trusted_pool = synthetic_batch(4 * batch_size, spec, source.channels, source.image_size, device, seed=1)
+    runs = [build_run(n, spec, batch_size, device, root, trusted_pool, notes) for n in names]
+    for _ in range(args.warmup):
+        for run in runs:
+            timed_step(run, batch, device)
+    for round_ in range(args.repeats):
+        gc.collect()  # outside the timed steps, so a collection does not land in one method's step
+        shift = round_ % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.times.append(timed_step(run, batch, device))
+        if (round_ + 1) % PROGRESS_EVERY == 0 and round_ + 1 < args.repeats:
+            ce_ms = 1e3 * statistics.median(runs[0].times)
+            print(
+                f"[meta_step] {spec.name}: {round_ + 1}/{args.repeats} rounds, CE step {ce_ms:.0f} ms",
+                flush=True,
+            )
+    for run in runs:
+        gc.collect()
+        if device.type == "cuda":
+            run.peak_bytes = cuda_step_peak(run, batch, device)
+        else:
+            run.peak_bytes = cpu_step_peak(run, batch)
+        run.held_bytes = held_bytes(run.method.state_dict())
+
+    base = runs[0]
+    base_median = statistics.median(base.times)
+    rows = []
+    for run in runs:
+        q1, median, q3 = quartiles(run.times)
+        per_round = [t / b for t, b in zip(run.times, base.times, strict=True)]
+        r1, _, r3 = quartiles(per_round)
+        rows.append(
+            Row(
+                model=spec.name,
+                method=run.name,
+                phase=run.phase,
+                median_ms=1e3 * median,
+                q1_ms=1e3 * q1,
+                q3_ms=1e3 * q3,
+                ratio=median / base_median,
+                ratio_q1=r1,
+                ratio_q3=r3,
+                peak_mib=run.peak_bytes / MIB,
+                peak_ratio=run.peak_bytes / base.peak_bytes if base.peak_bytes else math.nan,
+                held_mib=run.held_bytes / MIB,
+                finite=run.finite,
+            )
+        )
+    return rows
+
+
+def format_table(report: Report) -> str:
+    header = (
+        "| model | method | step timed | step ms (median) | IQR ms | ratio vs CE (IQR) "
+        "| step peak MiB | peak ratio vs CE | held MiB | target <= 3.0x CE |"
+    )
+    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
+    for r in report.rows:
+        target = ("yes" if r.meets_target else "**no**") if r.has_target else "-"
+        method = r.method if r.finite else f"{r.method} (non-finite loss)"
+        lines.append(
+            f"| {r.model} | {method} | {r.phase} | {r.median_ms:.1f} | {r.q1_ms:.1f}-{r.q3_ms:.1f} "
+            f"| {r.ratio:.2f}x ({r.ratio_q1:.2f}-{r.ratio_q3:.2f}) | {r.peak_mib:.1f} | {r.peak_ratio:.2f}x "
+            f"| {r.held_mib:.2f} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda if available",
+    )
+    parser.add_argument("--repeats", type=int, help=f"timed steps per method (default {FULL['repeats']})")
+    parser.add_argument(
+        "--warmup", type=int, help=f"untimed steps per method first (default {FULL['warmup']})"
+    )
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help=f"default {' '.join(DEFAULT_METHODS)}; ce is always measured; unregistered ones are skipped",
+    )
+    parser.add_argument("--batch-size", type=int, help="override every model's batch (default: the issue's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=trainer_threads(),
+        help="torch intra-op threads (default %(default)s: what the trainer gives one worker here)",
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help=f"CI size: batch {SMALL['batch_size']}, {SMALL['warmup']} warm-up and {SMALL['repeats']} timed "
+        "steps per method",
+    )
+    args = parser.parse_args(argv)
+    sizes = SMALL if args.small else FULL
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.batch_size is not None and args.batch_size < 2:
+        parser.error("--batch-size must be >= 2: MLC splits its trusted batch in halves")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the benchmark, print its table, and return what was measured."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names, skipped = registered_methods(args.methods)
+    for name, why in skipped.items():
+        print(f"[meta_step] skipping {name}: not registered yet ({why})", flush=True)
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} torch threads"
+    print(
+        f"[meta_step] {where}; torch {torch.__version__}; methods {', '.join(names)}; "
+        f"{args.warmup} warm-up + {args.repeats} timed steps each, round-robin, medians",
+        flush=True,
+    )
+    rows: list[Row] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="raynoisy-meta-step-") as root:
+        for model in args.models:
+            spec = MODELS[model]
+            batch = args.batch_size or spec.batch_size
+            print(f"[meta_step] {model}: batch {batch}, preset {spec.dataset} ...", flush=True)
+            rows.extend(measure_model(spec, names, args, device, root, notes))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = Report(device=str(device), threads=threads, rows=rows, skipped=skipped, notes=notes)
+    print(format_table(report), flush=True)
+    memory = (
+        "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events"
+    )
+    print(
+        f"step peak = memory a step allocates above what is allocated at its start ({memory}); "
+        "held = tensors in the method's state_dict; step timed = the epochs the method may select its model "
+        "from (GLC phase 2, MetaLabelNet stage 2; earlier epochs run a CE step)",
+        flush=True,
+    )
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    for row in report.missed_targets():
+        print(
+            f"TARGET MISSED: {row.model}/{row.method} step is {row.ratio:.2f}x CE > {TARGET_RATIO}x",
+            flush=True,
+        )
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main().missed_targets() else 0)

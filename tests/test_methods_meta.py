@@ -1,0 +1,478 @@
+"""The trusted-set meta methods (mwnet, mlc, metalabelnet) without Ray: learning, resume, 2 ranks, export.
+
+Methods are built from a ``MethodContext`` made by hand and fed synthetic 1x8x8 batches: four classes,
+each a fixed random prototype plus Gaussian noise, so a linear model separates them; the given labels are
+corrupted, the trusted ones are not. Most tests use a BatchNorm-free MLP registered here (fast, and its
+result does not depend on how a batch is split across ranks); the 2-rank bit-identity check also runs the
+real ``small-cnn`` (with BatchNorm).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raynoisy.config import load_config
+from raynoisy.errors import ConfigError
+from raynoisy.meta import all_reduce_mean_, assert_replicas_identical, functional_forward, lookahead_hypergrad
+from raynoisy.methods import get_method_class
+from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.meta_common import corrected_label_columns, exact_one_step_hypergrad
+from raynoisy.models import model_names, register_model
+from raynoisy.models.meta_nets import LabelCorrectionNet
+
+CLASSES = 4
+SIDE = 8
+BATCH = 32
+METHODS = ("mwnet", "mlc", "metalabelnet")
+MLP = "test-mlp"  # BatchNorm-free backbone registered below
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MLPBackbone(nn.Module):
+    """flatten -> Linear(32) -> tanh (the features) -> fc: the backbone contract without BatchNorm."""
+
+    feature_dim = 32
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * SIDE * SIDE, self.feature_dim), nn.Tanh()
+        )
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(x)
+        return self.fc(features), features
+
+
+if MLP not in model_names():
+
+    @register_model(MLP)
+    def _build_test_mlp(
+        *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
+    ) -> MLPBackbone:
+        return MLPBackbone(num_classes, in_channels)
+
+
+_PROTOTYPES = torch.randn(CLASSES, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+
+
+def toy_batch(n: int, *, noise: float, seed: int, first_id: int = 0, uniform: bool = False) -> Batch:
+    """n samples; a ``noise`` share of given labels is wrong: c -> c+1, or ``uniform`` over the others."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randint(0, CLASSES, (n,), generator=g)
+    x = _PROTOTYPES[true] + torch.randn(n, 1, SIDE, SIDE, generator=g)
+    shift = torch.randint(1, CLASSES, (n,), generator=g) if uniform else torch.ones(n, dtype=torch.long)
+    flipped = torch.rand(n, generator=g) < noise
+    given = torch.where(flipped, (true + shift) % CLASSES, true)
+    return Batch(x=x, y=given, sample_id=torch.arange(first_id, first_id + n), true_y=true)
+
+
+def rows(batch: Batch, index: Tensor | slice) -> Batch:
+    return Batch(batch.x[index], batch.y[index], batch.sample_id[index], batch.true_y[index])
+
+
+def build(
+    tmp_path: Path,
+    name: str,
+    *,
+    params: dict[str, Any] | None = None,
+    model: str = MLP,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> Method:
+    """A method as every worker builds it: the digits preset, seeded global generator, this rank's place."""
+    cfg = load_config("digits", name, flags={"run.output": str(tmp_path)})
+    cfg.model.name = model
+    cfg.optim.batch_size = BATCH  # global; each of ``world`` ranks gets BATCH // world
+    cfg.method.params.update(params or {})
+    ctx = MethodContext(
+        cfg=cfg,
+        num_classes=CLASSES,
+        in_channels=1,
+        image_size=SIDE,
+        device=torch.device("cpu"),
+        rank=rank,
+        world_size=world,
+        steps_per_epoch=20,
+        num_train=1024,
+        num_trusted=128,
+    )
+    torch.manual_seed(seed)
+    return get_method_class(name)(ctx)
+
+
+def start(method: Method) -> Method:
+    """Enter training; metalabelnet tests skip the warm-up (warmup_epochs=0) unless they test it."""
+    method.on_epoch_start(0)
+    return method
+
+
+def flat(state: Any, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor of a nested state dict by path: what must match across ranks and after a resume."""
+    if isinstance(state, Tensor):
+        return {prefix: state}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    return {k: v for key, value in items for k, v in flat(value, f"{prefix}/{key}").items()}
+
+
+def train(method: Method, noisy: Batch, trusted: Batch, steps: int, first: int = 0) -> dict[str, float]:
+    stats: dict[str, float] = {}
+    for step in range(first, first + steps):
+        stats = method.train_step(
+            rows(noisy, torch.arange(step * BATCH, (step + 1) * BATCH) % len(noisy)),
+            rows(trusted, torch.arange(step * BATCH, (step + 1) * BATCH) % len(trusted)),
+        )
+    return stats
+
+
+def clean_loss(method: Method, batch: Batch) -> float:
+    net = method.eval_model()
+    with torch.no_grad():
+        return float(F.cross_entropy(net(batch.x)[0], batch.true_y))
+
+
+def meta_net(method: Method) -> nn.Module:
+    return {"mwnet": "weight_net", "mlc": "corrector", "metalabelnet": "soft_label_net"}[method.name]
+
+
+def params_of(module: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ---- learning ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_learns_from_heavily_noisy_labels(tmp_path: Path, name: str) -> None:
+    """45% pair-flipped labels: the trusted-data loss falls, and each step moves the main and the meta net."""
+    method = start(build(tmp_path, name, params={"warmup_epochs": 0} if name == "metalabelnet" else None))
+    noisy, trusted = toy_batch(1024, noise=0.45, seed=1), toy_batch(128, noise=0.0, seed=2, first_id=5000)
+    held_out = toy_batch(256, noise=0.0, seed=3)
+    before = clean_loss(method, held_out)
+    main_before = params_of(method.eval_model())
+    meta_before = params_of(getattr(method, meta_net(method)))
+    train(method, noisy, trusted, 1)
+    for module, old in ((method.eval_model(), main_before), (getattr(method, meta_net(method)), meta_before)):
+        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), old, strict=True))
+    stats = train(method, noisy, trusted, 39, first=1)
+    assert all(np.isfinite(v) for v in stats.values())
+    assert clean_loss(method, held_out) < 0.5 * before
+
+
+def test_mwnet_down_weights_mislabelled_samples(tmp_path: Path) -> None:
+    """Uniform 50% noise makes wrong labels the high-loss ones; the learnt weight net must weigh them less."""
+    method = start(build(tmp_path, "mwnet"))
+    noisy = toy_batch(1024, noise=0.5, seed=1, uniform=True)
+    train(method, noisy, toy_batch(128, noise=0.0, seed=2, first_id=5000), 100)
+    weights = method.per_sample_outputs(noisy)["weight"]
+    wrong = (noisy.y != noisy.true_y).numpy()
+    assert weights[wrong].mean() < weights[~wrong].mean() - 0.2
+
+
+def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path) -> None:
+    method = start(build(tmp_path, "mlc"))
+    noisy = toy_batch(1024, noise=0.45, seed=1)
+    train(method, noisy, toy_batch(128, noise=0.0, seed=2, first_id=5000), 60)
+    table = pa.table({k: list(v) if v.ndim > 1 else v for k, v in method.per_sample_outputs(noisy).items()})
+    labels = pa.table({"sample_id": noisy.sample_id.numpy(), "true_label": noisy.true_y.numpy()})
+    summary = method.summarize_export(table, labels)["label_correction"]
+    assert summary["given_label_accuracy"] == pytest.approx(float((noisy.y == noisy.true_y).float().mean()))
+    assert summary["corrected_label_accuracy"] > summary["given_label_accuracy"] + 0.2
+    assert summary["recall"] > 0.5 and summary["precision"] > 0.5
+
+
+def test_label_correction_skip_mixes_in_the_given_label() -> None:
+    torch.manual_seed(0)
+    net = LabelCorrectionNet(CLASSES, 5, cls_dim=3, hidden=7, skip=True)
+    features, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.testing.assert_close(net(features, labels).sum(dim=1), torch.ones(6))
+    with torch.no_grad():
+        net.net[-1].bias[CLASSES] = 30.0  # alpha -> 1: keep the given label
+    torch.testing.assert_close(net(features, labels), F.one_hot(labels, CLASSES).float(), atol=1e-6, rtol=0)
+
+
+# ---- the engine adapter -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rule", "lr"), [("sgd-plain", None), ("sgd-plain", 1.0), ("optimizer", None)])
+def test_exact_one_step_hypergrad_is_the_lookahead_hypergrad(
+    tmp_path: Path, rule: str, lr: float | None
+) -> None:
+    """The dot-product form equals differentiating through a functional look-ahead (float64, 1 process)."""
+    method = build(tmp_path, "mwnet")
+    net, weigh = method.main.net.double(), method.weight_net.double()
+    noisy, gold = toy_batch(16, noise=0.4, seed=1), toy_batch(16, noise=0.0, seed=2)
+    method.main.step(F.cross_entropy(net(noisy.x.double())[0], noisy.y))  # momentum buffers for "optimizer"
+
+    def inner(params: dict[str, Tensor], step: int = 0) -> Tensor:
+        losses = F.cross_entropy(
+            functional_forward(net, params, noisy.x.double())[0], noisy.y, reduction="none"
+        )
+        return (weigh(losses.detach()) * losses).mean()
+
+    def outer(params: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(functional_forward(net, params, gold.x.double())[0], gold.y)
+
+    meta = list(weigh.parameters())
+    exact = exact_one_step_hypergrad(method.main, inner, outer, meta, rule=rule, lr=lr).meta_grads
+    slow = lookahead_hypergrad(net, method.main.optimizer, inner, outer, meta, rule=rule, lr=lr).meta_grads
+    for a, b in zip(exact, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert any(float(g.abs().max()) > 0 for g in exact)
+
+
+# ---- resume ------------------------------------------------------------------------------------------
+
+
+def _run_until_resume_point(method: Method, noisy: Batch, trusted: Batch) -> None:
+    """metalabelnet: 3 warm-up steps, then 4 in stage 2; the others 7 steps (mlc with K=3: mid-window)."""
+    if method.name == "metalabelnet":
+        method.on_epoch_start(0)
+        train(method, noisy, trusted, 3)
+        method.on_epoch_start(1)
+        train(method, noisy, trusted, 4, first=3)
+    else:
+        train(start(method), noisy, trusted, 7)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, name: str) -> None:
+    params = {"mlc": {"gradient_steps": 3, "skip": True}, "metalabelnet": {"warmup_epochs": 1}}.get(name)
+    noisy, trusted = toy_batch(512, noise=0.4, seed=1), toy_batch(128, noise=0.0, seed=2, first_id=5000)
+    original = build(tmp_path, name, params=params)
+    _run_until_resume_point(original, noisy, trusted)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build(tmp_path, name, params=params, seed=123)  # different init: the load must do it all
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.on_epoch_start(1)  # the worker calls it on resume; it must not rebuild anything
+    for method in (original, resumed):
+        train(method, noisy, trusted, 3, first=7)
+    a, b = flat(original.state_dict()), flat(resumed.state_dict())
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---- two ranks ---------------------------------------------------------------------------------------
+
+WORLD = 2
+HALF = BATCH // WORLD
+
+
+def _global_batches() -> tuple[Batch, Batch]:
+    return toy_batch(5 * BATCH, noise=0.4, seed=1), toy_batch(5 * BATCH, noise=0.0, seed=2, first_id=5000)
+
+
+def _rank_rows(step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Rows of the global noisy and trusted batch of ``step`` that ``rank`` of ``world`` sees.
+
+    Noisy: the rank's contiguous share. Trusted: the rank's share of each half, so that MLC's per-rank
+    split (first half gold, second half clean) is the 1-process split of the concatenated batch.
+    """
+    base = step * BATCH
+    share = BATCH // world
+    noisy = torch.arange(base + rank * share, base + (rank + 1) * share)
+    half = share // 2
+    gold = torch.arange(base + rank * half, base + (rank + 1) * half)
+    clean = gold + BATCH // 2
+    return noisy, torch.cat([gold, clean])
+
+
+def _run_distributed(tmp_path: Path, name: str, model: str, rank: int, world: int) -> Method:
+    """5 steps of ``name`` on this rank's part of fixed global batches (metalabelnet: 2 warm-up + 3)."""
+    params = {"warmup_epochs": 1} if name == "metalabelnet" else None
+    method = build(tmp_path, name, params=params, model=model, rank=rank, world=world)
+    noisy, trusted = _global_batches()
+    method.on_epoch_start(0)
+    for step in range(5):
+        if name == "metalabelnet" and step == 2:
+            method.on_epoch_start(1)
+        noisy_rows, trusted_rows = _rank_rows(step, rank, world)
+        method.train_step(rows(noisy, noisy_rows), rows(trusted, trusted_rows))
+    return method
+
+
+def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
+    try:
+        for name in METHODS:
+            for model in (MLP, "small-cnn"):
+                method = _run_distributed(tmp_path, name, model, rank, WORLD)
+                # As the worker after each epoch: BatchNorm running statistics are per rank until averaged.
+                all_reduce_mean_([b for b in method.eval_model().buffers() if b.is_floating_point()])
+                assert_replicas_identical(flat(method.state_dict()))
+                if model == MLP:
+                    torch.save(flat(method.state_dict()), tmp_path / f"{name}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
+    """Bit-identical replicas (main net, meta net, optimizers, accumulators, encoder) after 5 steps on 2 gloo
+    ranks, for the MLP and the BatchNorm small-cnn; for the MLP also equal, to float tolerance, to one
+    process on the concatenated batches. The small-cnn is left out of that comparison on purpose: BatchNorm
+    normalises with the statistics of each rank's half, which legitimately differ from the full batch's.
+    """
+    # fork, not spawn: a spawned child re-imports torch, which costs seconds per rank on a 2-core machine
+    mp.start_processes(
+        _rank_main,
+        args=(str(tmp_path / "rendezvous"), tmp_path),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
+    for name in METHODS:
+        single = flat(_run_distributed(tmp_path, name, MLP, 0, 1).state_dict())
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)]
+        assert ranks[0].keys() == ranks[1].keys() == single.keys()
+        for key, value in single.items():
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"{name} {key}"
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+# ---- export ------------------------------------------------------------------------------------------
+
+
+def _labels(true: list[int | None]) -> pa.Table:
+    """labels.parquet for samples 0.. with these true labels, plus a trusted sample the export lacks."""
+    n = len(true)
+    return pa.table(
+        {
+            "sample_id": pa.array([*range(n), 99], pa.int64()),
+            "split": ["train"] * n + ["trusted"],
+            "given_label": pa.array([0] * (n + 1), pa.int64()),
+            "true_label": pa.array([*true, 3], pa.int64()),
+        }
+    )
+
+
+def test_corrected_label_summary_by_hand() -> None:
+    # id:         0  1  2  3  4  5  6
+    # given:      0  1  2  0  1  2  0
+    # corrected:  0  2  2  1  1  0  1     changed: 1, 3, 5, 6 -> 4/7
+    # true:       0  2  1  1  0  2  ?     mislabelled (known): 1, 2, 3, 4; flagged (known): 1, 3, 5
+    table = pa.table(
+        {
+            "sample_id": [6, 0, 1, 2, 3, 4, 5],  # order must not matter
+            "given_label": [0, 0, 1, 2, 0, 1, 2],
+            "corrected_label": [1, 0, 2, 2, 1, 1, 0],
+        }
+    )
+    summary = get_method_class("mlc").summarize_export(table, _labels([0, 2, 1, 1, 0, 2, None]))
+    assert summary == {
+        "label_correction": {
+            "samples": 7,
+            "fraction_changed": pytest.approx(4 / 7),
+            "samples_with_true_label": 6,
+            "corrected_label_accuracy": pytest.approx(3 / 6),  # ids 0, 1, 3
+            "given_label_accuracy": pytest.approx(2 / 6),  # ids 0, 5
+            "precision": pytest.approx(2 / 3),  # flagged 1, 3, 5; right about 1, 3
+            "recall": pytest.approx(2 / 4),  # of 1, 2, 3, 4 found 1, 3
+        }
+    }
+    assert get_method_class("metalabelnet").summarize_export(table, _labels([None] * 7)) == {
+        "label_correction": {
+            "samples": 7,
+            "fraction_changed": pytest.approx(4 / 7),
+            "samples_with_true_label": 0,
+        }
+    }
+
+
+def test_sample_weight_summary_by_hand() -> None:
+    # weight < 0.5 flags ids 1, 2, 4; mislabelled: 1, 3; id 4's true label is unknown.
+    table = pa.table(
+        {
+            "sample_id": [0, 1, 2, 3, 4],
+            "given_label": [0, 1, 2, 0, 1],
+            "loss": [0.1, 2.0, 1.0, 0.5, 3.0],
+            "weight": [0.9, 0.2, 0.4, 0.7, 0.1],
+        }
+    )
+    summarize = get_method_class("mwnet").summarize_export
+    labels = _labels([0, 2, 2, 1, None])
+    assert summarize(table, labels)["sample_weights"] == {
+        "samples": 5,
+        "mean_weight": pytest.approx(0.46),
+        "fraction_below_half": pytest.approx(3 / 5),
+        "samples_with_true_label": 4,
+        "mean_weight_clean": pytest.approx((0.9 + 0.4) / 2),
+        "mean_weight_mislabelled": pytest.approx((0.2 + 0.7) / 2),
+        "precision": pytest.approx(1 / 2),  # known flagged 1, 2; right about 1
+        "recall": pytest.approx(1 / 2),  # of 1, 3 found 1
+    }
+    nothing_flagged = summarize(table.set_column(3, "weight", pa.array([0.9] * 5)), labels)["sample_weights"]
+    assert nothing_flagged["precision"] is None and nothing_flagged["recall"] == 0.0
+
+
+def test_export_columns(tmp_path: Path) -> None:
+    batch = toy_batch(6, noise=0.5, seed=1, first_id=40)
+    soft = torch.tensor([[0.1, 0.7, 0.1, 0.1]] * 6)
+    columns = corrected_label_columns(batch, soft)
+    assert columns["corrected_label"].tolist() == [1] * 6
+    np.testing.assert_allclose(columns["corrected_confidence"], 0.7)
+    assert columns["sample_id"].tolist() == list(range(40, 46)) and columns["soft_label"].shape == (6, 4)
+    assert "soft_label" not in corrected_label_columns(batch, torch.full((6, 21), 1 / 21))
+    for name in METHODS:
+        method = start(build(tmp_path, name, params={"warmup_epochs": 0} if name == "metalabelnet" else None))
+        out = method.per_sample_outputs(batch)
+        assert (
+            out["sample_id"].tolist() == list(range(40, 46))
+            and out["given_label"].tolist() == batch.y.tolist()
+        )
+        assert method.eval_model().training  # the export put the model back in train mode
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "override", "field"),
+    [
+        ("mwnet", "method.params.lookahead_rule=adam", "method.params.lookahead_rule"),
+        ("mwnet", "method.params.first_order=true", "method.params.first_order"),
+        ("mlc", "method.params.gradient_steps=0", "method.params.gradient_steps"),
+        ("metalabelnet", "method.params.meta_lr=0", "method.params.meta_lr"),
+    ],
+)
+def test_bad_params_fail_before_training(tmp_path: Path, name: str, override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+    assert info.value.field == field
+
+
+def test_metalabelnet_warmup_must_leave_a_stage_two(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        build(tmp_path, "metalabelnet", params={"warmup_epochs": 30})  # the digits preset has 30 epochs
+    default = build(tmp_path, "metalabelnet")
+    assert default.warmup_epochs == 11 and default.trusted_batch_size() == 0  # round(30 * 44 / 120)
+    default.on_epoch_start(11)
+    assert default.trusted_batch_size() == BATCH and not default.selectable(10) and default.selectable(11)
