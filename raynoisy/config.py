@@ -275,6 +275,7 @@ def validate(cfg: Config) -> None:
     source = get_source(cfg.data.dataset)
     method_cls = get_method_class(cfg.method.name)
     method_cls.parse_params(cfg.method.params)
+    method_cls.check_config(cfg)
     noise = NoiseSpec.parse(cfg.noise.type, cfg.noise.rate)
     if noise.type == "matrix" and not (noise.matrix_path and Path(noise.matrix_path).expanduser().is_file()):
         raise ConfigError(

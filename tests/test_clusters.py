@@ -34,23 +34,64 @@ IMAGE_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py3\d+-gpu$")
 # Field names of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go,
 # KubeRay 1.5/1.6): a misspelt field is silently dropped or rejected by the API server, so catch it here.
 RAYCLUSTER_SPEC_FIELDS = {
-    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
+    "suspend",
+    "managedBy",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "rayVersion",
+    "workerGroupSpecs",
+    "authOptions",
 }
 AUTOSCALER_FIELDS = {
-    "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode",
-    "version", "env", "envFrom", "volumeMounts",
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "version",
+    "env",
+    "envFrom",
+    "volumeMounts",
 }
 HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
 WORKER_GROUP_FIELDS = {
-    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
-    "template", "scaleStrategy", "numOfHosts",
+    "suspend",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
 }
 RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy", "entrypoint",
-    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionPolicy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
 }
 
 
@@ -108,8 +149,9 @@ def test_launcher_gpu_workers_autoscale_from_zero(name):
     workers = [t for k, t in cfg["available_node_types"].items() if k != cfg["head_node_type"]]
     assert sum(t["max_workers"] for t in workers) <= cfg["max_workers"]
     assert cfg["idle_timeout_minutes"] > 0
-    cpu_only = [t for k, t in cfg["available_node_types"].items()
-                if k != cfg["head_node_type"] and k not in gpus]
+    cpu_only = [
+        t for k, t in cfg["available_node_types"].items() if k != cfg["head_node_type"] and k not in gpus
+    ]
     assert cpu_only and max(t["max_workers"] for t in cpu_only) >= 1, "no CPU worker type for Ray Data decode"
 
 
@@ -154,7 +196,7 @@ def test_launcher_installs_this_package_with_gpu_extra(name):
     assert extras, "pyproject.toml has no `gpu` extra"
     wheels = {remote: local for remote, local in cfg["file_mounts"].items() if remote.endswith(".whl")}
     assert len(wheels) == 1
-    (remote, local), = wheels.items()
+    ((remote, local),) = wheels.items()
     assert local == f"build/wheels/{WHEEL}", "the wheel name must carry pyproject.toml's version"
     assert Path(remote).name == WHEEL
     setup = " ".join(cfg["setup_commands"])
@@ -240,9 +282,13 @@ def test_kuberay_autoscaling_gpu_cluster(which):
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_env = {e["name"] for c in head["template"]["spec"]["containers"] for e in c.get("env", [])}
     assert "RAY_enable_autoscaler_v2" not in head_env, "KubeRay rejects it next to autoscalerOptions.version"
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c["resources"].get("limits", {})
-                         for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if any(
+            "nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert len(gpu_groups) == 1
     group = gpu_groups[0]
     assert group["minReplicas"] == 0 and group.get("replicas", 0) == 0
@@ -315,7 +361,10 @@ def test_rayjob_entrypoint_survives_submitter_shell_and_validates(tmp_path):
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("RAYNOISY_")}
     words = subprocess.run(
         ["bash", "-c", "printf '%s\\0' " + spec["entrypoint"]],
-        env=clean_env, capture_output=True, check=True, text=True,
+        env=clean_env,
+        capture_output=True,
+        check=True,
+        text=True,
     ).stdout.split("\0")[:-1]
     assert words[:2] == ["bash", "-c"] and len(words) == 3, words
     inner = words[2]
@@ -336,8 +385,11 @@ def test_rayjob_entrypoint_survives_submitter_shell_and_validates(tmp_path):
 
 def test_readme_submit_commands_validate(tmp_path):
     text = (CLUSTERS / "README.md").read_text().replace("\\\n", " ")
-    commands = [line.split(" -- ", 1)[1].strip() for line in text.splitlines()
-                if line.startswith("ray job submit") and "python jobs/" in line and "..." not in line]
+    commands = [
+        line.split(" -- ", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("ray job submit") and "python jobs/" in line and "..." not in line
+    ]
     assert commands, "no full `ray job submit` example in clusters/README.md"
     for command in commands:
         _validate_job_command(shlex.split(command), tmp_path)

@@ -106,3 +106,14 @@ def test_data_dependent_error_before_ray(tmp_path, capsys):
     assert code == 2
     assert "split.clean_per_class" in err and "at most" in err
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_method_checks_against_the_rest_of_the_config_before_ray(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            "digits",
+            "metalabelnet",
+            flags={"run.output": str(tmp_path), "optim.epochs": 3},
+            overrides=["method.params.warmup_epochs=3"],
+        )
+    assert info.value.field == "method.params.warmup_epochs"

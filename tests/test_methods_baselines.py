@@ -10,10 +10,20 @@ from raynoisy.methods import Batch, MethodContext, get_method_class
 
 def _context(tmp_path, method: str, trusted_batches=None, **overrides) -> MethodContext:
     sets = [f"{k}={v}" for k, v in overrides.items()]
-    cfg = load_config("digits", method, flags={"run.output": str(tmp_path), "optim.epochs": 2}, overrides=sets)
+    cfg = load_config(
+        "digits", method, flags={"run.output": str(tmp_path), "optim.epochs": 2}, overrides=sets
+    )
     return MethodContext(
-        cfg=cfg, num_classes=3, in_channels=1, image_size=8, device=torch.device("cpu"), rank=0, world_size=1,
-        steps_per_epoch=20, num_train=1280, num_trusted=60,
+        cfg=cfg,
+        num_classes=3,
+        in_channels=1,
+        image_size=8,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        steps_per_epoch=20,
+        num_train=1280,
+        num_trusted=60,
         iter_trusted_pass=(lambda: iter(trusted_batches)) if trusted_batches is not None else None,
     )
 

@@ -118,6 +118,11 @@ class Method(ABC):
             values[key] = _coerce(value, hints[key], f"method.params.{key}")
         return cls.Params(**values)
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Checks that relate ``method.params`` to the rest of the config; run before Ray starts."""
+        return None
+
     def total_epochs(self) -> int:
         return self.ctx.cfg.optim.epochs
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raynoisy.config import Config
 from raynoisy.errors import ConfigError
 from raynoisy.meta import all_reduce_mean_, functional_forward
 from raynoisy.methods import register_method
@@ -101,17 +102,27 @@ class MetaLabelNet(TrustedMetaMethod):
     Params = MetaLabelNetParams
     export_name = "corrected_labels"
 
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        p, epochs = self.params, ctx.cfg.optim.epochs
-        default = min(epochs - 1, round(epochs * DEFAULT_WARMUP_FRACTION))
-        self.warmup_epochs = default if p.warmup_epochs is None else p.warmup_epochs
-        if self.warmup_epochs >= epochs:
+    @classmethod
+    def warmup_epochs_for(cls, cfg: Config) -> int:
+        """Stage-1 epochs: ``method.params.warmup_epochs``, else the reference's share of ``optim.epochs``."""
+        epochs, chosen = cfg.optim.epochs, cls.parse_params(cfg.method.params).warmup_epochs
+        return min(epochs - 1, round(epochs * DEFAULT_WARMUP_FRACTION)) if chosen is None else chosen
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        warmup = cls.warmup_epochs_for(cfg)
+        if warmup >= cfg.optim.epochs:
             raise ConfigError(
                 "method.params.warmup_epochs",
-                f"{self.warmup_epochs} warm-up epochs leave none of optim.epochs={epochs} for stage 2",
+                f"{warmup} warm-up epochs leave none of optim.epochs={cfg.optim.epochs} for stage 2",
                 "use fewer warm-up epochs or more epochs",
             )
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        p = self.params
+        self.check_config(ctx.cfg)
+        self.warmup_epochs = self.warmup_epochs_for(ctx.cfg)
         self.soft_label_net = SoftLabelNet(self.main.net.feature_dim, ctx.num_classes).to(ctx.device)
         self.meta_optimizer = torch.optim.Adam(
             self.soft_label_net.parameters(), lr=p.meta_lr, weight_decay=p.meta_weight_decay
