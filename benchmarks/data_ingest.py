@@ -398,10 +398,16 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    threads = torch.get_num_threads()
+    # The consumer (batch normalisation) runs on one intra-op thread in both pipelines, as in a 1-CPU Ray
+    # Train worker (Ray sets OMP_NUM_THREADS to its CPUs); a second OpenMP thread would only fight the
+    # two decoding processes for the same two cores.
+    torch.set_num_threads(1)
     try:
         with ray_data_knobs(args.footer_actors, args.bin_mib) as knobs:
             report = measure(args, files, spec, cfg, batch_size, expected, knobs)
     finally:
+        torch.set_num_threads(threads)
         if started_ray:
             ray.shutdown()
     print(format_table(report), flush=True)
@@ -424,7 +430,7 @@ def measure(
         f"[ingest] {len(expected)} train images in {len(files)} Parquet shards, JPEG "
         f"{round(spec.size * 8 / 7)} px -> {spec.size} px crop ({spec.family} transforms), "
         f"batch {batch_size}; "
-        f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs; "
+        f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs, consumer on 1 torch thread; "
         f"1 warm-up + {args.epochs} timed epochs each, median reported; {knobs}",
         flush=True,
     )

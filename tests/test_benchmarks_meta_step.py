@@ -40,6 +40,7 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         assert row.model == "small-cnn"
         for value in (row.median_ms, row.ratio, row.peak_mib, row.peak_ratio, row.held_mib):
             assert math.isfinite(value) and value > 0, row
+        assert row.cpu_ratio is not None and math.isfinite(row.cpu_ratio) and row.cpu_ratio > 0
         assert row.finite, f"{row.method} logged a non-finite value"
     baseline = report.rows[0]
     assert baseline.ratio == pytest.approx(1.0) and baseline.peak_ratio == pytest.approx(1.0)
