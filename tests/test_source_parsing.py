@@ -97,7 +97,7 @@ def test_clothing1m_missing_image(clothing, tmp_path):
 def test_clothing1m_missing_list_file(clothing, tmp_path):
     root = _copy(clothing, tmp_path)
     (root / "clean_val_key_list.txt").unlink()
-    with pytest.raises(DataFormatError, match="clean_val_key_list.txt"):
+    with pytest.raises(DataFormatError, match=r"clean_val_key_list\.txt"):
         load_catalog("clothing1m", root)
 
 
