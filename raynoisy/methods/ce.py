@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import nn
 
 from raynoisy.methods import register_method
@@ -23,10 +22,7 @@ class CrossEntropy(Method):
         self.main = MainModel(ctx)
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
-        logits, _ = self.main.model(batch.x)
-        loss = F.cross_entropy(logits, batch.y)
-        self.main.step(loss)
-        return {"loss": float(loss.detach())}
+        return self.main.cross_entropy_step(batch.x, batch.y)
 
     def eval_model(self) -> nn.Module:
         return self.main.net

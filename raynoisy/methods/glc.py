@@ -51,10 +51,7 @@ class GoldLossCorrection(Method):
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if self.corruption is None:
-            logits, _ = self.main.model(batch.x)
-            loss = F.cross_entropy(logits, batch.y)
-            self.main.step(loss)
-            return {"loss": float(loss.detach())}
+            return self.main.cross_entropy_step(batch.x, batch.y)
         assert trusted is not None, "GLC phase 2 needs trusted batches"
         x = torch.cat([batch.x, trusted.x])
         logits, _ = self.main.model(x)

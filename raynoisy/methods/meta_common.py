@@ -167,3 +167,13 @@ def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, A
         out["given_label_accuracy"] = float(np.mean(given == true))
         out.update(detector_scores(changed, given != true))
     return {"label_correction": out}
+
+
+class CorrectedLabelExport:
+    """Mixin for methods that export ``corrected_labels.parquet`` and summarise it (MLC, MetaLabelNet)."""
+
+    export_name = "corrected_labels"
+
+    @classmethod
+    def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
+        return summarize_corrected_labels(table, labels)

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,12 +45,12 @@ from raynoisy.meta import all_reduce_mean_, functional_forward
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
+    CorrectedLabelExport,
     TrustedMetaMethod,
     check_param,
     corrected_label_columns,
     evaluating,
     exact_one_step_hypergrad,
-    summarize_corrected_labels,
 )
 from raynoisy.models.meta_nets import SoftLabelNet
 
@@ -97,10 +96,9 @@ def entropy(logits: Tensor) -> Tensor:
 
 
 @register_method
-class MetaLabelNet(TrustedMetaMethod):
+class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
     name = "metalabelnet"
     Params = MetaLabelNetParams
-    export_name = "corrected_labels"
 
     @classmethod
     def warmup_epochs_for(cls, cfg: Config) -> int:
@@ -151,10 +149,7 @@ class MetaLabelNet(TrustedMetaMethod):
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if self.encoder is None:
-            logits, _ = self.main.model(batch.x)
-            loss = F.cross_entropy(logits, batch.y)
-            self.main.step(loss)
-            return {"loss": float(loss.detach())}
+            return self.main.cross_entropy_step(batch.x, batch.y)
         assert trusted is not None, "metalabelnet needs a trusted batch every stage-2 step"
         net = self.main.net
         with torch.no_grad():
@@ -191,10 +186,6 @@ class MetaLabelNet(TrustedMetaMethod):
         with evaluating(self.soft_label_net):
             soft = self.soft_label_net(self.encoder(batch.x)[1])
         return corrected_label_columns(batch, soft)
-
-    @classmethod
-    def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
-        return summarize_corrected_labels(table, labels)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,11 +42,11 @@ from raynoisy.meta import BNPolicy, MLCHypergradAccumulator, functional_forward,
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
+    CorrectedLabelExport,
     TrustedMetaMethod,
     check_param,
     corrected_label_columns,
     evaluating,
-    summarize_corrected_labels,
 )
 from raynoisy.models.meta_nets import LabelCorrectionNet
 
@@ -75,10 +74,9 @@ class MLCParams:
 
 
 @register_method
-class MetaLabelCorrection(TrustedMetaMethod):
+class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
     name = "mlc"
     Params = MLCParams
-    export_name = "corrected_labels"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -135,10 +133,6 @@ class MetaLabelCorrection(TrustedMetaMethod):
             _, features = self.main.net(batch.x)
             soft = self.corrector(features, batch.y)
         return corrected_label_columns(batch, soft)
-
-    @classmethod
-    def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
-        return summarize_corrected_labels(table, labels)
 
     def state_dict(self) -> dict[str, Any]:
         return {

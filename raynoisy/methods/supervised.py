@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from raynoisy.methods.base import MethodContext
 from raynoisy.train.optim import build_scheduler, build_sgd
@@ -42,6 +43,13 @@ class MainModel:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+
+    def cross_entropy_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One plain cross-entropy step: the CE baseline, GLC's phase 1, MetaLabelNet's warm-up."""
+        logits, _ = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.step(loss)
+        return {"loss": float(loss.detach())}
 
     def apply_grads(self, grads: list[torch.Tensor]) -> None:
         """Real step from gradients that are already averaged over ranks (meta methods)."""
