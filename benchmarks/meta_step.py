@@ -210,6 +210,7 @@ def synthetic_batch(
 
 
 def first_batch_of(batch: Batch, n: int) -> Batch:
+    """The first ``n`` samples (views): every method's trusted batch starts with the same samples."""
     return Batch(batch.x[:n], batch.y[:n], batch.sample_id[:n], batch.true_y[:n])
 
 
@@ -285,6 +286,7 @@ def build_run(
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so that a step's time is its own and not the next one's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -502,18 +504,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    """Run the benchmark, print its table, and return what was measured."""
+    """Run the benchmark, print its table, and return what was measured.
+
+    The torch thread count is process-wide, so it is restored afterwards: a test that calls ``main`` must not
+    change how the rest of its session runs.
+    """
     args = parse_args(argv)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Measure every model with every registered method and print the table."""
     device = torch.device(args.device)
     names, skipped = registered_methods(args.methods)
     for name, why in skipped.items():
         print(f"[meta_step] skipping {name}: not registered yet ({why})", flush=True)
     threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} torch threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"[meta_step] {where}; torch {torch.__version__}; methods {', '.join(names)}; "
-        f"{args.warmup} warm-up + {args.repeats} timed steps each, round-robin, medians",
+        f"[meta_step] {where}, {threads} torch threads; torch {torch.__version__}; "
+        f"methods {', '.join(names)}; {args.warmup} warm-up + {args.repeats} timed steps each, "
+        "round-robin, medians",
         flush=True,
     )
     rows: list[Row] = []
