@@ -63,3 +63,29 @@ def test_two_workers_survive_a_failure_and_match_one_worker_labels(ray_cluster, 
     labels_one = pq.read_table(tmp_path / "one" / "labels.parquet")
     assert labels_two.equals(labels_one)
     assert set(labels_one.column("split").to_pylist()) == {"train", "trusted", "val", "test"}
+
+
+@pytest.mark.parametrize("method", ["mwnet", "mlc", "metalabelnet"])
+def test_meta_methods_keep_replicas_identical_on_two_workers(ray_cluster, tmp_path, method):
+    # The worker asserts after every epoch that every tensor of the method's state (main net, meta net,
+    # optimizers, accumulators) is bit-identical on both ranks; a divergence fails the run.
+    flags = {
+        "noise.type": "flip",
+        "noise.rate": 0.4,
+        "optim.epochs": 2 if method == "metalabelnet" else 1,
+        "optim.batch_size": 32,
+        "scaling.workers": 2,
+        "run.output": str(tmp_path / method),
+    }
+    overrides = [f"data.shard_root={tmp_path / 'shards'}", "split.train_subset=640", "run.tensorboard=false"]
+    if method == "metalabelnet":
+        overrides.append("method.params.warmup_epochs=1")
+    metrics = train(load_config("digits", method, flags=flags, overrides=overrides), log=lambda _: None)
+    assert metrics["history"] and all(h["replicas_identical"] for h in metrics["history"])
+    if method == "mwnet":
+        assert (tmp_path / method / "sample_weights.parquet").exists()
+    else:
+        table = pq.read_table(tmp_path / method / "corrected_labels.parquet")
+        assert table.num_rows == metrics["train_size"]
+        lc = metrics["label_correction"]
+        assert 0 <= lc["fraction_changed"] <= 1 and lc["given_label_accuracy"] < 0.7

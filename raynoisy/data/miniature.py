@@ -72,7 +72,11 @@ _COLOURS = np.array(
     ]
 )
 _TEXTURES = 7  # horizontal, vertical, checker, dots, diagonal, rings, plain
+# Not part of the official layout: the class every image was drawn from, so the real noise rate of the
+# noisy_train labels (and the accuracy of corrected labels) can be measured on all of them.
+TRUTH_FILE = "miniature_true_label_kv.txt"
 _STAMP = ".miniature.json"
+_GENERATOR_VERSION = 1  # bump when the generator's output changes, so stale trees are rebuilt
 _JPEG_QUALITY = 90
 
 
@@ -113,7 +117,8 @@ def build_miniature_clothing1m(
     corrupted = set(rng.choice(len(noisy), size=corrupt, replace=False).tolist())
 
     def key(number: int) -> str:
-        return f"images/{number % 10}/{number // 10 % 100:02d}/{number}.jpg"
+        # The real two folder levels, but 100 folders, not 1000: creating a folder per two images is slow.
+        return f"images/{number % 10}/{number // 10 % 10:02d}/{number}.jpg"
 
     writer = _JpegWriter(root)
     for name, rows in members.items():
@@ -133,6 +138,8 @@ def build_miniature_clothing1m(
     _write_lines(root / "clean_label_kv.txt", [f"{key(n)} {y}" for n, y in sorted(clean_rows)])
     for name, rows in members.items():
         _write_lines(root / f"{name}_key_list.txt", [key(n) for n, _ in rows])
+    everything = sorted(row for rows in members.values() for row in rows)
+    _write_lines(root / TRUTH_FILE, [f"{key(n)} {y}" for n, y in everything])
     _mark_complete(root, args)
     return root
 
@@ -280,6 +287,7 @@ def _already_built(root: Path, args: dict) -> bool:
     recognised as ours and rebuilt, while a folder without a stamp (real data, say) is never deleted.
     """
     stamp = root / _STAMP
+    args = {**args, "version": _GENERATOR_VERSION}
     if stamp.is_file():
         if json.loads(stamp.read_text()) == {**args, "complete": True}:
             return True
@@ -296,4 +304,4 @@ def _already_built(root: Path, args: dict) -> bool:
 
 
 def _mark_complete(root: Path, args: dict) -> None:
-    (root / _STAMP).write_text(json.dumps({**args, "complete": True}))
+    (root / _STAMP).write_text(json.dumps({**args, "version": _GENERATOR_VERSION, "complete": True}))

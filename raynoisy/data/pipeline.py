@@ -54,7 +54,7 @@ class InputSpec:
 
 def image_dataset(files: list[str], spec: InputSpec, *, train: bool) -> ray.data.Dataset:
     """read_parquet -> decode/augment in map_batches; file order shuffled per epoch when training."""
-    ds = ray.data.read_parquet(files, columns=_COLUMNS, shuffle="files" if train else None)
+    ds = ray.data.read_parquet(files, shuffle="files" if train else None).select_columns(_COLUMNS)
     if train:
         ds = ds.randomize_block_order()
     return ds.map_batches(spec.transform(train), batch_size=DECODE_BATCH_ROWS, batch_format="numpy")

@@ -114,37 +114,33 @@ def table_format(path: Path, option: str | None) -> str:
 
 
 def read_table(path: Path, fmt: str, header: bool) -> Table:
-    """Read a whole table; every row must have as many fields as the first (or the header)."""
+    """Read a whole table; every row must have as many fields as the header (or the first row)."""
     if not path.is_file():
         raise DataFormatError(str(path), "file not found")
     if fmt == "parquet":
         return _read_parquet(path)
+    rows: list[list[str]] = []
+    lines: list[int] = []
     with path.open(newline="", encoding="utf-8") as stream:
         dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
         reader = csv.reader(stream, **dialect)
         try:
             names = next(reader, None) if header else None
             start = reader.line_num
-            width = len(names) if names is not None else None
-            rows: list[list[str]] = []
-            lines: list[int] = []
             for row in reader:
-                if not row:
-                    start = reader.line_num
-                    continue
-                width = width or len(row)
-                if len(row) != width:
-                    raise DataFormatError(str(path), f"{len(row)} fields, expected {width}", start + 1)
-                rows.append(row)
-                lines.append(start + 1)
+                if row:  # blank lines (a trailing newline, say) carry no row
+                    rows.append(row)
+                    lines.append(start + 1)
                 start = reader.line_num
         except (csv.Error, UnicodeDecodeError) as err:
             raise DataFormatError(str(path), f"not valid {fmt.upper()}: {err}", reader.line_num) from err
     if header and names is None:
         raise DataFormatError(str(path), "empty file: expected a header row")
-    columns = (
-        [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width or 0)]
-    )
+    width = len(names) if names is not None else len(rows[0]) if rows else 0
+    ragged = next((i for i, row in enumerate(rows) if len(row) != width), None)
+    if ragged is not None:
+        raise DataFormatError(str(path), f"{len(rows[ragged])} fields, expected {width}", lines[ragged])
+    columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
     return Table(path, names, columns, lines)
 
 
