@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,16 +32,6 @@ from raynoisy.meta import (
 CLASSES = 3
 BATCH = 6
 Forward = Callable[[Tensor], tuple[Tensor, Tensor]]
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine every op waits at a
-    barrier for a descheduled sibling thread (measured 10x slower); restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MLP(nn.Module):

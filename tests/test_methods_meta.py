@@ -10,7 +10,6 @@ real ``small-cnn`` (with BatchNorm).
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,6 @@ SIDE = 8
 BATCH = 32
 METHODS = ("mwnet", "mlc", "metalabelnet")
 MLP = "test-mlp"  # BatchNorm-free backbone registered below
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class MLPBackbone(nn.Module):

@@ -29,16 +29,6 @@ FEATURE_DIM = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are too small to gain from threads, and on a busy 2-core machine OpenMP's barriers
-    stall: a resnet32 double backward takes 0.04 s on one thread and 0.5-6 s on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(name: str, *, size: int, channels: int = 3, classes: int = 10, pretrained: str | None = None):
     return build_model(
         name, num_classes=classes, in_channels=channels, image_size=size, pretrained=pretrained
