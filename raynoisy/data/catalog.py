@@ -76,7 +76,7 @@ class Catalog:
         for key, arr in arrays.items():
             if len(arr) != n:
                 raise ValueError(f"catalog {self.name}: {key} has {len(arr)} rows, label has {n}")
-        bad = set(np.unique(self.origin).tolist()) - set(ORIGINS)
+        bad = set(self.origin.tolist()) - set(ORIGINS)  # a set, not np.unique: no sort of 1M strings
         if bad:
             raise ValueError(f"catalog {self.name}: unknown origin values {sorted(bad)}")
 
