@@ -109,7 +109,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
+def coerce_field(value: Any, hint: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise a ConfigError naming the field."""
     text = str(hint)
     if value is None:
@@ -161,7 +161,7 @@ def _merge_into(obj: Any, values: dict, prefix: str = "") -> None:
         elif key in ("options", "params") and isinstance(current, dict) and isinstance(value, dict):
             current.update(value)
         else:
-            setattr(obj, key, _coerce(value, hints[key], path))
+            setattr(obj, key, coerce_field(value, hints[key], path))
 
 
 def _read_yaml(path: Path, field_name: str) -> dict:

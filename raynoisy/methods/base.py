@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raynoisy.config import Config, _coerce
+from raynoisy.config import Config, coerce_field
 from raynoisy.errors import ConfigError
 
 
@@ -115,7 +115,7 @@ class Method(ABC):
             if key not in known:
                 fix = f"use one of {sorted(known)}" if known else f"{cls.name} takes no method.params"
                 raise ConfigError(f"method.params.{key}", f"unknown parameter of {cls.name}", fix)
-            values[key] = _coerce(value, hints[key], f"method.params.{key}")
+            values[key] = coerce_field(value, hints[key], f"method.params.{key}")
         return cls.Params(**values)
 
     @classmethod
