@@ -132,9 +132,6 @@ class InMemorySplit:
         table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in _COLUMNS})
         self.spec = spec
         self.rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
-        self.rows["true_label"] = np.nan_to_num(self.rows["true_label"].astype(np.float64), nan=-1).astype(
-            np.int64
-        )
 
     def __len__(self) -> int:
         return len(self.rows["sample_id"])

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from raynoisy.config import Config, default_shard_root
@@ -40,10 +41,7 @@ class Prepared:
 
     def labels_table(self):
         used = self.plan.used()
-        skipped = set(self.shards.skipped_ids.tolist())
-        if skipped:
-            used = used[[i not in skipped for i in used.tolist()]]
-        return self.plan.table(used)
+        return self.plan.table(used[~np.isin(used, self.shards.skipped_ids)])
 
 
 def resolve_root(cfg: Config, log=print) -> str | None:
