@@ -28,6 +28,7 @@ from raynoisy.meta import (
     mlc_hypergrad,
     update_rules,
 )
+from raynoisy.meta.output_hypergrad import OutputLoss, logit_gradient, output_grads, output_hypergrad
 
 CLASSES = 3
 BATCH = 6
@@ -548,3 +549,128 @@ def test_accumulator_state_dict_round_trip() -> None:
         assert_bit_identical(resumed.accumulate(step, 0.3), acc.accumulate(step, 0.3))
     with pytest.raises(ValueError, match="K=3"):
         MLCHypergradAccumulator(every=5).load_state_dict(acc.state_dict())
+
+
+# --- output-space hypergradient (forward-mode JVP) ---------------------------------------------------
+
+
+def _output_loss(problem: Problem, x: Tensor, y: Tensor) -> OutputLoss:
+    """ℓ(logits, features) of batch (x, y): ``train_loss`` with the forward's outputs handed in."""
+    return lambda logits, features: train_loss(problem.meta, lambda _: (logits, features), x, y)
+
+
+def _clean_half(problem: Problem) -> Callable[[dict[str, Tensor]], Tensor]:
+    """r(w): an α-free cross-entropy on another batch, as MLC's clean half."""
+    x, y = problem.batches[1]
+    return lambda params: F.cross_entropy(functional_forward(problem.model, params, x)[0], y)
+
+
+@pytest.mark.parametrize("with_rest", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("meta_kind", ["weight", "label"])
+@pytest.mark.parametrize("model_cls", [MLP, ConvBN])
+def test_output_hypergrad_is_the_exact_one_step_hypergradient(
+    model_cls: type, meta_kind: str, nesterov: bool, with_rest: bool
+) -> None:
+    problem = make_problem(model_cls, meta_kind, nesterov=nesterov)
+    meta_params = list(problem.meta.parameters())
+    x, y = problem.batches[0]
+    rest = _clean_half(problem) if with_rest else None
+
+    def inner(params: dict[str, Tensor], step: int) -> Tensor:
+        loss = problem.inner(params, 0)
+        return loss if rest is None else loss + rest(params)
+
+    exact = lookahead_hypergrad(problem.model, problem.optimizer, inner, problem.outer, meta_params)
+    proxy = mlc_hypergrad(
+        problem.model,
+        problem.optimizer,
+        lambda p: inner(p, 0),
+        problem.outer,
+        meta_params,
+        with_discount=True,
+    )
+    optimizer_state = copy.deepcopy(problem.optimizer.state_dict())
+    result = output_hypergrad(
+        problem.model,
+        problem.optimizer,
+        x,
+        _output_loss(problem, x, y),
+        problem.outer,
+        meta_params,
+        rest_loss=rest,
+        with_discount=True,
+    )
+    assert_bit_identical(problem.optimizer.state_dict(), optimizer_state)
+    assert all(p.grad is None for p in [*problem.model.parameters(), *meta_params])
+    assert rel_err(result.meta_grads, exact.meta_grads) < 1e-10
+    assert result.gold_loss_after.item() == pytest.approx(exact.outer_loss.item(), rel=1e-12)
+    assert result.train_loss.item() == pytest.approx(proxy.train_loss.item(), rel=1e-12)
+    assert result.train_grads.keys() == proxy.train_grads.keys()
+    for name, g in proxy.train_grads.items():
+        torch.testing.assert_close(result.train_grads[name], g, rtol=1e-12, atol=1e-14)
+    assert result.discount is not None and proxy.discount is not None
+    assert result.discount.item() == pytest.approx(proxy.discount.item(), rel=1e-10)
+
+
+def test_output_hypergrad_matches_finite_differences_with_batchnorm() -> None:
+    problem = make_problem(ConvBN, "label", nesterov=True)
+    x, y = problem.batches[0]
+    result = output_hypergrad(
+        problem.model,
+        problem.optimizer,
+        x,
+        _output_loss(problem, x, y),
+        problem.outer,
+        list(problem.meta.parameters()),
+    )
+    assert rel_err(result.meta_grads, finite_differences(problem, steps=1)) < 1e-6
+
+
+def test_output_hypergrad_updates_batchnorm_statistics_once() -> None:
+    """The training forward is the step's real forward: running statistics move as after one forward."""
+    problem = make_problem(ConvBN, "weight", nesterov=False)
+    x, y = problem.batches[0]
+    expected = copy.deepcopy(problem.model)
+    expected(x)
+    output_hypergrad(
+        problem.model,
+        problem.optimizer,
+        x,
+        _output_loss(problem, x, y),
+        problem.outer,
+        list(problem.meta.parameters()),
+    )
+    assert_bit_identical(dict(problem.model.named_buffers()), dict(expected.named_buffers()))
+
+
+def test_output_grads_reuse_the_training_forward() -> None:
+    """The real step after a meta update: J_zᵀ ∂ℓ'/∂z through the kept graph = ∇ of a fresh forward's ℓ'."""
+    problem = make_problem(ConvBN, "weight", nesterov=False)
+    x, y = problem.batches[0]
+    result = output_hypergrad(
+        problem.model,
+        problem.optimizer,
+        x,
+        _output_loss(problem, x, y),
+        problem.outer,
+        list(problem.meta.parameters()),
+        keep_graph=True,
+    )
+    with torch.no_grad():
+        for p in problem.meta.parameters():
+            p.add_(0.1)
+    value, grad_logits = logit_gradient(
+        _output_loss(problem, x, y), result.logits, result.features, create_graph=False
+    )
+    grads = output_grads(problem.model, result.logits, grad_logits)
+    params = dict(problem.model.named_parameters())
+    fresh = problem.inner(params, 0)
+    assert value.item() == pytest.approx(fresh.item(), rel=1e-12)
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        if not p.requires_grad:
+            assert g is None, name
+            continue
+        torch.testing.assert_close(
+            g, torch.autograd.grad(fresh, p, retain_graph=True)[0], rtol=1e-12, atol=1e-14
+        )

@@ -25,10 +25,16 @@ from torch import Tensor, nn
 
 from raynoisy.config import load_config
 from raynoisy.errors import ConfigError
-from raynoisy.meta import all_reduce_mean_, assert_replicas_identical, functional_forward, lookahead_hypergrad
+from raynoisy.meta import (
+    all_reduce_mean_,
+    assert_replicas_identical,
+    functional_forward,
+    lookahead_hypergrad,
+    output_hypergrad,
+)
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Batch, Method, MethodContext
-from raynoisy.methods.meta_common import corrected_label_columns, exact_one_step_hypergrad
+from raynoisy.methods.meta_common import corrected_label_columns, lookahead_optimizer
 from raynoisy.models import model_names, register_model
 from raynoisy.models.meta_nets import LabelCorrectionNet
 
@@ -208,30 +214,30 @@ def test_label_correction_skip_mixes_in_the_given_label() -> None:
 
 
 @pytest.mark.parametrize(("rule", "lr"), [("sgd-plain", None), ("sgd-plain", 1.0), ("optimizer", None)])
-def test_exact_one_step_hypergrad_is_the_lookahead_hypergrad(
-    tmp_path: Path, rule: str, lr: float | None
-) -> None:
-    """The dot-product form equals differentiating through a functional look-ahead (float64, 1 process)."""
+def test_lookahead_optimizer_steps_by_the_chosen_rule(tmp_path: Path, rule: str, lr: float | None) -> None:
+    """The methods' look-ahead (output_hypergrad on lookahead_optimizer) = lookahead_hypergrad(rule, lr)."""
     method = build(tmp_path, "mwnet")
     net, weigh = method.main.net.double(), method.weight_net.double()
     noisy, gold = toy_batch(16, noise=0.4, seed=1), toy_batch(16, noise=0.0, seed=2)
     method.main.step(F.cross_entropy(net(noisy.x.double())[0], noisy.y))  # momentum buffers for "optimizer"
 
-    def inner(params: dict[str, Tensor], step: int = 0) -> Tensor:
-        losses = F.cross_entropy(
-            functional_forward(net, params, noisy.x.double())[0], noisy.y, reduction="none"
-        )
+    def weighted(logits: Tensor, _features: Tensor) -> Tensor:
+        losses = F.cross_entropy(logits, noisy.y, reduction="none")
         return (weigh(losses.detach()) * losses).mean()
+
+    def inner(params: dict[str, Tensor], step: int = 0) -> Tensor:
+        return weighted(functional_forward(net, params, noisy.x.double())[0], noisy.x)
 
     def outer(params: dict[str, Tensor]) -> Tensor:
         return F.cross_entropy(functional_forward(net, params, gold.x.double())[0], gold.y)
 
     meta = list(weigh.parameters())
-    exact = exact_one_step_hypergrad(method.main, inner, outer, meta, rule=rule, lr=lr).meta_grads
+    optimizer = lookahead_optimizer(method.main, rule, lr)
+    fast = output_hypergrad(net, optimizer, noisy.x.double(), weighted, outer, meta).meta_grads
     slow = lookahead_hypergrad(net, method.main.optimizer, inner, outer, meta, rule=rule, lr=lr).meta_grads
-    for a, b in zip(exact, slow, strict=True):
+    for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert any(float(g.abs().max()) > 0 for g in exact)
+    assert any(float(g.abs().max()) > 0 for g in fast)
 
 
 # ---- resume ------------------------------------------------------------------------------------------
@@ -451,6 +457,7 @@ def test_export_columns(tmp_path: Path) -> None:
         ("mwnet", "method.params.first_order=true", "method.params.first_order"),
         ("mlc", "method.params.gradient_steps=0", "method.params.gradient_steps"),
         ("metalabelnet", "method.params.meta_lr=0", "method.params.meta_lr"),
+        ("metalabelnet", "method.params.slp_init=zeros", "method.params.slp_init"),
     ],
 )
 def test_bad_params_fail_before_training(tmp_path: Path, name: str, override: str, field: str) -> None:
@@ -466,3 +473,23 @@ def test_metalabelnet_warmup_must_leave_a_stage_two(tmp_path: Path) -> None:
     assert default.warmup_epochs == 11 and default.trusted_batch_size() == 0  # round(30 * 44 / 120)
     default.on_epoch_start(11)
     assert default.trusted_batch_size() == BATCH and not default.selectable(10) and default.selectable(11)
+
+
+def test_metalabelnet_soft_labels_start_at_the_warmup_predictions(tmp_path: Path) -> None:
+    """slp_init=encoder: the first stage-2 soft labels are the warm-up model's softmax; random's are not."""
+    noisy = toy_batch(64, noise=0.3, seed=3)
+    starts = {}
+    for init in ("encoder", "random"):
+        method = build(tmp_path, "metalabelnet", params={"warmup_epochs": 1, "slp_init": init})
+        method.on_epoch_start(0)
+        for step in range(3):
+            method.train_step(rows(noisy, slice(step * 16, (step + 1) * 16)), None)
+        method.on_epoch_start(1)
+        assert method.encoder is not None
+        with torch.no_grad():
+            logits, features = method.encoder(noisy.x)
+            starts[init] = (method.soft_label_net(features), torch.softmax(logits, dim=1))
+    soft, warmup = starts["encoder"]
+    torch.testing.assert_close(soft, warmup)
+    soft, warmup = starts["random"]
+    assert (soft - warmup).abs().max() > 0.05

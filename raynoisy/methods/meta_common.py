@@ -1,7 +1,8 @@
 """What the trusted-set meta methods (``mwnet``, ``mlc``, ``metalabelnet``) share.
 
 - ``TrustedMetaMethod``: the main model, the trusted stream, evaluation and the meta optimizer step.
-- ``exact_one_step_hypergrad``: the one-step hypergradient that is the same whatever the number of ranks.
+- ``lookahead_optimizer``: which update rule the one-step look-ahead follows; ``real_step_through_outputs``:
+  the real step after a meta update, through the meta step's training forward.
 - The per-sample export: corrected-label columns and the summaries that score them (and MW-Net's
   weights) as detectors of mislabelled samples against ``labels.parquet``.
 """
@@ -20,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from raynoisy.errors import ConfigError
-from raynoisy.meta import MLCHypergradient, mlc_hypergrad
-from raynoisy.meta.hypergrad import Loss
+from raynoisy.meta import OutputHypergradient, OutputLoss, logit_gradient, output_grads
 from raynoisy.meta.lookahead import Rule
 from raynoisy.methods.base import Batch, Method, MethodContext
 from raynoisy.methods.supervised import MainModel
@@ -67,34 +67,36 @@ class TrustedMetaMethod(Method):
         optimizer.zero_grad(set_to_none=True)
 
 
-def exact_one_step_hypergrad(
-    main: MainModel,
-    inner_loss: Loss,
-    outer_loss: Loss,
-    meta_params: Sequence[Tensor],
-    *,
-    rule: Rule,
-    lr: float | None = None,
-) -> MLCHypergradient:
-    """d outer_loss(w') / d meta_params for ONE virtual step w' = step(w, ∇inner_loss(w)), synchronised.
+def lookahead_optimizer(main: MainModel, rule: Rule, lr: float | None = None) -> torch.optim.SGD:
+    """The optimizer whose update rule the one-step look-ahead follows.
 
-    Why not ``lookahead_hypergrad``: under data parallelism it looks ahead on each rank's own inner batch
-    and averages the ranks' hypergradients, which is not the hypergradient of the global batch (the fast
-    weights differ per rank and the cross terms between ranks are lost), so a 2-worker run would not
-    reproduce a 1-worker run on the concatenated batch. ``mlc_hypergrad`` computes the same second-order
-    one-step hypergradient exactly, by the dot-product identity (with gw' = ∇outer(w') held constant,
-    d outer(w'(α))/dα = ∂/∂α[-c·⟨∇inner(w, α), gw'⟩]), and it all-reduces the inner gradient before the
-    step and gw' before the product, so every rank takes the global step and gets the global
-    hypergradient.
+    ``"optimizer"``: the real SGD (momentum, weight decay, current scheduled lr, its momentum buffers).
+    ``"sgd-plain"``: w - lr·g with ``lr`` or else the current lr, as MW-Net's and MetaLabelNet's reference
+    codes step their fast weights; a state-less plain SGD over the same parameters expresses that (it holds
+    no state, so building one per step costs nothing).
 
-    ``rule="optimizer"`` steps like the real SGD (momentum, weight decay, current lr); ``"sgd-plain"`` is
-    w - lr·g with ``lr`` or else the current lr, obtained by handing the engine a state-less plain SGD
-    over the same parameters (it holds no state, so building one per step costs nothing).
+    Why the methods go through ``output_hypergrad`` and not ``lookahead_hypergrad``: under data
+    parallelism the latter looks ahead on each rank's own batch and averages the ranks' hypergradients,
+    which is not the hypergradient of the global batch (the fast weights differ per rank and the cross terms
+    are lost), so a 2-worker run would not reproduce a 1-worker run on the concatenated batch.
+    ``output_hypergrad`` all-reduces the training gradient before the step, so every rank takes the global
+    step and gets the global hypergradient.
     """
-    optimizer = main.optimizer
-    if rule == "sgd-plain":
-        optimizer = torch.optim.SGD(main.net.parameters(), lr=main.lr if lr is None else lr)
-    return mlc_hypergrad(main.net, optimizer, inner_loss, outer_loss, meta_params)
+    if rule == "optimizer":
+        return main.optimizer
+    return torch.optim.SGD(main.net.parameters(), lr=main.lr if lr is None else lr)
+
+
+def real_step_through_outputs(main: MainModel, hyper: OutputHypergradient, loss: OutputLoss) -> Tensor:
+    """The real step on ``loss(logits, features)`` of the meta step's training forward; returns its value.
+
+    For methods whose meta model changed after the forward (MW-Net's weights, MetaLabelNet's soft labels):
+    the new ∂loss/∂logits goes back through the forward's kept graph (``output_hypergrad(keep_graph=True)``),
+    so the step costs a backward, not another forward, and the running statistics moved once.
+    """
+    value, grad_logits = logit_gradient(loss, hyper.logits, hyper.features, create_graph=False)
+    main.apply_grads(output_grads(main.net, hyper.logits, grad_logits))
+    return value
 
 
 @contextmanager

@@ -2,14 +2,18 @@
 
 Stage 1 (``warmup_epochs``): cross-entropy on the noisy labels. At the start of stage 2 a frozen copy of
 the main network becomes the feature encoder (eval mode, never updated), and a single-layer soft-label
-net (SLP) ŷ = softmax(Linear(encoder features)) generates the training targets. Per stage-2 step, with a
+net (SLP) ŷ = softmax(Linear(encoder features)) generates the training targets. The SLP starts as a copy of
+the encoder's classifier (``slp_init="encoder"``, a deliberate deviation: the reference starts it from
+random weights, ``slp_init="random"``; see ``MetaLabelNet.on_epoch_start``). Per stage-2 step, with a
 trusted batch as large as the noisy one:
 
 1. meta step: one virtual step θ' = θ - inner_lr·∇KL(p‖ŷ) (plain SGD, inner lr 1 as the reference), with
    p = softmax(f(x; θ)) and KL averaged over B·C (mean of p·(log p - log ŷ), the reference's 1/C scaling);
    cross-entropy on the trusted batch at θ'; the SLP takes an Adam step (lr β, weight decay 1e-4) with
-   the hypergradient (second order, exact across ranks: ``exact_one_step_hypergrad``);
-2. real step through DDP on KL(p‖ŷ') + (-mean_{B·C} p·log p) with ŷ' from the UPDATED SLP, no graph to it.
+   the hypergradient (second order, exact across ranks; computed in logit space by
+   ``raynoisy.meta.output_hypergrad``, since the SLP reaches the model only through the KL of its logits);
+2. real step on KL(p‖ŷ') + (-mean_{B·C} p·log p) with ŷ' from the UPDATED SLP, no graph to it, through
+   the same forward as the meta step (the reference also reuses its step-1 output).
    The two terms sum to -mean_{B·C} p·log ŷ': the entropy term cancels KL's own -H(p), so the update
    pulls p towards the one-hot at ŷ's mode rather than towards ŷ itself (entropy minimisation).
 
@@ -21,9 +25,10 @@ is a cross-entropy model.
 ``warmup_epochs`` defaults to the reference's CIFAR-10 proportion 44/120 of ``optim.epochs`` (rounded, at
 most ``optim.epochs - 1``); the Clothing1M preset sets 1 of 10 as the reference does.
 
-BatchNorm: the look-ahead forwards use copies of the buffers, the real forward updates them once per step
-(the reference's fast forward also updates the real ones). The encoder runs in eval mode on its frozen
-running statistics and under no_grad (the reference leaves requires_grad on and computes unused grads).
+BatchNorm: the training forward updates the running statistics once per step; the trusted forward at the
+fast weights uses copies of the buffers (the reference's fast forward also updates the real ones). The
+encoder runs in eval mode on its frozen running statistics and under no_grad (the reference leaves
+requires_grad on and computes unused grads).
 
 Export ``corrected_labels.parquet``: argmax and max of the final SLP's soft label per training sample.
 """
@@ -41,7 +46,7 @@ from torch import Tensor, nn
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.meta import all_reduce_mean_, functional_forward
+from raynoisy.meta import all_reduce_mean_, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
@@ -50,12 +55,15 @@ from raynoisy.methods.meta_common import (
     check_param,
     corrected_label_columns,
     evaluating,
-    exact_one_step_hypergrad,
+    lookahead_optimizer,
+    real_step_through_outputs,
 )
 from raynoisy.models.meta_nets import SoftLabelNet
 
 # The reference's CIFAR-10 schedule: 44 warm-up epochs of 120.
 DEFAULT_WARMUP_FRACTION = 44 / 120
+# How the soft-label net starts stage 2, see ``MetaLabelNet.on_epoch_start``.
+SLP_INITS = ("encoder", "random")
 # Added inside log(ŷ) as the reference does, so a soft label that underflows to 0 gives a finite loss.
 LOG_EPS = 1e-10
 
@@ -68,6 +76,7 @@ class MetaLabelNetParams:
     meta_weight_decay: float = 1e-4
     inner_lr: float = 1.0
     warmup_epochs: int | None = None
+    slp_init: str = "encoder"
 
     def __post_init__(self) -> None:
         check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 1e-2")
@@ -81,6 +90,12 @@ class MetaLabelNetParams:
             f"must be >= 0, got {self.warmup_epochs}",
             "leave it unset for the default share of optim.epochs",
         )
+        check_param(
+            self.slp_init in SLP_INITS,
+            "slp_init",
+            f"unknown initialisation {self.slp_init!r}",
+            "use encoder (start at the warm-up classifier) or random (the reference)",
+        )
 
 
 def kl_to_soft_labels(logits: Tensor, soft: Tensor) -> Tensor:
@@ -93,6 +108,18 @@ def entropy(logits: Tensor) -> Tensor:
     """-mean_{B·C} p·log p, the entropy-minimisation term of the real step."""
     log_p = F.log_softmax(logits, dim=1)
     return -(log_p.exp() * log_p).mean()
+
+
+def classifier_of(net: nn.Module) -> nn.Linear:
+    """The backbone's ``fc``: every registered backbone computes ``logits = fc(features)``."""
+    fc = getattr(net, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        raise ConfigError(
+            "method.params.slp_init",
+            f"{type(net).__name__} has no Linear `fc` mapping its features to logits to start the SLP from",
+            "set method.params.slp_init=random",
+        )
+    return fc
 
 
 @register_method
@@ -133,12 +160,23 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         return encoder
 
     def on_epoch_start(self, epoch: int) -> None:
-        if epoch >= self.warmup_epochs and self.encoder is None:
-            self.encoder = self._frozen_copy()
-            # BatchNorm running statistics differ between ranks by their last local batches unless the caller
-            # has just averaged them (the worker does, after every epoch; averaging again changes nothing):
-            # the encoder is checkpointed and must be identical everywhere.
-            all_reduce_mean_([b for b in self.encoder.buffers() if b.is_floating_point()])
+        """At the first stage-2 epoch: freeze the encoder and, by default, start the SLP at its classifier.
+
+        ``slp_init="encoder"`` (a deliberate deviation from the reference, whose SLP starts from random
+        weights) copies the warm-up network's final Linear into the SLP, so the first soft labels are the
+        warm-up model's own predictions. From random weights the first stage-2 steps pull the main model
+        towards arbitrary soft labels; with the reference's 76 stage-2 epochs it recovers, but on short
+        schedules (3 stage-2 epochs of Fashion-MNIST here) the SLP collapsed to one class on some seeds.
+        """
+        if epoch < self.warmup_epochs or self.encoder is not None:
+            return
+        self.encoder = self._frozen_copy()
+        # BatchNorm running statistics differ between ranks by their last local batches unless the caller has
+        # just averaged them (the worker does, after every epoch; averaging again changes nothing): the
+        # encoder is checkpointed and must be identical everywhere.
+        all_reduce_mean_([b for b in self.encoder.buffers() if b.is_floating_point()])
+        if self.params.slp_init == "encoder":
+            self.soft_label_net.start_from(classifier_of(self.encoder))
 
     def trusted_batch_size(self) -> int:
         """No trusted batches in the warm-up (the worker asks after ``on_epoch_start``, once per epoch)."""
@@ -155,29 +193,35 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         with torch.no_grad():
             features = self.encoder(batch.x)[1]
 
-        def inner(params: dict[str, Tensor]) -> Tensor:
-            return kl_to_soft_labels(
-                functional_forward(net, params, batch.x)[0], self.soft_label_net(features)
-            )
+        def inner(logits: Tensor, _features: Tensor) -> Tensor:
+            return kl_to_soft_labels(logits, self.soft_label_net(features))
 
         def outer(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
 
         meta_params = list(self.soft_label_net.parameters())
-        hyper = exact_one_step_hypergrad(
-            self.main, inner, outer, meta_params, rule="sgd-plain", lr=self.params.inner_lr
+        hyper = output_hypergrad(
+            net,
+            lookahead_optimizer(self.main, "sgd-plain", self.params.inner_lr),
+            batch.x,
+            inner,
+            outer,
+            meta_params,
+            keep_graph=True,
         )
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
-
-        logits, _ = self.main.model(batch.x)
         with torch.no_grad():
             soft = self.soft_label_net(features)
-        kl, ent = kl_to_soft_labels(logits, soft), entropy(logits)
-        self.main.step(kl + ent)
+
+        def real(logits: Tensor, _features: Tensor) -> Tensor:
+            return kl_to_soft_labels(logits, soft) + entropy(logits)
+
+        loss = real_step_through_outputs(self.main, hyper, real)
+        logits = hyper.logits.detach()
         return {
-            "loss": float((kl + ent).detach()),
-            "kl": float(kl.detach()),
-            "entropy": float(ent.detach()),
+            "loss": float(loss),
+            "kl": float(kl_to_soft_labels(logits, soft)),
+            "entropy": float(entropy(logits)),
             "meta_loss": float(hyper.gold_loss_after),
         }
 

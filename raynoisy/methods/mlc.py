@@ -6,20 +6,19 @@ look-ahead step does well on trusted data. Per step, with a trusted batch as lar
 
 1. the trusted batch is split in halves: the first is the gold batch of the meta loss, the second joins
    the training loss, L_s = (B_s·softCE(f(x_s), g(h_s, ỹ_s)) + B_c·CE(f(x_c), y_c)) / (B_s + B_c);
-2. ``mlc_hypergrad``: g_s = ∇_w L_s with graph, a virtual step with the real SGD rule at the current lr,
-   gw' = ∇ CE_gold(w'), and the meta-gradient of the dot-product proxy -c·⟨g_s, gw'⟩ (no fast-weights
-   forward with a graph; exact for one step), all synchronised over ranks;
+2. MLC's one-step hypergradient -c·∂/∂α⟨g_s, gw'⟩ with g_s = ∇_w L_s, gw' = ∇CE_gold(w') after a virtual
+   step with the real SGD rule at the current lr, synchronised over ranks. The reference differentiates
+   the dot product through a double backward; ``output_hypergrad`` evaluates the same number in logit
+   space with one forward-mode pass (g reaches g_s only through the noisy logits' loss), about half the
+   cost, and the training backward needs no graph;
 3. K-step accumulation with MLC's identity-Hessian discount (``MLCHypergradAccumulator``); the meta
    optimizer, Adam(amsgrad, eps 1e-8, no weight decay), steps every K-th step;
 4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient.
 
 Deviations from the reference code, each deliberate:
-- The noisy batch and the clean half go through ONE forward (the reference runs two), which saves a
-  forward per step; with BatchNorm the batch statistics are those of the union, not of each part.
-- BatchNorm: the training-loss forward at the real weights updates the running statistics, once per step,
-  as a real forward would; the gold forwards (at w for the discount, at w') use copies of the buffers. The
-  reference updates them in all three forwards, so its running statistics partly describe look-ahead
-  weights and gold batches. Without the update, nothing would ever move them: MLC has no other forward.
+- BatchNorm: the noisy and the clean forwards at the real weights update the running statistics, as the
+  reference's do; the gold forwards (at w for the discount, at w') use copies of the buffers, where the
+  reference updates them there too, so its running statistics partly describe look-ahead weights.
 - The trusted and noisy sets are disjoint by construction (the reference's loader leaks the meta set into
   the training set), and the look-ahead lr is the current scheduled lr (not ``get_lr()``).
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raynoisy.errors import ConfigError
-from raynoisy.meta import BNPolicy, MLCHypergradAccumulator, functional_forward, mlc_hypergrad
+from raynoisy.meta import BNPolicy, MLCHypergradAccumulator, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
@@ -100,26 +99,30 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         net = self.main.net
         half = len(trusted) // 2
         gold_x, gold_y = trusted.x[:half], trusted.y[:half]
-        x = torch.cat([batch.x, trusted.x[half:]])
-        clean_targets = F.one_hot(trusted.y[half:], self.ctx.num_classes)
+        clean_x, clean_y = trusted.x[half:], trusted.y[half:]
+        # L_s = (B_s·softCE + B_c·CE) / (B_s + B_c): the corrected part is ℓ, the clean half the α-free r.
+        share = len(batch) / (len(batch) + len(clean_y))
 
-        def train_loss(params: dict[str, Tensor]) -> Tensor:
-            # Every sample's soft-CE against its target, averaged: the B-weighted mix of the reference.
-            logits, features = functional_forward(net, params, x, bn=BNPolicy.UPDATE)
-            soft = self.corrector(features[: len(batch)].detach(), batch.y)
-            targets = torch.cat([soft, clean_targets.to(soft.dtype)])
-            return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+        def corrected_loss(logits: Tensor, features: Tensor) -> Tensor:
+            soft = self.corrector(features, batch.y)
+            return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean() * share
+
+        def clean_loss(params: dict[str, Tensor]) -> Tensor:
+            logits = functional_forward(net, params, clean_x, bn=BNPolicy.UPDATE)[0]
+            return F.cross_entropy(logits, clean_y) * (1 - share)
 
         def gold_loss(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, gold_x)[0], gold_y)
 
         meta_params = list(self.corrector.parameters())
-        hyper = mlc_hypergrad(
+        hyper = output_hypergrad(
             net,
             self.main.optimizer,
-            train_loss,
+            batch.x,
+            corrected_loss,
             gold_loss,
             meta_params,
+            rest_loss=clean_loss,
             with_discount=self.accumulator.needs_discount,
         )
         meta = self.accumulator.accumulate(hyper.meta_grads, hyper.discount)

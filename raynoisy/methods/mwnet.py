@@ -5,17 +5,19 @@ A weight net v(ℓ) maps each noisy sample's (detached) loss to a weight in (0, 
 1. meta step: look one SGD step ahead on mean(v(ℓ)·ℓ) (sum / B, weights not normalised, as the stable
    reference), evaluate cross-entropy on the trusted batch at the fast weights, and update v by Adam
    (lr 1e-3, weight decay 1e-4) with the hypergradient;
-2. real step: recompute the losses with the real model (through DDP), weigh them with the UPDATED v
-   under no_grad, and take the real SGD step on mean(v(ℓ)·ℓ).
+2. real step: weigh the same forward's losses with the UPDATED v (no graph to v) and take the real SGD
+   step on mean(v(ℓ)·ℓ), back-propagating through the meta step's forward instead of a second one.
 
 The look-ahead is plain SGD at the current scheduled lr, as the reference (``lookahead_rule="sgd-plain"``);
-``"optimizer"`` looks ahead with the real rule (momentum, weight decay). It is second order and exact
-across ranks (``exact_one_step_hypergrad``). There is no first-order switch: v reaches the trusted loss
-only through the inner gradient, so a first-order hypergradient is identically zero.
+``"optimizer"`` looks ahead with the real rule (momentum, weight decay). The hypergradient is the exact
+second-order one, computed in logit space (``raynoisy.meta.output_hypergrad``: v reaches the model only
+through the loss of the logits) and exact across ranks. There is no first-order switch: v reaches the
+trusted loss only through the inner gradient, so a first-order hypergradient is identically zero.
 
-BatchNorm: look-ahead forwards (inner and trusted) use copies of the buffers; only the real step's forward
-updates the running statistics, once per step. The reference's fresh model copy updates them in the copy,
-which is thrown away, so the effect on the real model is the same.
+BatchNorm: the training forward (shared by the look-ahead and the real step) updates the running
+statistics, once per step; the trusted forward at the fast weights uses copies of the buffers. The
+reference's look-ahead forwards update the buffers of a model copy that is thrown away, and its real
+forward updates the real ones once, so the effect on the real model is the same.
 
 Export ``sample_weights.parquet``: the final weight net's weight of each training sample's loss under its
 given label, evaluated with the final model in eval mode.
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raynoisy.meta import functional_forward
+from raynoisy.meta import OutputLoss, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
@@ -40,7 +42,8 @@ from raynoisy.methods.meta_common import (
     check_param,
     detector_scores,
     evaluating,
-    exact_one_step_hypergrad,
+    lookahead_optimizer,
+    real_step_through_outputs,
     true_labels_of,
 )
 from raynoisy.models.meta_nets import WeightNet
@@ -83,35 +86,38 @@ class MetaWeightNet(TrustedMetaMethod):
             self.weight_net.parameters(), lr=self.params.meta_lr, weight_decay=self.params.meta_weight_decay
         )
 
-    def _weighted_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """mean(v(ℓ)·ℓ) with v fed the detached losses, so v's gradient comes only through the look-ahead."""
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        return (self.weight_net(losses.detach()) * losses).mean()
+    def _weighted_loss(self, labels: Tensor) -> OutputLoss:
+        """ℓ(logits) = mean(v(ℓ_i)·ℓ_i), v fed detached losses: v's gradient comes only via the look-ahead."""
+
+        def loss(logits: Tensor, _features: Tensor) -> Tensor:
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            return (self.weight_net(losses.detach()) * losses).mean()
+
+        return loss
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         assert trusted is not None, "mwnet needs a trusted batch every step"
         net = self.main.net
 
-        def inner(params: dict[str, Tensor]) -> Tensor:
-            return self._weighted_loss(functional_forward(net, params, batch.x)[0], batch.y)
-
         def outer(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
 
         meta_params = list(self.weight_net.parameters())
-        hyper = exact_one_step_hypergrad(
-            self.main, inner, outer, meta_params, rule=self.params.lookahead_rule
+        hyper = output_hypergrad(
+            net,
+            lookahead_optimizer(self.main, self.params.lookahead_rule),
+            batch.x,
+            self._weighted_loss(batch.y),
+            outer,
+            meta_params,
+            keep_graph=True,
         )
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
-
-        logits, _ = self.main.model(batch.x)
-        losses = F.cross_entropy(logits, batch.y, reduction="none")
         with torch.no_grad():
-            weights = self.weight_net(losses)
-        loss = (weights * losses).mean()
-        self.main.step(loss)
+            weights = self.weight_net(F.cross_entropy(hyper.logits.detach(), batch.y, reduction="none"))
+        loss = real_step_through_outputs(self.main, hyper, self._weighted_loss(batch.y))
         return {
-            "loss": float(loss.detach()),
+            "loss": float(loss),
             "meta_loss": float(hyper.gold_loss_after),
             "mean_weight": float(weights.mean()),
         }

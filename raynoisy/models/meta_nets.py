@@ -80,5 +80,11 @@ class SoftLabelNet(nn.Module):
         super().__init__()
         self.fc = nn.Linear(feature_dim, num_classes)
 
+    def start_from(self, classifier: nn.Linear) -> None:
+        """Copy a classifier's weights (same shape), so the soft labels start as that classifier's softmax."""
+        with torch.no_grad():
+            self.fc.weight.copy_(classifier.weight)
+            self.fc.bias.copy_(classifier.bias)
+
     def forward(self, features: Tensor) -> Tensor:
         return F.softmax(self.fc(features), dim=1)
