@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,18 @@ from raynoisy.train.evaluate import accuracy, count_correct, distributed
 STATE_FILE = "state.pt"
 BEST_MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
+
+
+def emit(text: str) -> None:
+    """One progress line to the process's real stdout, which Ray streams to the driver.
+
+    Not plain ``print``: Ray Train V2 patches ``print`` in its workers to log through the root logger and,
+    because Ray has replaced ``sys.stdout``, to also tee to the original print, so every line reached the
+    driver twice.
+    """
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(f"[raynoisy] {text}\n")
+    stream.flush()
 
 
 @dataclass
@@ -235,7 +248,7 @@ class WorkerLoop:
     # ---- logging ----------------------------------------------------------------------------------
     def _log(self, text: str) -> None:
         if self.rank == 0:
-            print(f"[raynoisy] {text}", flush=True)
+            emit(text)
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -254,7 +267,7 @@ class WorkerLoop:
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"rank {self.rank} failed on purpose at epoch {epoch}\n")
-        print(f"[raynoisy] fault drill: rank {self.rank} exits at epoch {epoch}", flush=True)
+        emit(f"fault drill: rank {self.rank} exits at epoch {epoch}")
         os._exit(1)
 
     def _check_bad_fraction(self) -> None:
