@@ -53,10 +53,25 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
     return results
 
 
+def _label_quality(runs: list[dict]) -> str:
+    """Corrected-label accuracy (given-label accuracy), or MW-Net's mean weight of clean / mislabelled."""
+    lc = [r["label_correction"] for r in runs if "label_correction" in r]
+    if lc and lc[0].get("corrected_label_accuracy") is not None:
+        c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
+        g = statistics.mean(x["given_label_accuracy"] for x in lc)
+        return f"{c:.4f} ({g:.4f})"
+    sw = [r["sample_weights"] for r in runs if "sample_weights" in r]
+    if sw and sw[0].get("mean_weight_mislabelled") is not None:
+        clean = statistics.mean(x["mean_weight_clean"] for x in sw)
+        wrong = statistics.mean(x["mean_weight_mislabelled"] for x in sw)
+        return f"weights {clean:.2f} / {wrong:.2f}"
+    return ""
+
+
 def table(results: dict[tuple[str, str], list[dict]]) -> str:
     lines = [
-        "| noise | method | test acc (mean ± std) | seeds | Δ vs ce "
-        "| corrected-label acc (given-label acc) |",
+        "| noise | method | test acc (mean ± std) | per seed | Δ vs ce "
+        "| corrected-label acc (given-label acc) or mean weight clean / mislabelled |",
         "|---|---|---|---|---|---|",
     ]
     for (noise, method), runs in results.items():
@@ -65,13 +80,10 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         base = results.get((noise, "ce"))
         delta = f"{mean - statistics.mean(r['test_accuracy'] for r in base):+.4f}" if base else ""
-        corr = ""
-        lc = [r["label_correction"] for r in runs if "label_correction" in r]
-        if lc and lc[0].get("corrected_label_accuracy") is not None:
-            c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
-            g = statistics.mean(x["given_label_accuracy"] for x in lc)
-            corr = f"{c:.4f} ({g:.4f})"
-        lines.append(f"| {noise} | {method} | {mean:.4f} ± {std:.4f} | {len(accs)} | {delta} | {corr} |")
+        seeds = " / ".join(f"{a:.4f}" for a in accs)
+        lines.append(
+            f"| {noise} | {method} | {mean:.4f} ± {std:.4f} | {seeds} | {delta} | {_label_quality(runs)} |"
+        )
     return "\n".join(lines)
 
 
