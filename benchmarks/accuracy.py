@@ -55,13 +55,15 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
 
 def _label_quality(runs: list[dict]) -> str:
     """Corrected-label accuracy (given-label accuracy), or MW-Net's mean weight of clean / mislabelled."""
-    lc = [r["label_correction"] for r in runs if "label_correction" in r]
-    if lc and lc[0].get("corrected_label_accuracy") is not None:
+    lc = [
+        r["label_correction"] for r in runs if r.get("label_correction", {}).get("corrected_label_accuracy")
+    ]
+    if lc:
         c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
         g = statistics.mean(x["given_label_accuracy"] for x in lc)
         return f"{c:.4f} ({g:.4f})"
-    sw = [r["sample_weights"] for r in runs if "sample_weights" in r]
-    if sw and sw[0].get("mean_weight_mislabelled") is not None:
+    sw = [r["sample_weights"] for r in runs if r.get("sample_weights", {}).get("mean_weight_mislabelled")]
+    if sw:
         clean = statistics.mean(x["mean_weight_clean"] for x in sw)
         wrong = statistics.mean(x["mean_weight_mislabelled"] for x in sw)
         return f"weights {clean:.2f} / {wrong:.2f}"

@@ -644,9 +644,13 @@ def test_output_hypergrad_updates_batchnorm_statistics_once() -> None:
     assert_bit_identical(dict(problem.model.named_buffers()), dict(expected.named_buffers()))
 
 
-def test_output_grads_reuse_the_training_forward() -> None:
-    """The real step after a meta update: J_zᵀ ∂ℓ'/∂z through the kept graph = ∇ of a fresh forward's ℓ'."""
-    problem = make_problem(ConvBN, "weight", nesterov=False)
+@pytest.mark.parametrize("model_cls", [MLP, ConvBN])
+def test_output_grads_reuse_the_training_forward(model_cls: type) -> None:
+    """The real step after a meta update: J_zᵀ ∂ℓ'/∂z through the kept graph = ∇ of a fresh forward's ℓ'.
+
+    The MLP has a frozen parameter: it gets None, in its place in ``parameters()`` order.
+    """
+    problem = make_problem(model_cls, "weight", nesterov=False)
     x, y = problem.batches[0]
     result = output_hypergrad(
         problem.model,
@@ -667,6 +671,7 @@ def test_output_grads_reuse_the_training_forward() -> None:
     params = dict(problem.model.named_parameters())
     fresh = problem.inner(params, 0)
     assert value.item() == pytest.approx(fresh.item(), rel=1e-12)
+    assert any(g is None for g in grads) == (model_cls is MLP)
     for (name, p), g in zip(params.items(), grads, strict=True):
         if not p.requires_grad:
             assert g is None, name

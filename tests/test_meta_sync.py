@@ -1,8 +1,8 @@
 """Gradient sync and replica checks with 2 gloo processes on CPU, and the engine's rank averaging.
 
-The engine check: MLC's hypergradient computed by 2 ranks on the halves of a batch must equal the
-single-process one on the whole batch (the parent computes it), and the look-ahead hypergradient must
-be the mean of the per-half ones.
+The engine check: MLC's and the output-space hypergradient (and the latter's real-step gradient) computed
+by 2 ranks on the halves of a batch must equal the single-process ones on the whole batch (the parent
+computes them), and the look-ahead hypergradient must be the mean of the per-half ones.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from raynoisy.meta import (
     functional_forward,
     lookahead_hypergrad,
     mlc_hypergrad,
-    set_grads_synced,
+    output_grads,
+    output_hypergrad,
 )
 
 WORLD = 2
@@ -90,6 +91,34 @@ class Setup:
             "discount": result.discount,
         }
 
+    def output(self, part: slice) -> dict[str, Any]:
+        """MW-Net-style weights through ``output_hypergrad``, then a real-step gradient (``output_grads``)."""
+
+        def weighted(logits: Tensor, _features: Tensor) -> Tensor:
+            losses = F.cross_entropy(logits, self.y[part], reduction="none")
+            return (self.weigher(losses.detach().unsqueeze(1)).squeeze(1) * losses).mean()
+
+        def gold(params: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(functional_forward(self.model, params, self.xg[part])[0], self.yg[part])
+
+        result = output_hypergrad(
+            self.model,
+            self.optimizer,
+            self.x[part],
+            weighted,
+            gold,
+            list(self.weigher.parameters()),
+            keep_graph=True,
+        )
+        real = output_grads(self.model, result.logits, torch.ones_like(result.logits) / len(result.logits))
+        return {
+            "meta_grads": result.meta_grads,
+            "train_grads": result.train_grads,
+            "train_loss": result.train_loss,
+            "gold_loss_after": result.gold_loss_after,
+            "real_grads": real,
+        }
+
     def mwnet(self, part: slice) -> list[Tensor]:
         def weighted(params: dict[str, Tensor], step: int) -> Tensor:
             losses = F.cross_entropy(
@@ -144,13 +173,6 @@ def _check_all_reduce_mean(rank: int) -> None:
     assert torch.equal(tensors[2], (torch.arange(6, dtype=torch.float64).reshape(2, 3) * 1.5).t())
 
 
-def _check_set_grads(rank: int) -> None:
-    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))]
-    set_grads_synced(params, [torch.full((2,), float(rank)), torch.full((3,), 2.0 * rank)])
-    assert torch.equal(params[0].grad, torch.full((2,), 0.5))
-    assert torch.equal(params[1].grad, torch.full((3,), 1.0))
-
-
 def _check_replica_assertion(rank: int) -> None:
     assert_replicas_identical([torch.ones(3), torch.arange(4)])
     try:
@@ -168,7 +190,17 @@ def _check_engine(rank: int, expected: dict[str, Any]) -> None:
     _close(mlc, expected["mlc"])
     mwnet = setup.mwnet(part)
     _close(mwnet, expected["mwnet"])
-    assert_replicas_identical([*mlc["meta_grads"], *mlc["train_grads"].values(), *mwnet])
+    output = setup.output(part)
+    _close(output, expected["output"])
+    assert_replicas_identical(
+        [
+            *mlc["meta_grads"],
+            *mlc["train_grads"].values(),
+            *mwnet,
+            *output["meta_grads"],
+            *output["real_grads"],
+        ]
+    )
 
 
 def _worker(rank: int, init_file: str, expected: dict[str, Any]) -> None:
@@ -178,7 +210,6 @@ def _worker(rank: int, init_file: str, expected: dict[str, Any]) -> None:
     )
     try:
         _check_all_reduce_mean(rank)
-        _check_set_grads(rank)
         _check_replica_assertion(rank)
         _check_engine(rank, expected)
     finally:
@@ -190,6 +221,7 @@ def test_sync_and_engine_with_two_gloo_ranks(tmp_path: Path) -> None:
     halves = [setup.mwnet(slice(r * HALF, (r + 1) * HALF)) for r in range(WORLD)]
     expected = {
         "mlc": setup.mlc(slice(0, WORLD * HALF)),
+        "output": setup.output(slice(0, WORLD * HALF)),
         "mwnet": [torch.stack(per_param).mean(dim=0) for per_param in zip(*halves, strict=True)],
     }
     # fork, not spawn: a spawned child re-imports torch, which costs seconds per rank on a 2-core machine

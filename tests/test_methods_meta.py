@@ -493,3 +493,30 @@ def test_metalabelnet_soft_labels_start_at_the_warmup_predictions(tmp_path: Path
     torch.testing.assert_close(soft, warmup)
     soft, warmup = starts["random"]
     assert (soft - warmup).abs().max() > 0.05
+
+
+def test_lookahead_optimizer_refuses_an_lr_it_would_ignore(tmp_path: Path) -> None:
+    method = build(tmp_path, "mwnet")
+    assert lookahead_optimizer(method.main, "optimizer") is method.main.optimizer
+    assert lookahead_optimizer(method.main, "sgd-plain", 0.5).param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="sgd-plain"):
+        lookahead_optimizer(method.main, "optimizer", 0.5)
+
+
+@pytest.mark.parametrize(("name", "forwards"), [("mwnet", 1), ("mlc", 2), ("metalabelnet", 1)])
+def test_a_step_moves_batchnorm_statistics_once_per_training_forward(
+    tmp_path: Path, name: str, forwards: int
+) -> None:
+    """Look-ahead, gold and forward-mode passes see buffer copies; MLC's noisy and clean forwards count."""
+    method = start(
+        build(
+            tmp_path, name, model="small-cnn", params={"warmup_epochs": 0} if name == "metalabelnet" else None
+        )
+    )
+    tracked = [m for m in method.main.net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert tracked
+    before = [int(m.num_batches_tracked) for m in tracked]
+    train(method, toy_batch(BATCH * 2, noise=0.3, seed=4), toy_batch(BATCH * 2, noise=0.0, seed=5), 2)
+    assert [int(m.num_batches_tracked) - b for m, b in zip(tracked, before, strict=True)] == [
+        2 * forwards
+    ] * len(tracked)

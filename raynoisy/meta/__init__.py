@@ -34,7 +34,6 @@ from raynoisy.meta.sync import (
     all_reduce_mean_,
     assert_replicas_identical,
     replica_fingerprint,
-    set_grads_synced,
 )
 
 __all__ = [
@@ -58,7 +57,6 @@ __all__ = [
     "output_grads",
     "output_hypergrad",
     "replica_fingerprint",
-    "set_grads_synced",
     "unwrap_model",
     "update_rules",
     "virtual_step",

@@ -1,13 +1,14 @@
 """Meta-gradients through a look-ahead, synchronised across ranks.
 
-Two ways to get the gradient of an outer (clean/gold) loss at the looked-ahead weights w' w.r.t. meta
-parameters α:
+Two general ways to get the gradient of an outer (clean/gold) loss at the looked-ahead weights w' w.r.t.
+meta parameters α, for any inner loss (the methods use the cheaper special case for meta models that act
+only through the loss of the logits, ``output_hypergrad``, and these as its test oracles):
 
-- ``lookahead_hypergrad`` (MW-Net, MetaLabelNet, MLNT): build the fast weights with a differentiable
+- ``lookahead_hypergrad`` (K-step look-ahead, e.g. MLNT): build the fast weights with a differentiable
   K-step look-ahead and differentiate the outer loss evaluated at them.
-- ``mlc_hypergrad`` (MLC): no fast-weights forward with a graph. One SGD step is affine in the training
-  gradient, w' = a - c ⊙ g_s(α), where a (weights, weight decay, momentum buffer) and the per-parameter
-  coefficient c do not depend on α. Hence, with gw' = ∇L_g(w') held constant,
+- ``mlc_hypergrad`` (MLC's dot-product form): no fast-weights forward with a graph. One SGD step is
+  affine in the training gradient, w' = a - c ⊙ g_s(α), where a (weights, weight decay, momentum buffer)
+  and the per-parameter coefficient c do not depend on α. Hence, with gw' = ∇L_g(w') held constant,
   d L_g(w'(α))/dα = (∂g_s/∂α)ᵀ(-c ⊙ gw') = ∂/∂α [-Σ c·⟨g_s, gw'⟩].
   This is EXACT for the one-step hypergradient as long as gw' is evaluated at the same w' the step
   produces. What MLC approximates is the K-step extension (``MLCHypergradAccumulator``): the Jacobian

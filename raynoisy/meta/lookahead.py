@@ -82,9 +82,10 @@ def update_rules(
     """The per-parameter update of the next real step, keyed by parameter name; trainable names only.
 
     ``rule="optimizer"`` copies the SGD optimizer's groups and momentum buffers; ``rule="sgd-plain"``
-    is ``w - lr·g`` (MW-Net, MetaLabelNet), with lr from the optimizer's groups unless ``lr`` is given,
-    in which case ``optimizer`` may be None (every trainable parameter then moves). ``lr`` overrides the
-    group lr in both rules. Reading the state never inserts into it.
+    is ``w - lr·g`` (the fast-weight step of MW-Net's and MetaLabelNet's references), with lr from the
+    optimizer's groups unless ``lr`` is given, in which case ``optimizer`` may be None (every trainable
+    parameter then moves). ``lr`` overrides the group lr in both rules. Reading the state never inserts
+    into it.
     """
     if rule not in ("optimizer", "sgd-plain"):
         raise ValueError(f"rule must be 'optimizer' or 'sgd-plain', got {rule!r}")

@@ -50,12 +50,12 @@ OutputLoss = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class OutputHypergradient:
-    """One meta step's results; every value is a rank mean except ``logits``.
+    """One meta step's results; every value is a rank mean except ``logits`` and ``features``.
 
     ``train_grads``: ∇_w L(w, α) by parameter name, synchronised, ready to be the real step's gradient.
     ``logits`` and ``features``: this rank's training forward (``logits`` keeps its graph when
     ``keep_graph``), so a method can take its real step with an updated meta model without another
-    forward (``output_grads``). ``discount``/``gold_grads``: only with ``with_discount`` (MLC's K steps).
+    forward (``output_grads``). ``discount``: MLC's γ, only with ``with_discount`` (K-step windows).
     """
 
     meta_grads: list[Tensor]
@@ -86,15 +86,19 @@ def output_grads(
     retain_graph: bool = False,
     group: dist.ProcessGroup | None = None,
 ) -> list[Tensor | None]:
-    """J_zᵀ ∂ℓ/∂z through ``logits``' graph for every parameter of ``model`` (None if unused), rank-averaged.
+    """J_zᵀ ∂ℓ/∂z through ``logits``' graph, one entry per parameter of ``model``, rank-averaged.
 
     The real step of a method whose meta model changed after the training forward: the new ∂ℓ/∂z goes
-    back through the graph that forward left, instead of a second forward.
+    back through the graph that forward left, instead of a second forward. Frozen parameters
+    (``requires_grad=False``) and parameters the logits do not reach get None, in ``parameters()`` order,
+    as ``MainModel.apply_grads`` expects.
     """
     weights = list(unwrap_model(model).parameters())
-    grads = torch.autograd.grad(logits, weights, grad_logits, retain_graph=retain_graph, allow_unused=True)
+    trainable = [p for p in weights if p.requires_grad]
+    grads = torch.autograd.grad(logits, trainable, grad_logits, retain_graph=retain_graph, allow_unused=True)
     all_reduce_mean_([g for g in grads if g is not None], group)
-    return list(grads)
+    by_param = {id(p): g for p, g in zip(trainable, grads, strict=True)}
+    return [by_param.get(id(p)) for p in weights]
 
 
 def jvp(model: nn.Module, params: dict[str, Tensor], tangents: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Synchronising gradients taken outside DDP, and checking that replicas agree.
 
-``torch.autograd.grad`` never fires DDP's reducer hooks, so meta-gradients (and MLC's training gradient)
-are local to each rank until they are averaged by hand. Averaging them in ONE flattened all-reduce costs
-one network latency instead of one per tensor. Every function here is a no-op without an initialised
+``torch.autograd.grad`` never fires DDP's reducer hooks, so meta-gradients (and the meta methods' training
+gradients) are local to each rank until they are averaged by hand. Averaging them in ONE flattened all-reduce
+costs one network latency instead of one per tensor. Every function here is a no-op without an initialised
 process group or with a single rank, so the laptop path and the cluster path run the same code.
 """
 
@@ -45,17 +45,6 @@ def all_reduce_mean_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None 
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def set_grads_synced(
-    params: Sequence[Tensor], grads: Sequence[Tensor], group: dist.ProcessGroup | None = None
-) -> None:
-    """Average ``grads`` over the ranks (one all-reduce) and assign them as ``p.grad``."""
-    if len(params) != len(grads):
-        raise ValueError(f"{len(params)} parameters but {len(grads)} gradients")
-    all_reduce_mean_(grads, group)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
 
 
 def _digest(t: Tensor) -> str:

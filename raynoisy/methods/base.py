@@ -6,8 +6,9 @@ epoch, ``on_epoch_start``, ``train_step`` for every batch, ``on_epoch_end``, the
 
 Distributed contract: every rank builds the method from the same seed, sees its own part of each global
 batch, and must leave every parameter and optimizer state bit-identical across ranks after each step.
-The main model's real step goes through DDP (bucketed all-reduce); gradients taken with
-``torch.autograd.grad`` are synchronised explicitly with ``raynoisy.meta.sync``.
+A plain step (CE, GLC, MetaLabelNet's warm-up) goes through DDP (bucketed all-reduce). The meta methods
+take every gradient with ``torch.autograd.grad``, which DDP does not see, and synchronise it explicitly
+with ``raynoisy.meta.sync`` (one flattened all-reduce) before assigning it.
 """
 
 from __future__ import annotations

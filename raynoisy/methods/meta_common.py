@@ -83,6 +83,8 @@ def lookahead_optimizer(main: MainModel, rule: Rule, lr: float | None = None) ->
     step and gets the global hypergradient.
     """
     if rule == "optimizer":
+        if lr is not None:
+            raise ValueError("lr is for the sgd-plain look-ahead; the optimizer rule uses the current lr")
         return main.optimizer
     return torch.optim.SGD(main.net.parameters(), lr=main.lr if lr is None else lr)
 

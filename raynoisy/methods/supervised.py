@@ -1,7 +1,8 @@
 """The part every method shares: one main model trained with SGD on a per-iteration schedule.
 
 Methods compose this rather than inherit behaviour they do not use: it holds the DDP-wrapped model
-(``model``) for the real step, the bare module (``net``) for evaluation and functional calls, the
+(``model``) for plain steps (``step``), the bare module (``net``) for evaluation, functional calls and
+the meta methods' real steps (``apply_grads`` with gradients they synchronised themselves), the
 optimizer, the schedule, and their checkpoint state.
 """
 
