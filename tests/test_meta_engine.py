@@ -28,7 +28,13 @@ from raynoisy.meta import (
     mlc_hypergrad,
     update_rules,
 )
-from raynoisy.meta.output_hypergrad import OutputLoss, logit_gradient, output_grads, output_hypergrad
+from raynoisy.meta.output_hypergrad import (
+    OutputHypergradient,
+    OutputLoss,
+    logit_gradient,
+    output_grads,
+    output_hypergrad,
+)
 
 CLASSES = 3
 BATCH = 6
@@ -559,6 +565,21 @@ def _output_loss(problem: Problem, x: Tensor, y: Tensor) -> OutputLoss:
     return lambda logits, features: train_loss(problem.meta, lambda _: (logits, features), x, y)
 
 
+def _output_hypergrad(problem: Problem, **options: Any) -> OutputHypergradient:
+    """``output_hypergrad`` on the problem's first batch, its gold loss and its meta net."""
+    x, y = problem.batches[0]
+    meta_params = list(problem.meta.parameters())
+    return output_hypergrad(
+        problem.model,
+        problem.optimizer,
+        x,
+        _output_loss(problem, x, y),
+        problem.outer,
+        meta_params,
+        **options,
+    )
+
+
 def _clean_half(problem: Problem) -> Callable[[dict[str, Tensor]], Tensor]:
     """r(w): an α-free cross-entropy on another batch, as MLC's clean half."""
     x, y = problem.batches[1]
@@ -574,7 +595,6 @@ def test_output_hypergrad_is_the_exact_one_step_hypergradient(
 ) -> None:
     problem = make_problem(model_cls, meta_kind, nesterov=nesterov)
     meta_params = list(problem.meta.parameters())
-    x, y = problem.batches[0]
     rest = _clean_half(problem) if with_rest else None
 
     def inner(params: dict[str, Tensor], step: int) -> Tensor:
@@ -591,16 +611,7 @@ def test_output_hypergrad_is_the_exact_one_step_hypergradient(
         with_discount=True,
     )
     optimizer_state = copy.deepcopy(problem.optimizer.state_dict())
-    result = output_hypergrad(
-        problem.model,
-        problem.optimizer,
-        x,
-        _output_loss(problem, x, y),
-        problem.outer,
-        meta_params,
-        rest_loss=rest,
-        with_discount=True,
-    )
+    result = _output_hypergrad(problem, rest_loss=rest, with_discount=True)
     assert_bit_identical(problem.optimizer.state_dict(), optimizer_state)
     assert all(p.grad is None for p in [*problem.model.parameters(), *meta_params])
     assert rel_err(result.meta_grads, exact.meta_grads) < 1e-10
@@ -615,32 +626,16 @@ def test_output_hypergrad_is_the_exact_one_step_hypergradient(
 
 def test_output_hypergrad_matches_finite_differences_with_batchnorm() -> None:
     problem = make_problem(ConvBN, "label", nesterov=True)
-    x, y = problem.batches[0]
-    result = output_hypergrad(
-        problem.model,
-        problem.optimizer,
-        x,
-        _output_loss(problem, x, y),
-        problem.outer,
-        list(problem.meta.parameters()),
-    )
+    result = _output_hypergrad(problem)
     assert rel_err(result.meta_grads, finite_differences(problem, steps=1)) < 1e-6
 
 
 def test_output_hypergrad_updates_batchnorm_statistics_once() -> None:
     """The training forward is the step's real forward: running statistics move as after one forward."""
     problem = make_problem(ConvBN, "weight", nesterov=False)
-    x, y = problem.batches[0]
     expected = copy.deepcopy(problem.model)
-    expected(x)
-    output_hypergrad(
-        problem.model,
-        problem.optimizer,
-        x,
-        _output_loss(problem, x, y),
-        problem.outer,
-        list(problem.meta.parameters()),
-    )
+    expected(problem.batches[0][0])
+    _output_hypergrad(problem)
     assert_bit_identical(dict(problem.model.named_buffers()), dict(expected.named_buffers()))
 
 
@@ -652,15 +647,7 @@ def test_output_grads_reuse_the_training_forward(model_cls: type) -> None:
     """
     problem = make_problem(model_cls, "weight", nesterov=False)
     x, y = problem.batches[0]
-    result = output_hypergrad(
-        problem.model,
-        problem.optimizer,
-        x,
-        _output_loss(problem, x, y),
-        problem.outer,
-        list(problem.meta.parameters()),
-        keep_graph=True,
-    )
+    result = _output_hypergrad(problem, keep_graph=True)
     with torch.no_grad():
         for p in problem.meta.parameters():
             p.add_(0.1)

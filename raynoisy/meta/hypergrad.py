@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from raynoisy.meta.lookahead import InnerLoss, Rule, lookahead, unwrap_model, update_rules, virtual_step
+from raynoisy.meta.lookahead import (
+    InnerLoss,
+    ParamRule,
+    Rule,
+    lookahead,
+    unwrap_model,
+    update_rules,
+    virtual_step,
+)
 from raynoisy.meta.sync import all_reduce_mean_
 
 Loss = Callable[[dict[str, Tensor]], Tensor]
@@ -105,6 +113,55 @@ def identity_hessian_discount(
     return torch.where(norm2 > 0, dot / norm2, torch.zeros_like(dot))
 
 
+def gold_loss_and_gradient(
+    gold_loss: Loss, params: dict[str, Tensor], names: Sequence[str]
+) -> tuple[Tensor, list[Tensor]]:
+    """L_gold at ``params`` (detached) and its gradient for the parameters ``names`` (zeros where unused)."""
+    loss = gold_loss(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, materialize_grads=True)
+    return loss.detach().clone(), list(grads)
+
+
+class GoldAfterStep(NamedTuple):
+    """The gold side of a one-step look-ahead, all rank means: gw' in ``rules`` order, L_gold(w'), and c."""
+
+    grads: list[Tensor]
+    loss: Tensor
+    coefficients: list[float]
+
+
+def gold_after_step(
+    params: dict[str, Tensor],
+    train_grads: dict[str, Tensor],
+    rules: dict[str, ParamRule],
+    gold_loss: Loss,
+    group: dist.ProcessGroup | None,
+) -> GoldAfterStep:
+    """w' = one virtual step on the (synchronised) ``train_grads``; gw' = ∇L_gold(w') averaged over ranks.
+
+    The step runs under no_grad: the dot-product forms differentiate ⟨g(α), c ⊙ gw'⟩ with gw' held
+    constant, so w' needs no graph. ``coefficients`` holds each parameter's c (``ParamRule.grad_coefficient``;
+    0 for a parameter without a training gradient, which the step does not move).
+    """
+    names = list(rules)
+    with torch.no_grad():
+        after, _ = virtual_step(params, train_grads, rules)
+    after = {n: t.detach().requires_grad_() if n in rules else t for n, t in after.items()}
+    loss, grads = gold_loss_and_gradient(gold_loss, after, names)
+    all_reduce_mean_([*grads, loss], group)
+    coefficients = [rules[n].grad_coefficient() if n in train_grads else 0.0 for n in names]
+    return GoldAfterStep(grads, loss, coefficients)
+
+
+def synced_meta_grads(
+    proxy: Tensor, meta_params: Sequence[Tensor], group: dist.ProcessGroup | None
+) -> list[Tensor]:
+    """∇_α of a proxy scalar (zeros for meta parameters it does not reach), averaged over ranks."""
+    grads = list(torch.autograd.grad(proxy, list(meta_params), allow_unused=True, materialize_grads=True))
+    all_reduce_mean_(grads, group)
+    return grads
+
+
 def mlc_hypergrad(
     model: nn.Module,
     optimizer: torch.optim.SGD,
@@ -138,11 +195,7 @@ def mlc_hypergrad(
     names = list(rules)
     weights = [params[n] for n in names]
 
-    gold_before = None
-    if with_discount:
-        gold_before = list(
-            torch.autograd.grad(gold_loss(params), weights, allow_unused=True, materialize_grads=True)
-        )
+    gold_before = gold_loss_and_gradient(gold_loss, params, names)[1] if with_discount else None
     loss_s = train_loss(params)
     graph_grads = torch.autograd.grad(loss_s, weights, create_graph=True, allow_unused=True)
     used = {n: g for n, g in zip(names, graph_grads, strict=True) if g is not None}
@@ -150,32 +203,22 @@ def mlc_hypergrad(
     train_loss_value = loss_s.detach().clone()
     all_reduce_mean_([*train_grads.values(), train_loss_value, *(gold_before or [])], group)
 
-    with torch.no_grad():
-        after, _ = virtual_step(params, train_grads, rules)
-    after = {n: t.detach().requires_grad_() if n in rules else t for n, t in after.items()}
-    loss_g = gold_loss(after)
-    gold_after = list(
-        torch.autograd.grad(loss_g, [after[n] for n in names], allow_unused=True, materialize_grads=True)
+    gold = gold_after_step(params, train_grads, rules, gold_loss, group)
+    proxy = -sum(
+        c * torch.sum(used[n] * g)
+        for n, g, c in zip(names, gold.grads, gold.coefficients, strict=True)
+        if n in used
     )
-    gold_loss_value = loss_g.detach().clone()
-    all_reduce_mean_([*gold_after, gold_loss_value], group)
-
-    gold_after_by_name = dict(zip(names, gold_after, strict=True))
-    coefficients = {n: rules[n].grad_coefficient() if n in used else 0.0 for n in names}
-    proxy = -sum(coefficients[n] * torch.sum(g * gold_after_by_name[n]) for n, g in used.items())
-    meta_grads = list(
-        torch.autograd.grad(proxy, list(meta_params), allow_unused=True, materialize_grads=True)
-    )
-    all_reduce_mean_(meta_grads, group)
+    meta_grads = synced_meta_grads(proxy, meta_params, group)
 
     discount = None
     if gold_before is not None:
-        discount = identity_hessian_discount(gold_before, gold_after, [coefficients[n] for n in names])
+        discount = identity_hessian_discount(gold_before, gold.grads, gold.coefficients)
     return MLCHypergradient(
         meta_grads=meta_grads,
         train_grads=train_grads,
         train_loss=train_loss_value,
-        gold_loss_after=gold_loss_value,
+        gold_loss_after=gold.loss,
         gold_grads=None if gold_before is None else dict(zip(names, gold_before, strict=True)),
         discount=discount,
     )

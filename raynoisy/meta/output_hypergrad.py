@@ -39,8 +39,14 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from raynoisy.meta.batchnorm import BNPolicy
-from raynoisy.meta.hypergrad import Loss, identity_hessian_discount
-from raynoisy.meta.lookahead import functional_forward, unwrap_model, update_rules, virtual_step
+from raynoisy.meta.hypergrad import (
+    Loss,
+    gold_after_step,
+    gold_loss_and_gradient,
+    identity_hessian_discount,
+    synced_meta_grads,
+)
+from raynoisy.meta.lookahead import functional_forward, unwrap_model, update_rules
 from raynoisy.meta.sync import all_reduce_mean_
 
 # ℓ(logits, features): the part of the training loss that depends on the meta model. ``features`` come
@@ -145,11 +151,7 @@ def output_hypergrad(
     names = list(rules)
     weights = [params[n] for n in names]
 
-    gold_before = None
-    if with_discount:
-        gold_before = list(
-            torch.autograd.grad(gold_loss(params), weights, allow_unused=True, materialize_grads=True)
-        )
+    gold_before = gold_loss_and_gradient(gold_loss, params, names)[1] if with_discount else None
     logits, features = functional_forward(module, params, x, bn=BNPolicy.UPDATE)
     train_loss, grad_logits = logit_gradient(meta_loss, logits, features, create_graph=True)
     # ∇_w L = J_zᵀ ∂ℓ/∂z (+ ∇r): one backward through the network with ∂ℓ/∂z as the logits' gradient.
@@ -163,33 +165,21 @@ def output_hypergrad(
     train_grads = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
     all_reduce_mean_([*train_grads.values(), train_loss, *(gold_before or [])], group)
 
-    with torch.no_grad():
-        after, _ = virtual_step(params, train_grads, rules)
-    after = {n: t.detach().requires_grad_() if n in rules else t for n, t in after.items()}
-    loss_g = gold_loss(after)
-    gold_after = list(
-        torch.autograd.grad(loss_g, [after[n] for n in names], allow_unused=True, materialize_grads=True)
-    )
-    gold_loss_after = loss_g.detach().clone()
-    all_reduce_mean_([*gold_after, gold_loss_after], group)
-
-    coefficients = {n: rules[n].grad_coefficient() if n in train_grads else 0.0 for n in names}
-    tangents = {n: coefficients[n] * g for n, g in zip(names, gold_after, strict=True) if n in train_grads}
+    gold = gold_after_step(params, train_grads, rules, gold_loss, group)
+    tangents = {
+        n: c * g for n, g, c in zip(names, gold.grads, gold.coefficients, strict=True) if n in train_grads
+    }
     u = jvp(module, params, tangents, x)
-    proxy = -(grad_logits * u).sum()
-    meta_grads = list(
-        torch.autograd.grad(proxy, list(meta_params), allow_unused=True, materialize_grads=True)
-    )
-    all_reduce_mean_(meta_grads, group)
+    meta_grads = synced_meta_grads(-(grad_logits * u).sum(), meta_params, group)
 
     discount = None
     if gold_before is not None:
-        discount = identity_hessian_discount(gold_before, gold_after, [coefficients[n] for n in names])
+        discount = identity_hessian_discount(gold_before, gold.grads, gold.coefficients)
     return OutputHypergradient(
         meta_grads=meta_grads,
         train_grads=train_grads,
         train_loss=train_loss,
-        gold_loss_after=gold_loss_after,
+        gold_loss_after=gold.loss,
         logits=logits,
         features=features.detach(),
         discount=discount,
