@@ -20,12 +20,15 @@ from torch import Tensor, nn
 from raynoisy.meta import (
     ReplicasDivergedError,
     all_reduce_mean_,
+    all_reduce_sum_,
     assert_replicas_identical,
+    broadcast_,
     functional_forward,
     lookahead_hypergrad,
     mlc_hypergrad,
     output_grads,
     output_hypergrad,
+    world_size,
 )
 
 WORLD = 2
@@ -173,6 +176,24 @@ def _check_all_reduce_mean(rank: int) -> None:
     assert torch.equal(tensors[2], (torch.arange(6, dtype=torch.float64).reshape(2, 3) * 1.5).t())
 
 
+def _check_all_reduce_sum(rank: int) -> None:
+    counts = torch.tensor([3.0 * rank, 1.0], dtype=torch.float64)
+    classes = torch.zeros(2, 2, dtype=torch.float64)
+    classes[rank, rank] = rank + 1.0
+    all_reduce_sum_([counts, classes])
+    assert world_size() == WORLD
+    assert torch.equal(counts, torch.tensor([3.0, 2.0], dtype=torch.float64))
+    assert torch.equal(classes, torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+
+
+def _check_broadcast(rank: int) -> None:
+    weights = torch.full((2, 3), float(rank + 1))
+    counter = torch.tensor(2**40 + rank, dtype=torch.int64)  # above float32's exact integers
+    broadcast_([weights, counter])
+    assert torch.equal(weights, torch.ones(2, 3))
+    assert counter.dtype == torch.int64 and counter.item() == 2**40
+
+
 def _check_replica_assertion(rank: int) -> None:
     assert_replicas_identical([torch.ones(3), torch.arange(4)])
     try:
@@ -210,6 +231,8 @@ def _worker(rank: int, init_file: str, expected: dict[str, Any]) -> None:
     )
     try:
         _check_all_reduce_mean(rank)
+        _check_all_reduce_sum(rank)
+        _check_broadcast(rank)
         _check_replica_assertion(rank)
         _check_engine(rank, expected)
     finally:
@@ -233,5 +256,8 @@ def test_sync_and_engine_with_two_gloo_ranks(tmp_path: Path) -> None:
 def test_sync_is_a_no_op_without_a_process_group() -> None:
     tensors = [torch.ones(2)]
     all_reduce_mean_(tensors)
+    all_reduce_sum_(tensors)
+    broadcast_(tensors)
     assert_replicas_identical(tensors)
     assert torch.equal(tensors[0], torch.ones(2))
+    assert world_size() == 1

@@ -320,6 +320,10 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
     )
     try:
         for name in METHODS:
+            # Built from different seeds, the main model still starts as rank 0's: broadcast by hand for
+            # the methods that synchronise their own gradients (mwnet, mlc), by DDP for metalabelnet.
+            differently_seeded = build(tmp_path, name, model="small-cnn", seed=rank, rank=rank, world=WORLD)
+            assert_replicas_identical(differently_seeded.eval_model().state_dict())
             for model in (MLP, "small-cnn"):
                 method = _run_distributed(tmp_path, name, model, rank, WORLD)
                 # As the worker after each epoch: BatchNorm running statistics are per rank until averaged.
@@ -501,6 +505,17 @@ def test_lookahead_optimizer_refuses_an_lr_it_would_ignore(tmp_path: Path) -> No
     assert lookahead_optimizer(method.main, "sgd-plain", 0.5).param_groups[0]["lr"] == 0.5
     with pytest.raises(ValueError, match="sgd-plain"):
         lookahead_optimizer(method.main, "optimizer", 0.5)
+
+
+def test_hand_synchronised_main_model_has_no_ddp_and_refuses_a_plain_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method = build(tmp_path, "mwnet", world=2)  # no process group: building is local
+    assert method.main.model is method.main.net, "mwnet's gradients never pass DDP's hooks"
+    x, y = torch.randn(4, 1, SIDE, SIDE), torch.zeros(4, dtype=torch.long)
+    monkeypatch.setattr("raynoisy.methods.supervised.world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match="apply_grads"):
+        method.main.cross_entropy_step(x, y)
 
 
 @pytest.mark.parametrize(("name", "forwards"), [("mwnet", 1), ("mlc", 2), ("metalabelnet", 1)])

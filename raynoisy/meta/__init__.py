@@ -32,8 +32,11 @@ from raynoisy.meta.output_hypergrad import (
 from raynoisy.meta.sync import (
     ReplicasDivergedError,
     all_reduce_mean_,
+    all_reduce_sum_,
     assert_replicas_identical,
+    broadcast_,
     replica_fingerprint,
+    world_size,
 )
 
 __all__ = [
@@ -47,7 +50,9 @@ __all__ = [
     "ParamRule",
     "ReplicasDivergedError",
     "all_reduce_mean_",
+    "all_reduce_sum_",
     "assert_replicas_identical",
+    "broadcast_",
     "functional_forward",
     "identity_hessian_discount",
     "logit_gradient",
@@ -60,4 +65,5 @@ __all__ = [
     "unwrap_model",
     "update_rules",
     "virtual_step",
+    "world_size",
 ]

@@ -21,30 +21,63 @@ class ReplicasDivergedError(RuntimeError):
     """Ranks hold different values for tensors that must be bit-identical: a synchronisation bug."""
 
 
-def _world_size(group: dist.ProcessGroup | None) -> int:
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group``; 1 without an initialised process group (a laptop run, a unit test)."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
 @torch.no_grad()
-def all_reduce_mean_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
-    """Replace each tensor by its mean over the ranks, in place, with a single all-reduce.
+def all_reduce_sum_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each tensor by its sum over the ranks, in place, with a single all-reduce.
 
     The tensors are packed into one buffer of their promoted dtype (so a float32 loss can ride along with
     float64 gradients) and written back in their own dtype. They must share one device.
     """
-    world = _world_size(group)
+    _all_reduce_(tensors, group, mean=False)
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each tensor by its mean over the ranks, in place, with a single all-reduce (as the sum)."""
+    _all_reduce_(tensors, group, mean=True)
+
+
+@torch.no_grad()
+def broadcast_(tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite each tensor with rank ``src``'s values, in place, with one broadcast per dtype.
+
+    What DDP does to a model when it wraps it; a model whose gradients are synchronised by hand (and so is
+    never wrapped) gets the same guarantee of identical starting weights from this. Packed per dtype, not
+    promoted, so integer buffers (BatchNorm's batch counter) travel exactly.
+    """
+    if world_size(group) == 1:
+        return
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=src, group=group)
+        _unpack_(flat, same)
+
+
+def _unpack_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _all_reduce_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None, *, mean: bool) -> None:
+    world = world_size(group)
     if world == 1 or not tensors:
         return
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.div_(world)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    if mean:
+        flat.div_(world)
+    _unpack_(flat, tensors)
 
 
 def _digest(t: Tensor) -> str:
@@ -67,7 +100,7 @@ def assert_replicas_identical(
     Only fingerprints travel (``all_gather_object``), so it is cheap enough for a debug mode. The error
     names the first differing tensor and the ranks that disagree with rank 0.
     """
-    world = _world_size(group)
+    world = world_size(group)
     if world == 1:
         return
     gathered: list[dict[str, str]] = [{} for _ in range(world)]

@@ -17,10 +17,10 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from raynoisy.meta.sync import all_reduce_sum_
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, Method, MethodContext
 from raynoisy.methods.supervised import MainModel
@@ -87,9 +87,7 @@ class GoldLossCorrection(Method):
             sums.index_add_(0, trusted.y, probs)
             counts.index_add_(0, trusted.y, torch.ones_like(trusted.y, dtype=torch.float64))
         net.train(was_training)
-        if dist.is_available() and dist.is_initialized() and self.ctx.world_size > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
+        all_reduce_sum_([sums, counts])
         corruption = sums / counts.clamp_min(1.0)[:, None]
         # A class absent from the trusted set gets the identity row: no correction rather than none at all.
         missing = counts == 0

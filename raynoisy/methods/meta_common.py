@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,10 +41,12 @@ class TrustedMetaMethod(Method):
     """A method with a main model trained on noisy batches, a meta network, and a trusted batch per step."""
 
     needs_trusted = True
+    # Whether some step is a plain DDP step (MetaLabelNet's warm-up); the meta steps synchronise by hand.
+    plain_steps: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.main = MainModel(ctx)
+        self.main = MainModel(ctx, ddp=self.plain_steps)
 
     def eval_model(self) -> nn.Module:
         return self.main.net

@@ -126,6 +126,7 @@ def classifier_of(net: nn.Module) -> nn.Linear:
 class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
     name = "metalabelnet"
     Params = MetaLabelNetParams
+    plain_steps = True  # the stage-1 warm-up is a DDP cross-entropy step
 
     @classmethod
     def warmup_epochs_for(cls, cfg: Config) -> int:

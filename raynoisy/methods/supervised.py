@@ -4,6 +4,10 @@ Methods compose this rather than inherit behaviour they do not use: it holds the
 (``model``) for plain steps (``step``), the bare module (``net``) for evaluation, functional calls and
 the meta methods' real steps (``apply_grads`` with gradients they synchronised themselves), the
 optimizer, the schedule, and their checkpoint state.
+
+A method that never takes a plain step builds it with ``ddp=False``: DDP would allocate gradient buckets
+as large as the model and register hooks that never fire, since ``torch.autograd.grad`` bypasses them.
+The weights are then broadcast from rank 0 once, as DDP's constructor would have done.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from raynoisy.meta.sync import broadcast_, world_size
 from raynoisy.methods.base import MethodContext
 from raynoisy.train.optim import build_scheduler, build_sgd
 
@@ -20,10 +25,15 @@ from raynoisy.train.optim import build_scheduler, build_sgd
 class MainModel:
     """Main network + SGD + per-iteration lr schedule, identical on every rank."""
 
-    def __init__(self, ctx: MethodContext, epochs: int | None = None) -> None:
+    def __init__(self, ctx: MethodContext, epochs: int | None = None, *, ddp: bool = True) -> None:
         self.ctx = ctx
         self.net = ctx.build_backbone()
-        self.model = ctx.wrap_ddp(self.net)
+        self.ddp = ddp
+        if ddp:
+            self.model = ctx.wrap_ddp(self.net)
+        else:
+            self.model = self.net
+            broadcast_([*self.net.parameters(), *self.net.buffers()])
         self.epochs = epochs or ctx.cfg.optim.epochs
         self.reset_optimizer()
 
@@ -40,6 +50,11 @@ class MainModel:
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward through DDP (gradients averaged over ranks), optimizer step, schedule step."""
+        if not self.ddp and world_size() > 1:
+            raise RuntimeError(
+                "this main model was built with ddp=False, so a plain backward would leave each rank with "
+                "its own gradients: synchronise them and call apply_grads, or build it with ddp=True"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

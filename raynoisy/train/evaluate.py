@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from raynoisy.meta.sync import all_reduce_sum_
 from raynoisy.methods.base import Batch
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.no_grad()
@@ -28,8 +24,7 @@ def count_correct(net: nn.Module, batches: Iterable[Batch], device: torch.device
             counts[1] += len(batch)
     finally:
         net.train(was_training)
-    if distributed():
-        dist.all_reduce(counts)
+    all_reduce_sum_([counts])
     return int(counts[0]), int(counts[1])
 
 

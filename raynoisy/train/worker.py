@@ -41,10 +41,10 @@ from raynoisy.data.pipeline import (
     quiet_ray_data,
     total_bytes,
 )
-from raynoisy.meta.sync import all_reduce_mean_, assert_replicas_identical
+from raynoisy.meta.sync import all_reduce_mean_, all_reduce_sum_, assert_replicas_identical
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext
-from raynoisy.train.evaluate import accuracy, count_correct, distributed
+from raynoisy.train.evaluate import accuracy, count_correct
 
 STATE_FILE = "state.pt"
 BEST_MODEL_FILE = "best_model.pt"
@@ -272,8 +272,7 @@ class WorkerLoop:
 
     def _check_bad_fraction(self) -> None:
         counts = torch.tensor([self.bad.bad, self.bad.seen], dtype=torch.float64)
-        if distributed():
-            dist.all_reduce(counts)
+        all_reduce_sum_([counts])
         bad, seen = int(counts[0]), int(counts[1])
         check_bad_fraction(bad, seen, self.cfg.data.max_bad_fraction)
         self.epoch_bad = bad
@@ -374,7 +373,7 @@ class WorkerLoop:
                 columns.setdefault(key, []).append(np.asarray(value))
         part = {k: np.concatenate(v) for k, v in columns.items()}
         parts = [part]
-        if distributed():
+        if self.world > 1:
             parts = [None] * self.world
             dist.all_gather_object(parts, part)
         if self.rank != 0:
