@@ -56,9 +56,13 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0, group: dist.ProcessGroup
         return
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         same = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in same])
+        flat = _pack(same, dtype)
         dist.broadcast(flat, src=src, group=group)
         _unpack_(flat, same)
+
+
+def _pack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
 
 def _unpack_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
@@ -72,8 +76,7 @@ def _all_reduce_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None, *, 
     world = world_size(group)
     if world == 1 or not tensors:
         return
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    flat = _pack(tensors, functools.reduce(torch.promote_types, (t.dtype for t in tensors)))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     if mean:
         flat.div_(world)
