@@ -56,13 +56,19 @@ def run_grid(args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
 def _label_quality(runs: list[dict]) -> str:
     """Corrected-label accuracy (given-label accuracy), or MW-Net's mean weight of clean / mislabelled."""
     lc = [
-        r["label_correction"] for r in runs if r.get("label_correction", {}).get("corrected_label_accuracy")
+        r["label_correction"]
+        for r in runs
+        if r.get("label_correction", {}).get("corrected_label_accuracy") is not None
     ]
     if lc:
         c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
         g = statistics.mean(x["given_label_accuracy"] for x in lc)
         return f"{c:.4f} ({g:.4f})"
-    sw = [r["sample_weights"] for r in runs if r.get("sample_weights", {}).get("mean_weight_mislabelled")]
+    sw = [
+        r["sample_weights"]
+        for r in runs
+        if r.get("sample_weights", {}).get("mean_weight_mislabelled") is not None
+    ]
     if sw:
         clean = statistics.mean(x["mean_weight_clean"] for x in sw)
         wrong = statistics.mean(x["mean_weight_mislabelled"] for x in sw)
