@@ -1,21 +1,63 @@
-"""Accuracy of methods across noise settings and seeds, run one after another on one Ray cluster.
+r"""Accuracy of methods across noise settings and seeds, run one after another on one Ray cluster.
 
-Prints a markdown table (mean ± std over seeds of the best-validation model's test accuracy, plus the
-CE baseline measured in the same run) and writes every run's metrics.json under ``--output``.
+Prints a markdown table, one row per (noise, method, variant): mean ± std over seeds of the test accuracy
+of the best-validation epoch's model and of the last epoch's model, the CE baseline measured in the same
+grid, and the method's label quality; writes every run's outputs under ``--output`` and the table to
+``--output``/table.md.
 
     python benchmarks/accuracy.py --dataset fashion-mnist --data-root ../shared/data/fashion-mnist \
         --methods ce,glc --noise flip:0.4 --seeds 0,1,2 --epochs 5 --output runs/bench-glc
+
+Variants: ``--variant NAME:KEY=VALUE [KEY=VALUE ...]`` (repeatable; repeating a NAME adds overrides to it)
+defines a named group of config overrides. Each variant is a row of its own, labelled with its NAME in the
+table's ``variant`` column. A ``--methods`` entry ``METHOD@NAME`` runs METHOD with variant NAME only;
+``METHOD@`` runs it with no variant; a plain ``METHOD`` runs it once per defined variant, or once with no
+variant when none is defined. ``--set KEY=VALUE`` applies to every row; a variant's overrides come after
+it (the variant wins). E.g. MLC as preset and with its Clothing1M settings, against a plain CE baseline:
+
+    python benchmarks/accuracy.py --data-root ../shared/data/fashion-mnist --methods ce@,mlc \
+        --variant "plain:" --variant "skip:method.params.skip=true method.params.meta_lr=3e-3" \
+        --noise flip:0.4 --seeds 0,1,2 --epochs 5 --set scaling.cpus_per_worker=1 --output runs/bench-mlc
+
+Caching: each run's directory is ``METHOD-NOISE-seedSEED-HASH``, HASH a digest of the run's whole resolved
+config (``Config.to_dict()``) less the fields that do not change results (``IGNORED_FIELDS``: output paths,
+run name, logging, checkpoint retention). A run is reused only when its ``metrics.json`` exists and the
+``config.json`` the driver wrote next to it equals the config this command would run, up to those fields;
+otherwise it is trained again (a mismatched ``metrics.json`` is first moved aside to metrics.stale.json).
+All configs are built and validated before the first run starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
+import shlex
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from raynoisy.config import load_config
+from raynoisy.config import Config, parse_set_override
+from raynoisy.errors import ConfigError
 from raynoisy.train.driver import train
+from raynoisy.train.preflight import resolve_config
+
+# Config fields that do not change a run's results: where it writes, what it is called, how it logs, and
+# how many checkpoints / restarts Ray Train keeps. Every other field is part of a cached run's key.
+IGNORED_FIELDS = (
+    "run.output",
+    "run.name",
+    "run.storage_path",
+    "run.log_every_steps",
+    "run.tensorboard",
+    "run.max_failures",
+    "run.keep_checkpoints",
+    "data.shard_root",
+)
+
+NO_VARIANT = ""
+_VARIANT_NAME = re.compile(r"[^\s,@:]+")
 
 
 def parse_noise(text: str) -> tuple[str, float]:
@@ -23,33 +65,170 @@ def parse_noise(text: str) -> tuple[str, float]:
     return kind, float(rate)
 
 
-def run_grid(args: argparse.Namespace) -> dict[tuple[str, str], list[dict]]:
-    results: dict[tuple[str, str], list[dict]] = {}
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE [KEY=VALUE ...]`` -> (NAME, ["KEY=VALUE", ...]); the overrides are shell-split."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not _VARIANT_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a variant is NAME:KEY=VALUE [KEY=VALUE ...], NAME without spaces, ',', '@' or ':'"
+        )
+    try:
+        overrides = shlex.split(rest)
+        for item in overrides:
+            parse_set_override(item)
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return name, overrides
+
+
+def collect_variants(pairs: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
+    variants: dict[str, list[str]] = {}
+    for name, overrides in pairs:
+        variants.setdefault(name, []).extend(overrides)
+    return variants
+
+
+def parse_rows(methods: str, variants: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """The table's (method, variant) rows, in the order given; see the module docstring for the syntax."""
+    rows: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in methods.split(",")):
+        if not entry:
+            continue
+        method, at, name = entry.partition("@")
+        if at:
+            if name and name not in variants:
+                raise ValueError(f"--methods {entry}: no --variant named {name!r}")
+            wanted = [(method, name)]
+        else:
+            wanted = [(method, v) for v in variants] or [(method, NO_VARIANT)]
+        rows.extend(r for r in wanted if r not in rows)
+    unused = [v for v in variants if all(v != r[1] for r in rows)]
+    if unused:
+        raise ValueError(f"--variant {', '.join(unused)} is used by no --methods entry (write METHOD@NAME)")
+    if not rows:
+        raise ValueError("--methods names no method")
+    return rows
+
+
+def result_config(config: dict) -> dict:
+    """The config as config.json stores it, less ``IGNORED_FIELDS``: what decides whether a run is reused."""
+    out = json.loads(json.dumps(config, default=str))
+    for dotted in IGNORED_FIELDS:
+        section, _, name = dotted.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    text = json.dumps(result_config(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: dict, new: dict) -> str:
+    a, b = _flatten(result_config(old)), _flatten(result_config(new))
+    missing = object()
+    changed = [
+        f"{k} {a.get(k, missing)!r} -> {b.get(k, missing)!r}".replace(repr(missing), "(absent)")
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+    return "; ".join(changed)
+
+
+@dataclass
+class Run:
+    noise: str
+    method: str
+    variant: str
+    seed: int
+    cfg: Config
+
+    @property
+    def output(self) -> Path:
+        return Path(self.cfg.run.output)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Every run of the grid with its resolved config and output directory, validated before any trains."""
+    variants = collect_variants(args.variant)
+    rows = parse_rows(args.methods, variants)
+    data_root = args.data_root
+    if data_root is not None and "://" not in data_root:
+        data_root = str(Path(data_root).expanduser().resolve())
+    runs = []
     for noise in args.noise:
         kind, rate = parse_noise(noise)
-        for method in args.methods.split(","):
+        for method, variant in rows:
             for seed in (int(s) for s in args.seeds.split(",")):
-                out = Path(args.output) / f"{method}-{kind}{rate}-seed{seed}"
-                done = out / "metrics.json"
-                if done.exists():
-                    metrics = json.loads(done.read_text())
-                else:
-                    flags = {
-                        "data.root": args.data_root,
-                        "noise.type": kind,
-                        "noise.rate": rate,
-                        "split.clean_per_class": args.clean_per_class,
-                        "optim.epochs": args.epochs,
-                        "run.seed": seed,
-                        "run.output": str(out),
-                        "scaling.workers": args.workers,
-                    }
-                    cfg = load_config(args.dataset, method, flags=flags, overrides=args.set)
-                    metrics = train(cfg)
-                results.setdefault((noise, method), []).append(metrics)
-                print(
-                    f"[bench] {method} {noise} seed {seed}: test {metrics['test_accuracy']:.4f}", flush=True
-                )
+                flags = {
+                    "data.root": data_root,
+                    "noise.type": kind,
+                    "noise.rate": rate,
+                    "split.clean_per_class": args.clean_per_class,
+                    "optim.epochs": args.epochs,
+                    "run.seed": seed,
+                    "run.output": args.output,  # replaced below, once the config's hash is known
+                    "scaling.workers": args.workers,
+                }
+                overrides = [*args.set, *variants.get(variant, [])]
+                # Checked whole (data set, model, method params, ...), so that a bad row fails here.
+                cfg = resolve_config(args.dataset, method, flags=flags, overrides=overrides)
+                name = f"{_slug(method)}-{_slug(kind)}{rate}-seed{cfg.run.seed}-{config_hash(cfg.to_dict())}"
+                cfg.run.output = str(Path(args.output) / name)
+                runs.append(Run(noise, method, variant, seed, cfg))
+    return runs
+
+
+def cached_metrics(run: Run) -> dict | None:
+    """The run's metrics.json if its config.json matches the run's config; None (stale moved aside) if not."""
+    metrics, saved = run.output / "metrics.json", run.output / "config.json"
+    if not metrics.exists():
+        return None
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if result_config(old) == result_config(run.cfg.to_dict()):
+            return json.loads(metrics.read_text())
+        why = config_diff(old, run.cfg.to_dict())
+    else:
+        why = "no config.json"
+    metrics.replace(run.output / "metrics.stale.json")
+    print(f"[bench] stale cached run in {run.output} ({why}): running it again", flush=True)
+    return None
+
+
+def run_grid(
+    args: argparse.Namespace, runs: list[Run] | None = None
+) -> dict[tuple[str, str, str], list[dict]]:
+    """(noise, method, variant) -> the metrics of each seed, training only the runs not cached."""
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    for run in plan_runs(args) if runs is None else runs:
+        metrics = cached_metrics(run)
+        reused = metrics is not None
+        if metrics is None:
+            metrics = train(run.cfg)
+        results.setdefault((run.noise, run.method, run.variant), []).append(metrics)
+        label = f"{run.method}@{run.variant}" if run.variant else run.method
+        print(
+            f"[bench] {label} {run.noise} seed {run.seed}: test {metrics['test_accuracy']:.4f} "
+            f"({'reused' if reused else 'trained'} {run.output.name})",
+            flush=True,
+        )
     return results
 
 
@@ -76,43 +255,77 @@ def _label_quality(runs: list[dict]) -> str:
     return ""
 
 
-def table(results: dict[tuple[str, str], list[dict]]) -> str:
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
+    """Δ vs ce: against ce of the same noise and variant, else the ce row of that noise without a variant."""
     lines = [
-        "| noise | method | test acc (mean ± std) | per seed | Δ vs ce "
+        "| noise | method | variant | test acc, best-val epoch (mean ± std) | per seed "
+        "| test acc, last epoch (mean ± std) | Δ vs ce "
         "| corrected-label acc (given-label acc) or mean weight clean / mislabelled |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (noise, method), runs in results.items():
+    for (noise, method, variant), runs in results.items():
         accs = [r["test_accuracy"] for r in runs]
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        base = results.get((noise, "ce"))
-        delta = f"{mean - statistics.mean(r['test_accuracy'] for r in base):+.4f}" if base else ""
+        last = [r["final_test_accuracy"] for r in runs if r.get("final_test_accuracy") is not None]
+        base = results.get((noise, "ce", variant)) or results.get((noise, "ce", NO_VARIANT))
+        delta = (
+            f"{statistics.mean(accs) - statistics.mean(r['test_accuracy'] for r in base):+.4f}"
+            if base
+            else ""
+        )
         seeds = " / ".join(f"{a:.4f}" for a in accs)
         lines.append(
-            f"| {noise} | {method} | {mean:.4f} ± {std:.4f} | {seeds} | {delta} | {_label_quality(runs)} |"
+            f"| {noise} | {method} | {variant} | {_mean_std(accs)} | {seeds} | "
+            f"{_mean_std(last) if len(last) == len(accs) else ''} | {delta} | {_label_quality(runs)} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-root")
-    parser.add_argument("--methods", default="ce,glc")
+    parser.add_argument(
+        "--methods", default="ce,glc", help="comma-separated METHOD, METHOD@VARIANT or METHOD@ (no variant)"
+    )
     parser.add_argument("--noise", action="append", required=True, help="TYPE:RATE, repeatable")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--clean-per-class", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every row, repeatable"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=parse_variant,
+        metavar="NAME:KEY=VALUE [KEY=VALUE ...]",
+        help="a named group of overrides, one table row per method using it; repeatable",
+    )
     parser.add_argument("--output", required=True)
-    args = parser.parse_args()
-    results = run_grid(args)
-    text = table(results)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        runs = plan_runs(args)
+    except (ValueError, ConfigError) as exc:
+        parser.error(str(exc))
+    text = table(run_grid(args, runs))
     print(text)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "table.md").write_text(text + "\n")
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.utils.data
 
 from raynoisy.config import Config, load_config
+from raynoisy.data.batch import Batch
 from raynoisy.data.miniature import build_miniature_clothing1m
 from raynoisy.data.pipeline import (
     BadSampleCounter,
@@ -57,7 +58,6 @@ from raynoisy.data.pipeline import (
     quiet_ray_data,
     to_batch,
 )
-from raynoisy.methods.base import Batch
 from raynoisy.train.driver import input_spec, prepare
 
 DATALOADER = "dataloader"

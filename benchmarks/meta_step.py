@@ -8,18 +8,23 @@ the same batch.
 
 How each method is built and driven, so that the step timed is the step training runs:
 
-- the config is the data set's preset (``load_config``: ``fashion-mnist`` for ``small-cnn`` at 28x28x1,
-  ``cifar10`` for ``resnet32`` at 32x32x3), with the model's batch size for every method (a preset with
-  another batch size, e.g. MetaLabelNet's CIFAR-10 128, is overridden and said so: same batch for all);
-- the ``MethodContext`` is filled as ``raynoisy.train.worker`` fills it for one rank, from the data set's
-  nominal split sizes (GLC's trusted batch is proportional to them); the seed is reset before each method is
-  built, so every method starts from the same main-model weights;
-- the epoch hooks are driven, without steps, up to the first epoch whose model the method may select
-  (``Method.selectable``): GLC's phase 2 (its corruption matrix estimated from a trusted pass) and
-  MetaLabelNet's stage 2 (its frozen encoder copied). Earlier epochs run a CE step, so the method's own step
-  is the one that tells what it costs; the table says which epochs that is and what share of training;
+- the config is the data set's preset, checked whole as the driver checks it (``resolve_config``:
+  ``fashion-mnist`` for ``small-cnn`` at 28x28x1, ``cifar10`` for ``resnet32`` at 32x32x3), with the model's
+  batch size for every method (a preset with another batch size, e.g. MetaLabelNet's CIFAR-10 128, is
+  overridden and said so: same batch for all);
+- the method is built and driven with ``raynoisy.train.harness``, as the training loop builds and drives it
+  on one rank: the ``MethodContext`` from the data set's nominal split sizes (GLC's trusted batch is
+  proportional to them), its trusted-set pass over the synthetic trusted pool; the seed is reset before each
+  method is built, so every method starts from the same main-model weights;
+- the stage hooks are run, without steps, up to the first step of the first stage whose models the method
+  may select (``Stage.selectable``; ``harness.start_stage``): GLC's ``corrected`` stage (its corruption
+  matrix estimated from a trusted pass) and MetaLabelNet's ``meta`` stage (its frozen encoder copied).
+  Earlier stages run a CE step, so the method's own step is the one that tells what it costs; the table says
+  which stage and epochs that is and what share of training;
 - ``train_step(batch, trusted)`` with one fixed synthetic batch and a trusted batch of the method's
-  ``trusted_batch_size()``; no data is read, so ``data.root`` is any existing folder.
+  ``trusted_batch_size(stage)`` (a stage that trains on the trusted set, such as ``ce-clean``'s, gets the
+  synthetic batch as its trusted batch and None as ``trusted``, as the loop passes them); no data is read,
+  so ``data.root`` is any existing folder.
 
 Timing runs with the torch thread count the trainer gives one worker on this machine (``--threads``; about
 half the CPUs, the rest decode data). Warm-up steps come first (lazy optimizer state, allocator and kernel
@@ -66,10 +71,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from raynoisy.config import load_config
+from raynoisy.data.batch import Batch
 from raynoisy.data.sources import get_source
 from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.methods import get_method_class
-from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.base import Method
+from raynoisy.train.harness import build_method, method_context, start_stage
+from raynoisy.train.preflight import resolve_config
 
 # Kineto prints start/stop lines for every profiled step; level 6 silences them (set before the profiler's
 # first use, which is when kineto reads it), unless the user asked for a level.
@@ -135,8 +143,10 @@ class MethodRun:
     name: str
     method: Method
     trusted: Batch | None
-    timed_from_epoch: int  # first epoch of the phase whose step is timed
+    stage: str  # the stage whose step is timed
+    timed_from_epoch: int  # its first epoch
     total_epochs: int
+    single_stage: bool  # the method trains in one stage
     times: list[float] = field(default_factory=list)  # wall seconds, one per round, in round order
     cpu_times: list[float] = field(default_factory=list)  # CPU seconds of the process, same steps
     peak_bytes: int = 0  # above what was allocated when the step started
@@ -145,11 +155,14 @@ class MethodRun:
 
     @property
     def phase(self) -> str:
-        """Which epochs run the step that was timed, and their share of training."""
-        if self.timed_from_epoch == 0:
+        """Which stage and epochs run the step that was timed, and their share of training."""
+        if self.single_stage:
             return "every epoch"
         share = (self.total_epochs - self.timed_from_epoch) / self.total_epochs
-        return f"epochs {self.timed_from_epoch}-{self.total_epochs - 1} of {self.total_epochs} ({share:.0%})"
+        return (
+            f"{self.stage}: epochs {self.timed_from_epoch}-{self.total_epochs - 1} of {self.total_epochs} "
+            f"({share:.0%})"
+        )
 
 
 @dataclass
@@ -262,8 +275,8 @@ def build_run(
     trusted_pool: Batch,
     notes: list[str],
 ) -> MethodRun:
-    """Build ``name`` as the worker does for one rank and bring it to the phase that is timed."""
-    cfg = load_config(
+    """Build ``name`` as the training loop does for one rank and bring it to the stage that is timed."""
+    cfg = resolve_config(
         spec.dataset, name, flags={"data.root": root, "run.output": root, "optim.batch_size": batch_size}
     )
     preset_batch = load_config(
@@ -275,33 +288,30 @@ def build_run(
             f"timed at {batch_size} like every other method"
         )
     source = get_source(spec.dataset)
-    ctx = MethodContext(
-        cfg=cfg,
+    ctx = method_context(
+        cfg,
         num_classes=spec.num_classes,
         in_channels=source.channels,
         image_size=source.image_size,
-        device=device,
-        rank=0,
-        world_size=1,
         steps_per_epoch=spec.num_train // batch_size,
         num_train=spec.num_train,
         num_trusted=spec.num_trusted,
-        iter_trusted_pass=lambda: iter([trusted_pool]),
+        splits={"trusted": [trusted_pool]},
+        device=device,
     )
-    torch.manual_seed(cfg.run.seed)  # as the worker seeds before building: same initial weights for all
-    method = get_method_class(name)(ctx)
-    total = method.total_epochs()
-    start = next((e for e in range(total) if method.selectable(e)), 0)
-    # The worker's hook order without the steps: each earlier epoch's start and end, then the timed epoch's.
-    for epoch in range(start):
-        method.on_epoch_start(epoch)
-        method.on_epoch_end(epoch)
-    method.on_epoch_start(start)
-    size = method.trusted_batch_size()
+    method = build_method(ctx)  # seeded as the worker seeds it: same initial weights for every method
+    stages = method.stages(cfg)
+    timed = next((s for s in stages if s.selectable), stages[0])
+    start_stage(method, timed.name)
+    size = method.trusted_batch_size(timed)
     if size > len(trusted_pool):
         raise ValueError(f"{name} wants a trusted batch of {size}, more than the pool of {len(trusted_pool)}")
-    trusted = first_batch_of(trusted_pool, size) if size > 0 else None
-    return MethodRun(name, method, trusted, start, total)
+    # A stage on the trusted stream takes its trusted batches as ``batch`` (the synthetic batch stands in)
+    # and None as ``trusted``.
+    trusted = first_batch_of(trusted_pool, size) if size > 0 and timed.trains_on == "train" else None
+    first = sum(s.epochs for s in stages[: stages.index(timed)])
+    total = sum(s.epochs for s in stages)
+    return MethodRun(name, method, trusted, timed.name, first, total, single_stage=len(stages) == 1)
 
 
 def synchronize(device: torch.device) -> None:
@@ -626,13 +636,14 @@ def run(args: argparse.Namespace) -> Report:
         "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events"
     )
     print(
-        f"step peak = memory a step allocates above what is allocated at its start ({memory}); "
-        "held = tensors in the method's state_dict; step timed = the epochs the method may select its model "
-        "from (GLC phase 2, MetaLabelNet stage 2; earlier epochs run a CE step); CPU-time ratio = the same "
-        "ratio of medians by process CPU time, which other processes' load does not stretch (a cross-check: "
-        "the target is judged on wall time); pass floor = the passes the method's algorithm needs "
-        "(F forward, B backward, J forward-mode, E no-grad eval forward; PASSES in meta_step.py) priced at "
-        "the measured pass times, relative to CE's F + B: the step's cost if nothing else took time",
+        f"step peak = memory a step allocates above what is allocated at its start ({memory}); held = "
+        "tensors in the method's state_dict; step timed = the first stage the method may select its model "
+        "from (GLC corrected, MetaLabelNet meta; earlier stages run a CE step); CPU-time ratio = the same "
+        "ratio of medians by process CPU time, which other processes' load does not stretch (a "
+        "cross-check: the target is judged on wall time); pass floor = the passes the method's algorithm "
+        "needs (F forward, B backward, J forward-mode, E no-grad eval forward; PASSES in meta_step.py) "
+        "priced at the measured pass times, relative to CE's F + B: the step's cost if nothing else took "
+        "time",
         flush=True,
     )
     for note in notes:

@@ -54,25 +54,38 @@ def add_run_arguments(
 
 
 def config_from_args(args: argparse.Namespace):
-    from raynoisy.config import load_config
+    """The run's config from parsed flags, checked whole (raises ConfigError before Ray starts)."""
+    from raynoisy.train.preflight import resolve_config
 
     flags = {path: getattr(args, name, None) for name, path in _FLAG_FIELDS.items()}
-    return load_config(args.dataset, args.method, config_file=args.config, flags=flags, overrides=args.set)
+    return resolve_config(args.dataset, args.method, config_file=args.config, flags=flags, overrides=args.set)
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # before the driver import, which loads Ray Train (seconds): fail fast
     from raynoisy.train.driver import train
 
-    cfg = config_from_args(args)
     metrics = train(cfg)
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
 
 
+def train_job(
+    argv: Sequence[str] | None = None, *, description: str, dataset: str, method: str = "ce", output: str
+) -> int:
+    """The body of a ``jobs/*.py`` script: ``raynoisy train`` with the job's data set and defaults."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, dataset=dataset, method=method)
+    parser.set_defaults(output=output, fn=_train)
+    return run(argv, parser)
+
+
 def _shard(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from raynoisy.train.driver import prepare
+    from raynoisy.train.prepare import prepare
 
     if args.output is None:
         args.output = args.shard_root or "."
@@ -98,8 +111,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 def _noise(args: argparse.Namespace) -> int:
     from raynoisy.data.plan import plan_labels
-    from raynoisy.data.sources import load_catalog
-    from raynoisy.train.driver import resolve_root
+    from raynoisy.data.sources import load_catalog, resolve_root
 
     args.output = args.output or "."
     cfg = config_from_args(args)
@@ -133,7 +145,9 @@ def run(argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = Non
     try:
         return args.fn(args)
     except RaynoisyError as exc:
-        print(f"raynoisy: error: {exc}", file=sys.stderr)
+        # One line even when a value or key in the message holds a newline: control characters escaped.
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
 
 

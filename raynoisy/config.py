@@ -1,14 +1,19 @@
 """One typed config per run: YAML presets shipped in the package, a user file, CLI flags, ``--set`` overrides.
 
 Precedence (later wins): the preset ``configs/<dataset>/<method>.yaml`` (which may ``extends:`` a sibling
-file), ``--config FILE.yaml``, the named CLI flags, then ``--set key.path=value``. Everything that can be
-checked without reading the data is checked by ``validate`` before Ray starts; checks that need the data
-(per-class counts, list files) run in the driver, also before Ray starts.
+file; a data set x method without a preset starts from the data set's ``_base.yaml`` and the method's own
+defaults), ``--config FILE.yaml``, the named CLI flags, then ``--set key.path=value``.
+
+This module is the schema and the loader only: it knows no method, source or model. ``validate`` checks
+what the schema alone decides (types, finite numbers, ranges, batch arithmetic); each registry checks its
+own part (``raynoisy.data.check_config``, ``raynoisy.models.check_config``, ``raynoisy.methods.check_config``)
+and ``raynoisy.train.preflight`` runs them all before Ray starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -59,6 +64,7 @@ class ModelConfig:
 class MethodConfig:
     name: str = "ce"
     params: dict = field(default_factory=dict)  # validated against the method's own params dataclass
+    module: str | None = None  # importable module that registers a method of your own (@register_method)
 
 
 @dataclass
@@ -91,7 +97,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 50
     tensorboard: bool = True
-    fail_once_at_epoch: int | None = None  # fault-injection drill: rank 1 (or 0) dies once at this epoch
+    eval_every_steps: int | None = None  # also evaluate and checkpoint every N steps inside an epoch
+    fail_once_at_step: int | None = (
+        None  # fault-injection drill: the last rank dies once before this global step
+    )
 
 
 @dataclass
@@ -111,7 +120,7 @@ class Config:
 
 def coerce_field(value: Any, hint: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise a ConfigError naming the field."""
-    text = str(hint)
+    text = hint.__name__ if isinstance(hint, type) else str(hint)  # "int", not "<class 'int'>"
     if value is None:
         if "None" in text:
             return None
@@ -126,24 +135,57 @@ def coerce_field(value: Any, hint: Any, path: str) -> Any:
                 return False
             raise ValueError(value)
         if text.startswith("int") or hint is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError(value)
-            return int(float(value))
+            return _as_int(value)
         if text.startswith("float") or hint is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(path, f"{value!r} is not a finite number", f"set {path} to a finite number")
+            return number
         if text.startswith("str") or hint is str:
+            if isinstance(value, list | tuple | dict):
+                raise ValueError(value)
             return str(value)
         if text.startswith("list"):
             if not isinstance(value, list | tuple):
                 raise ValueError(value)
-            return [int(v) for v in value] if "int" in text else list(value)
-        if text.startswith("dict"):
+            return [_as_int(v) for v in value] if "int" in text else list(value)
+        if text.startswith("dict") or hint is dict:
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-    except (TypeError, ValueError):
-        raise ConfigError(path, f"{value!r} is not a valid {text}", f"set {path} to a {text}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400), int(inf)
+        raise ConfigError(
+            path, f"{value!r} is not a valid {text}", f"set {path} to a value of type {text}"
+        ) from None
     return value
+
+
+def _as_int(value: Any) -> int:
+    """An int, exactly (no round trip through float for ints); ``2.0`` and ``"3"`` count, ``2.5`` does not."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass  # "1e3", "2.0": through float below
+    number = float(value)
+    if not number.is_integer():  # also NaN and infinities
+        raise ValueError(value)
+    return int(number)
+
+
+def user_path(path: str, field_name: str) -> Path:
+    """``path`` with ``~``/``~user`` expanded; an unknown user is a ConfigError naming the field.
+
+    ``Path.expanduser`` raises RuntimeError there (``os.path.expanduser`` returns the text unchanged).
+    """
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        raise ConfigError(field_name, f"cannot expand {path!r}: no such home folder", "write the full path")
+    return Path(expanded)
 
 
 def _merge_into(obj: Any, values: dict, prefix: str = "") -> None:
@@ -213,7 +255,20 @@ def parse_set_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError("--set", f"{text!r} is not key.path=value", "write e.g. --set optim.lr=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not all(part.strip() and part.isprintable() for part in key.split(".")):
+        raise ConfigError("--set", f"{key!r} is not a dotted key path", "write e.g. --set optim.lr=0.05")
+    if not raw.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    # PyYAML's constructors also raise ValueError and others: "2001-02-30", "!!timestamp x", 5,000 digits.
+    except Exception as exc:
+        reason = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            key.strip() or "--set",
+            f"{raw!r} is not a YAML value ({reason})",
+            "quote the value, e.g. --set 'key.path=\"text\"'",
+        ) from None
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -234,17 +289,15 @@ def load_config(
     """Build the config of one run. ``flags`` maps dotted paths to values from named CLI flags."""
     cfg = Config()
     preset = preset_path(dataset, method)
-    if not preset.exists():
-        _check_known(dataset, method)
-        raise ConfigError(
-            "method.name", f"no preset for dataset {dataset!r} x method {method!r}", "pass --config FILE.yaml"
-        )
-    _merge_into(cfg, _resolve_extends(preset, "--config"))
+    if not preset.exists():  # no tuned preset: the data set's base config and the method's own defaults
+        preset = preset.parent / "_base.yaml"
+    if preset.exists():
+        _merge_into(cfg, _resolve_extends(preset, "--config"))
     embedded = preset.parent / "_embedded.yaml"
     if dataset in EMBEDDED_DATASETS and (flags or {}).get("data.root") is None and embedded.exists():
         _merge_into(cfg, _resolve_extends(embedded, "--config"))
     if config_file:
-        _merge_into(cfg, _resolve_extends(Path(config_file).expanduser().resolve(), "--config"))
+        _merge_into(cfg, _resolve_extends(user_path(config_file, "--config").resolve(), "--config"))
     layered: dict = {}
     for key, value in (flags or {}).items():
         if value is not None:
@@ -257,59 +310,8 @@ def load_config(
     return cfg
 
 
-def _check_known(dataset: str, method: str) -> None:
-    from raynoisy.data.sources import get_source
-    from raynoisy.methods import get_method_class
-
-    get_source(dataset)
-    get_method_class(method)
-
-
 def validate(cfg: Config) -> None:
-    """Every check that needs no data. Raises ConfigError naming the field and the fix."""
-    from raynoisy.data.noise import NoiseSpec
-    from raynoisy.data.sources import get_source
-    from raynoisy.methods import get_method_class
-    from raynoisy.models import model_names
-
-    source = get_source(cfg.data.dataset)
-    method_cls = get_method_class(cfg.method.name)
-    method_cls.parse_params(cfg.method.params)
-    method_cls.check_config(cfg)
-    noise = NoiseSpec.parse(cfg.noise.type, cfg.noise.rate)
-    if noise.type == "matrix" and not (noise.matrix_path and Path(noise.matrix_path).expanduser().is_file()):
-        raise ConfigError(
-            "noise.type",
-            f"matrix file {noise.matrix_path} does not exist or is not a file",
-            "pass --noise matrix:PATH with a row-stochastic KxK .npy or .csv",
-        )
-    if (
-        cfg.data.root is not None
-        and "://" not in cfg.data.root
-        and not Path(cfg.data.root).expanduser().exists()
-    ):
-        raise ConfigError(
-            "data.root", f"{cfg.data.root} does not exist", "pass --data-root pointing at the data set"
-        )
-    if source.needs_root and cfg.data.root is None and cfg.data.dataset not in EMBEDDED_DATASETS:
-        raise ConfigError(
-            "data.root", f"dataset {cfg.data.dataset!r} needs a data root", "pass --data-root PATH"
-        )
-    if source.transform == "text":
-        raise ConfigError(
-            "data.dataset",
-            "training on text needs a text backbone, which this release does not ship",
-            "use `raynoisy shard` to prepare text data, or train on an image data set",
-        )
-    if cfg.model.name not in model_names():
-        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}", f"use one of {model_names()}")
-    if (
-        cfg.model.pretrained not in (None, "imagenet")
-        and not Path(cfg.model.pretrained).expanduser().exists()
-    ):
-        raise ConfigError(
-            "model.pretrained", f"{cfg.model.pretrained} does not exist", "pass a local weights file"
-        )
+    """Every check the schema alone decides. Raises ConfigError naming the field and the fix."""
     _check_range("split.clean_fraction", cfg.split.clean_fraction, 0.0, 1.0, open_interval=True)
     _check_range("split.test_fraction", cfg.split.test_fraction, 0.0, 1.0, open_interval=True)
     _check_range("data.max_bad_fraction", cfg.data.max_bad_fraction, 0.0, 1.0)
@@ -317,6 +319,10 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.split, name)
         if value is not None and value < 1:
             raise ConfigError(f"split.{name}", f"must be >= 1, got {value}", f"pass a positive --{name}")
+    for name in ("image_size", "rows_per_shard", "shuffle_buffer_rows"):
+        value = getattr(cfg.data, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{name}", f"must be >= 1, got {value}", f"set data.{name} to 1 or more")
     o = cfg.optim
     if o.epochs < 1:
         raise ConfigError("optim.epochs", f"must be >= 1, got {o.epochs}", "pass --epochs 1 or more")
@@ -340,6 +346,14 @@ def validate(cfg: Config) -> None:
             "scaling.gpus_per_worker",
             f"{s.gpus_per_worker} would put two DDP ranks on one GPU",
             "use 0 (CPU) or whole GPUs per worker",
+        )
+    for name in ("eval_every_steps", "log_every_steps", "keep_checkpoints"):
+        value = getattr(cfg.run, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"run.{name}", f"must be >= 1, got {value}", f"set run.{name} to 1 or more")
+    if cfg.run.max_failures < -1:
+        raise ConfigError(
+            "run.max_failures", f"must be >= -1, got {cfg.run.max_failures}", "-1 retries forever"
         )
     if cfg.run.output is None:
         raise ConfigError("run.output", "no output directory", "pass --output DIR")

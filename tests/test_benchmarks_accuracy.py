@@ -1,8 +1,15 @@
-"""benchmarks/accuracy.py's table: mean ± std per (noise, method), the CE delta, and label quality."""
+"""benchmarks/accuracy.py: the table, variant rows, and when a cached run is reused.
+
+No Ray: ``train`` (the function that starts Ray Train) is replaced by a fake that writes what the driver
+writes into ``run.output`` (config.json, metrics.json) and records which configs it was asked to train.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,15 +23,178 @@ def load_benchmark() -> ModuleType:
     spec = importlib.util.spec_from_file_location("raynoisy_benchmark_accuracy", BENCHMARK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The benchmark with a fake ``train``; ``bench.trained`` lists the configs it trained, in order."""
+    module = load_benchmark()
+    module.trained = []
+
+    def fake_train(cfg) -> dict:
+        out = Path(cfg.run.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # as the driver does
+        module.trained.append(cfg)
+        acc = 0.5 + cfg.optim.lr + cfg.optim.epochs / 100 + cfg.run.seed / 1000
+        metrics = {"test_accuracy": acc, "final_test_accuracy": acc - 0.01, "epochs": cfg.optim.epochs}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(module, "train", fake_train)
+    return module
+
+
+def bench_args(output: Path, *extra: str) -> list[str]:
+    """A digits grid: sklearn's bundled data set, so no data root is needed and nothing is read."""
+    return ["--dataset", "digits", "--clean-per-class", "10", "--output", str(output), *extra]
+
+
+def run(bench: ModuleType, argv: list[str]) -> tuple[list, dict]:
+    """One grid; returns the configs it trained and the metrics it reported per row."""
+    start = len(bench.trained)
+    results = bench.run_grid(bench.build_parser().parse_args(argv))
+    trained = bench.trained[start:]
+    bench.main(argv)  # the CLI path as well: everything is cached by now, so it trains nothing
+    assert len(bench.trained) == start + len(trained)
+    return trained, results
+
+
+def test_identical_config_is_reused(bench: ModuleType, tmp_path: Path) -> None:
+    argv = bench_args(
+        tmp_path, "--methods", "ce", "--noise", "uniform:0.4", "--seeds", "0,1", "--epochs", "2"
+    )
+    first, results = run(bench, argv)
+    assert [c.run.seed for c in first] == [0, 1]
+    again, results_again = run(bench, argv)
+    assert again == []  # both seeds reused, also by main's second pass
+    assert results_again == results
+    # fields that do not change results are not part of the key
+    quiet = [*argv, "--set", "run.log_every_steps=7", "--set", "run.tensorboard=false"]
+    assert run(bench, quiet)[0] == []
+    # one run directory per seed, named by the config's hash, each with the config it was trained with
+    dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [d.name.rsplit("-", 1)[0] for d in dirs] == ["ce-uniform0.4-seed0", "ce-uniform0.4-seed1"]
+    for d in dirs:
+        saved = json.loads((d / "config.json").read_text())
+        assert d.name.endswith(bench.config_hash(saved))
+        assert saved["optim"]["epochs"] == 2
+    assert (tmp_path / "table.md").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [["--epochs", "3"], ["--set", "optim.lr=0.2"], ["--clean-per-class", "5"]],
+    ids=["epochs", "set", "clean-per-class"],
+)
+def test_different_config_is_not_reused(bench: ModuleType, tmp_path: Path, change: list[str]) -> None:
+    argv = bench_args(tmp_path, "--methods", "ce", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2")
+    run(bench, argv)
+    trained, results = run(bench, [*argv, *change])
+    assert len(trained) == 1  # trained again, into a directory of its own
+    cfg = trained[0]
+    if change[0] == "--epochs":
+        assert cfg.optim.epochs == 3 and results[("uniform:0.4", "ce", "")][0]["epochs"] == 3
+    if change[0] == "--set":
+        assert cfg.optim.lr == 0.2
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    # and the first config is still cached in its own directory
+    assert run(bench, argv)[0] == []
+
+
+def test_stale_run_in_the_same_directory_is_rerun(bench: ModuleType, tmp_path: Path) -> None:
+    """A metrics.json whose config.json does not match (edited, or an older run) is not reused."""
+    argv = bench_args(tmp_path, "--methods", "ce", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2")
+    run(bench, argv)
+    (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    saved = json.loads((out / "config.json").read_text())
+    saved["optim"]["epochs"] = 9
+    (out / "config.json").write_text(json.dumps(saved))
+    trained, _ = run(bench, argv)
+    assert len(trained) == 1 and trained[0].optim.epochs == 2
+    assert (out / "metrics.stale.json").exists()
+    # a metrics.json without the config.json it was trained with is not reused either
+    (out / "config.json").unlink()
+    assert len(run(bench, argv)[0]) == 1
+
+
+def test_variants_are_separate_rows(bench: ModuleType, tmp_path: Path, capsys) -> None:
+    argv = bench_args(
+        tmp_path,
+        *("--methods", "ce@,mlc", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2"),
+        *("--set", "optim.lr=0.01"),
+        *("--variant", "plain", "--variant", "skip:method.params.skip=true"),
+        *("--variant", "skip:optim.lr=0.05", "--variant", "lr=0.1:optim.lr=0.1"),
+    )
+    trained, results = run(bench, argv)
+    assert list(results) == [
+        ("uniform:0.4", "ce", ""),
+        ("uniform:0.4", "mlc", "plain"),
+        ("uniform:0.4", "mlc", "skip"),
+        ("uniform:0.4", "mlc", "lr=0.1"),
+    ]
+    by_row = {(c.method.name, c.method.params.get("skip"), c.optim.lr) for c in trained}
+    # The plain rows leave skip to MLCParams' default (presets carry only what differs from it).
+    assert by_row == {("ce", None, 0.01), ("mlc", None, 0.01), ("mlc", True, 0.05), ("mlc", None, 0.1)}
+    assert len({c.run.output for c in trained}) == 4
+    rows = capsys.readouterr().out.split("| noise |")[-1].splitlines()[2:]
+    assert [r.split(" | ")[1:3] for r in rows] == [
+        ["ce", ""],
+        ["mlc", "plain"],
+        ["mlc", "skip"],
+        ["mlc", "lr=0.1"],
+    ]
+
+
+def test_variant_syntax_and_rows() -> None:
+    bench = load_benchmark()
+    assert bench.parse_variant("k5:method.params.skip=true optim.lr=0.1") == (
+        "k5",
+        ["method.params.skip=true", "optim.lr=0.1"],
+    )
+    assert bench.parse_variant("base") == ("base", [])
+    assert bench.parse_variant("m:optim.milestones='[3, 6]'") == ("m", ["optim.milestones=[3, 6]"])
+    for bad in ("a b:optim.lr=1", "k:optim.lr", ":optim.lr=1", "a@b:optim.lr=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_variant(bad)
+    variants = {"a": ["optim.lr=0.1"], "b": []}
+    assert bench.parse_rows("ce@,mlc,mwnet@b", variants) == [
+        ("ce", ""),
+        ("mlc", "a"),
+        ("mlc", "b"),
+        ("mwnet", "b"),
+    ]
+    assert bench.parse_rows("ce,glc", {}) == [("ce", ""), ("glc", "")]
+    with pytest.raises(ValueError, match="no --variant named 'c'"):
+        bench.parse_rows("ce@c", variants)
+    with pytest.raises(ValueError, match="used by no --methods entry"):
+        bench.parse_rows("ce@a", variants)
+
+
+def test_config_errors_stop_the_grid_before_any_run(bench: ModuleType, tmp_path: Path, capsys) -> None:
+    """An invalid config in the last row fails at planning time, before the first row trains."""
+    argv = bench_args(
+        tmp_path,
+        *("--methods", "ce@,mlc@bad", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2"),
+        *("--variant", "bad:optim.lr=-1"),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and "optim.lr" in capsys.readouterr().err
+    assert bench.trained == []
 
 
 def test_table_rows_deltas_and_label_quality() -> None:
     bench = load_benchmark()
     results = {
-        ("flip:0.4", "ce"): [{"test_accuracy": 0.80}, {"test_accuracy": 0.84}],
-        ("flip:0.4", "mlc"): [
+        ("flip:0.4", "ce", ""): [
+            {"test_accuracy": 0.80, "final_test_accuracy": 0.78},
+            {"test_accuracy": 0.84, "final_test_accuracy": 0.80},
+        ],
+        ("flip:0.4", "mlc", ""): [
             {
                 "test_accuracy": 0.85,
                 "label_correction": {"corrected_label_accuracy": 0.9, "given_label_accuracy": 0.6},
@@ -34,18 +204,26 @@ def test_table_rows_deltas_and_label_quality() -> None:
                 "label_correction": {"corrected_label_accuracy": 0.8, "given_label_accuracy": 0.6},
             },
         ],
-        ("flip:0.4", "mwnet"): [
+        ("flip:0.4", "mwnet", "k5"): [
             {
                 "test_accuracy": 0.83,
+                "final_test_accuracy": 0.81,
                 "sample_weights": {"mean_weight_clean": 0.9, "mean_weight_mislabelled": 0.1},
             }
         ],
     }
     rows = bench.table(results).splitlines()[2:]
-    assert rows[0].startswith("| flip:0.4 | ce | 0.8200 ± 0.0283 | 0.8000 / 0.8400 | +0.0000 |")
+    assert rows[0] == (
+        "| flip:0.4 | ce |  | 0.8200 ± 0.0283 | 0.8000 / 0.8400 | 0.7900 ± 0.0141 | +0.0000 |  |"
+    )
     assert "| 0.8600 ± 0.0141 |" in rows[1] and "| +0.0400 |" in rows[1]
+    assert "| 0.8500 / 0.8700 |  | +0.0400 |" in rows[1]  # no last-epoch figure in these metrics
     assert rows[1].endswith("| 0.8500 (0.6000) |")
-    assert rows[2].endswith("| weights 0.90 / 0.10 |") and "| +0.0100 |" in rows[2]
+    # a variant row without its own ce baseline is compared with the plain ce row
+    assert rows[2].startswith(
+        "| flip:0.4 | mwnet | k5 | 0.8300 ± 0.0000 | 0.8300 | 0.8100 ± 0.0000 | +0.0100 |"
+    )
+    assert rows[2].endswith("| weights 0.90 / 0.10 |")
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,17 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         assert row.finite, f"{row.method} logged a non-finite value"
     baseline = report.rows[0]
     assert baseline.ratio == pytest.approx(1.0) and baseline.peak_ratio == pytest.approx(1.0)
+    # The step timed is the first selectable stage's (fashion-mnist preset: 10 epochs, GLC 10 per phase,
+    # MetaLabelNet round(10 * 44 / 120) = 4 warm-up epochs); single-stage methods time every epoch's step.
+    phases = {row.method: row.phase for row in report.rows}
+    expected_phases = {
+        "ce": "every epoch",
+        "glc": "corrected: epochs 10-19 of 20 (50%)",
+        "mwnet": "every epoch",
+        "mlc": "every epoch",
+        "metalabelnet": "meta: epochs 4-9 of 10 (60%)",
+    }
+    assert phases == {m: p for m, p in expected_phases.items() if m in phases}
 
     out = capsys.readouterr().out
     assert "| model | method |" in out

@@ -1,10 +1,19 @@
-"""Config: presets load, layering order, and every bad value fails with the field and the fix."""
+"""Config: presets load, layering order, and every bad value fails with the field and the fix.
+
+``load_config`` builds the config and checks the schema; ``resolve_config`` (the preflight) also checks what
+the registries decide (data set and noise, model, method and its params, the output folder).
+"""
+
+import urllib.request
 
 import pytest
+import torch.hub
+import torchvision
 
 from raynoisy.cli import run
 from raynoisy.config import load_config, preset_path
 from raynoisy.errors import ConfigError
+from raynoisy.train.preflight import resolve_config
 
 
 def test_preset_and_layering(tmp_path):
@@ -22,6 +31,14 @@ def test_preset_and_layering(tmp_path):
     assert cfg.optim.epochs == 4  # flag beats the file
     assert cfg.optim.lr == 0.3  # --set beats everything
     assert cfg.method.name == "glc"
+    resolved = resolve_config(
+        "fashion-mnist",
+        "glc",
+        config_file=str(user),
+        flags={"optim.epochs": 4, "run.output": str(tmp_path), "data.root": str(tmp_path)},
+        overrides=["optim.lr=0.3", "method.params={}"],
+    )
+    assert resolved.to_dict() == cfg.to_dict()  # the full check layers the same way and changes nothing
 
 
 def test_embedded_overlay_only_without_root(tmp_path):
@@ -32,47 +49,75 @@ def test_embedded_overlay_only_without_root(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("kwargs", "field", "schema"),
     [
-        ({"flags": {"noise.rate": 1.5}}, "noise.rate"),
-        ({"flags": {"noise.type": "gaussian"}}, "noise.type"),
-        ({"flags": {"noise.type": "matrix:/nonexistent/T.npy", "noise.rate": 0.0}}, "noise.type"),
-        ({"flags": {"data.root": "/nonexistent/data"}}, "data.root"),
-        ({"flags": {"optim.batch_size": 129, "scaling.workers": 2}}, "optim.batch_size"),
-        ({"overrides": ["optim.lr=abc"]}, "optim.lr"),
-        ({"overrides": ["optim.nosuchkey=1"]}, "optim.nosuchkey"),
-        ({"overrides": ["method.params.alpha=1"]}, "method.params.alpha"),
-        ({"flags": {"run.output": None}}, "run.output"),
+        ({"flags": {"noise.rate": 1.5}}, "noise.rate", False),
+        ({"flags": {"noise.type": "gaussian"}}, "noise.type", False),
+        ({"flags": {"noise.type": "matrix:/nonexistent/T.npy", "noise.rate": 0.0}}, "noise.type", False),
+        ({"flags": {"data.root": "/nonexistent/data"}}, "data.root", False),
+        ({"flags": {"optim.batch_size": 129, "scaling.workers": 2}}, "optim.batch_size", True),
+        ({"overrides": ["optim.lr=abc"]}, "optim.lr", True),
+        ({"overrides": ["optim.nosuchkey=1"]}, "optim.nosuchkey", True),
+        ({"overrides": ["method.params.alpha=1"]}, "method.params.alpha", False),
+        ({"overrides": ["model.name=resnet-nope"]}, "model.name", False),
+        ({"overrides": ["model.pretrained=/nonexistent/w.pt"]}, "model.pretrained", False),
+        ({"flags": {"run.output": None}}, "run.output", True),
     ],
 )
-def test_bad_values_name_the_field(tmp_path, kwargs, field):
+def test_bad_values_name_the_field(tmp_path, kwargs, field, schema):
+    """Every bad value fails ``resolve_config`` naming the field and the fix; the schema's own ones already
+    fail ``load_config``, the others only the full check."""
     flags = {"run.output": str(tmp_path)} | kwargs.get("flags", {})
     with pytest.raises(ConfigError) as info:
-        load_config("digits", "ce", flags=flags, overrides=kwargs.get("overrides"))
+        resolve_config("digits", "ce", flags=flags, overrides=kwargs.get("overrides"))
     assert info.value.field == field
     assert info.value.fix
+    if schema:
+        with pytest.raises(ConfigError) as info:
+            load_config("digits", "ce", flags=flags, overrides=kwargs.get("overrides"))
+        assert info.value.field == field
+    else:
+        load_config("digits", "ce", flags=flags, overrides=kwargs.get("overrides"))
 
 
-def test_unknown_dataset_and_method():
+def test_unknown_dataset_and_method(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.dataset: unknown dataset"):
-        load_config("mnist-9000", "ce", flags={"run.output": "x"})
+        resolve_config("mnist-9000", "ce", flags={"run.output": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"method\.name: unknown method"):
-        load_config("digits", "magic", flags={"run.output": "x"})
+        resolve_config("digits", "magic", flags={"run.output": str(tmp_path)})
 
 
-def test_every_preset_validates(tmp_path):
+def test_every_preset_validates(tmp_path, monkeypatch):
+    """Every shipped preset passes the full check; Clothing1M's also with a data root, where it trains an
+    ImageNet-pretrained ResNet-50 (the weights are put in an empty hub cache: this test needs no network)."""
     from raynoisy.config import presets_dir
 
-    for path in presets_dir().glob("*/*.yaml"):
-        if path.name.startswith("_"):
-            continue
+    def no_network(*args, **kwargs):
+        raise AssertionError("the preset check went online")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("resnet18", "resnet34", "resnet50"):
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.touch()
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    presets = [p for p in sorted(presets_dir().glob("*/*.yaml")) if not p.name.startswith("_")]
+    checked = []
+    for path in presets:
         dataset, method = path.parent.name, path.stem
-        flags = {"run.output": str(tmp_path)}
-        if dataset not in ("digits", "clothing1m"):
-            flags["data.root"] = str(tmp_path)
-        cfg = load_config(dataset, method, flags=flags)
-        assert cfg.data.dataset == dataset and cfg.method.name == method
-        assert preset_path(dataset, method) == path
+        roots = [str(tmp_path)] if dataset != "digits" else [None]
+        if dataset == "clothing1m":
+            roots.append(None)  # the embedded miniature
+        for root in roots:
+            flags = {"run.output": str(tmp_path / "out"), "data.root": root}
+            cfg = resolve_config(dataset, method, flags=flags)
+            assert cfg.data.dataset == dataset and cfg.method.name == method
+            assert preset_path(dataset, method) == path
+            checked.append((cfg.model.name, cfg.model.pretrained))
+    assert len(checked) == len(presets) + sum(p.parent.name == "clothing1m" for p in presets)
+    assert ("resnet50", "imagenet") in checked
 
 
 def test_cli_exit_code_2_and_one_line(tmp_path, capsys):
@@ -110,7 +155,7 @@ def test_data_dependent_error_before_ray(tmp_path, capsys):
 
 def test_method_checks_against_the_rest_of_the_config_before_ray(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(
+        resolve_config(
             "digits",
             "metalabelnet",
             flags={"run.output": str(tmp_path), "optim.epochs": 3},

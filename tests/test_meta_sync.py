@@ -30,6 +30,7 @@ from raynoisy.meta import (
     output_hypergrad,
     world_size,
 )
+from raynoisy.meta.sync import state_tensors
 
 WORLD = 2
 CLASSES = 3
@@ -202,6 +203,14 @@ def _check_replica_assertion(rank: int) -> None:
         assert "'bias'" in str(error) and "[1]" in str(error)
     else:
         raise AssertionError("diverged replicas were not detected")
+    # As the training loop checks a method's state: the error names the path inside the nested state.
+    state = {"main": {"net": {"w": torch.ones(2)}}, "optimizer": [{"step": torch.tensor(float(rank))}]}
+    try:
+        assert_replicas_identical(state_tensors(state))
+    except ReplicasDivergedError as error:
+        assert "'/optimizer/0/step'" in str(error) and "'/main" not in str(error)
+    else:
+        raise AssertionError("a diverged optimizer state was not detected")
 
 
 def _check_engine(rank: int, expected: dict[str, Any]) -> None:
@@ -251,6 +260,21 @@ def test_sync_and_engine_with_two_gloo_ranks(tmp_path: Path) -> None:
     mp.start_processes(
         _worker, args=(str(tmp_path / "rendezvous"), expected), nprocs=WORLD, join=True, start_method="fork"
     )
+
+
+def test_state_tensors_keys_every_tensor_of_a_nested_state_by_its_path() -> None:
+    weight, momentum, history = torch.ones(2), torch.zeros(3), torch.arange(2)
+    state = {
+        "main": {"net": {"fc.weight": weight}, "lr": 0.1, "name": "ce"},
+        "optimizer": {"state": {0: {"momentum_buffer": momentum}}, "param_groups": [{"params": [0]}]},
+        "history": (history, None, "text"),
+        "corruption": None,
+    }
+    found = state_tensors(state)
+    assert list(found) == ["/main/net/fc.weight", "/optimizer/state/0/momentum_buffer", "/history/0"]
+    assert found["/main/net/fc.weight"] is weight and found["/optimizer/state/0/momentum_buffer"] is momentum
+    assert found["/history/0"] is history
+    assert state_tensors(weight, "w") == {"w": weight} and state_tensors({"x": 1.0, "y": None}) == {}
 
 
 def test_sync_is_a_no_op_without_a_process_group() -> None:

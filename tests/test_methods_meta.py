@@ -1,6 +1,7 @@
 """The trusted-set meta methods (mwnet, mlc, metalabelnet) without Ray: learning, resume, 2 ranks, export.
 
-Methods are built from a ``MethodContext`` made by hand and fed synthetic 1x8x8 batches: four classes,
+Methods are built and driven through their stages with ``raynoisy.train.harness`` (the Ray Train loop's
+hooks in its order) and fed synthetic 1x8x8 batches: four classes,
 each a fixed random prototype plus Gaussian noise, so a linear model separates them; the given labels are
 corrupted, the trusted ones are not. Most tests use a BatchNorm-free MLP registered here (fast, and its
 result does not depend on how a batch is split across ranks); the 2-rank bit-identity check also runs the
@@ -10,6 +11,7 @@ real ``small-cnn`` (with BatchNorm).
 from __future__ import annotations
 
 import io
+import itertools
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raynoisy.config import load_config
+from raynoisy.config import Config, load_config
+from raynoisy.data.batch import Batch
 from raynoisy.errors import ConfigError
 from raynoisy.meta import (
     all_reduce_mean_,
@@ -32,11 +35,14 @@ from raynoisy.meta import (
     lookahead_hypergrad,
     output_hypergrad,
 )
+from raynoisy.meta.sync import state_tensors
 from raynoisy.methods import get_method_class
-from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.base import Method, MethodContext, Stage
 from raynoisy.methods.meta_common import corrected_label_columns, lookahead_optimizer
 from raynoisy.models import model_names, register_model
 from raynoisy.models.meta_nets import LabelCorrectionNet
+from raynoisy.train.harness import build_method, method_context, start_stage, walk_stages
+from raynoisy.train.preflight import resolve_config
 
 CLASSES = 4
 SIDE = 8
@@ -98,40 +104,42 @@ def build(
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
+    epochs: int | None = None,
 ) -> Method:
-    """A method as every worker builds it: the digits preset, seeded global generator, this rank's place."""
-    cfg = load_config("digits", name, flags={"run.output": str(tmp_path)})
-    cfg.model.name = model
-    cfg.optim.batch_size = BATCH  # global; each of ``world`` ranks gets BATCH // world
-    cfg.method.params.update(params or {})
-    ctx = MethodContext(
-        cfg=cfg,
+    """A method as every worker builds it: the digits preset checked whole (``resolve_config``) with
+    ``params`` as ``--set method.params.KEY=VALUE``, seeded with ``seed``, at this rank's place."""
+    flags: dict[str, Any] = {
+        "run.output": str(tmp_path),
+        "run.seed": seed,
+        "model.name": model,
+        "optim.batch_size": BATCH,  # global; each of ``world`` ranks gets BATCH // world
+        "optim.epochs": epochs,  # None: the preset's 30
+    }
+    sets = [f"method.params.{key}={value}" for key, value in (params or {}).items()]
+    cfg = resolve_config("digits", name, flags=flags, overrides=sets)
+    return build_method(context(cfg, rank=rank, world=world))
+
+
+def context(cfg: Config, *, rank: int = 0, world: int = 1) -> MethodContext:
+    """The context of every method here: the toy data's shape, 20 steps per epoch, no split passes."""
+    return method_context(
+        cfg,
         num_classes=CLASSES,
         in_channels=1,
         image_size=SIDE,
-        device=torch.device("cpu"),
-        rank=rank,
-        world_size=world,
         steps_per_epoch=20,
         num_train=1024,
         num_trusted=128,
+        rank=rank,
+        world_size=world,
     )
-    torch.manual_seed(seed)
-    return get_method_class(name)(ctx)
 
 
 def start(method: Method) -> Method:
-    """Enter training; metalabelnet tests skip the warm-up (warmup_epochs=0) unless they test it."""
-    method.on_epoch_start(0)
+    """Bring the method to its first step (metalabelnet tests skip the warm-up, warmup_epochs=0, unless
+    they test it: then the first stage is the meta stage)."""
+    start_stage(method, method.stages(method.ctx.cfg)[0].name)
     return method
-
-
-def flat(state: Any, prefix: str = "") -> dict[str, Tensor]:
-    """Every tensor of a nested state dict by path: what must match across ranks and after a resume."""
-    if isinstance(state, Tensor):
-        return {prefix: state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
-    return {k: v for key, value in items for k, v in flat(value, f"{prefix}/{key}").items()}
 
 
 def train(method: Method, noisy: Batch, trusted: Batch, steps: int, first: int = 0) -> dict[str, float]:
@@ -142,6 +150,30 @@ def train(method: Method, noisy: Batch, trusted: Batch, steps: int, first: int =
             rows(trusted, torch.arange(step * BATCH, (step + 1) * BATCH) % len(trusted)),
         )
     return stats
+
+
+def walk(
+    method: Method,
+    noisy: Batch,
+    trusted: Batch | None,
+    steps: dict[str, int],
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict[str, float | str]]:
+    """``walk_stages`` with ``steps[stage]`` steps per epoch: noisy step k on this rank's rows of the k-th
+    global batch of ``noisy``, trusted batch k (counted on its own) on its rows of the k-th of ``trusted``."""
+    noisy_step, trusted_step = itertools.count(), itertools.count()
+
+    def batches(stage: Stage, epoch: int) -> list[Batch]:
+        picks = [_rank_rows(next(noisy_step), rank, world)[0] for _ in range(steps[stage.name])]
+        return [rows(noisy, pick % len(noisy)) for pick in picks]
+
+    def trusted_batch(size: int) -> Batch:
+        assert trusted is not None and size == BATCH // world, size
+        return rows(trusted, _rank_rows(next(trusted_step), rank, world)[1] % len(trusted))
+
+    return walk_stages(method, batches, trusted_batch)
 
 
 def clean_loss(method: Method, batch: Batch) -> float:
@@ -243,32 +275,37 @@ def test_lookahead_optimizer_steps_by_the_chosen_rule(tmp_path: Path, rule: str,
 # ---- resume ------------------------------------------------------------------------------------------
 
 
-def _run_until_resume_point(method: Method, noisy: Batch, trusted: Batch) -> None:
-    """metalabelnet: 3 warm-up steps, then 4 in stage 2; the others 7 steps (mlc with K=3: mid-window)."""
-    if method.name == "metalabelnet":
-        method.on_epoch_start(0)
-        train(method, noisy, trusted, 3)
-        method.on_epoch_start(1)
-        train(method, noisy, trusted, 4, first=3)
-    else:
-        train(start(method), noisy, trusted, 7)
+def _short(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """build() arguments for a schedule that walking every stage ends where a test stops: metalabelnet a
+    1-epoch warm-up and a 1-epoch meta stage, the others one epoch; plus ``params``."""
+    if name == "metalabelnet":
+        return {"epochs": 2, "params": {"warmup_epochs": 1, **(params or {})}}
+    return {"epochs": 1, "params": params}
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, name: str) -> None:
-    params = {"mlc": {"gradient_steps": 3, "skip": True}, "metalabelnet": {"warmup_epochs": 1}}.get(name)
     noisy, trusted = toy_batch(512, noise=0.4, seed=1), toy_batch(128, noise=0.0, seed=2, first_id=5000)
-    original = build(tmp_path, name, params=params)
-    _run_until_resume_point(original, noisy, trusted)
+    params = {"gradient_steps": 3, "skip": True} if name == "mlc" else None
+    original = build(tmp_path, name, **_short(name, params))
+    stages = original.stages(original.ctx.cfg)
+    # metalabelnet: 3 warm-up steps, then 4 in the meta stage; the others 7 steps (mlc with K=3: mid-window)
+    steps = {"warmup": 3, "meta": 4} if name == "metalabelnet" else {"train": 7}
+    assert [s.name for s in stages] == list(steps)
+    walk(original, noisy, trusted, steps)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
-    resumed = build(tmp_path, name, params=params, seed=123)  # different init: the load must do it all
+    # A different init: the load must do it all.
+    resumed = build(tmp_path, name, seed=123, **_short(name, params))
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
-    resumed.on_epoch_start(1)  # the worker calls it on resume; it must not rebuild anything
+    # The hooks the loop may call on resume (the stage's start on a stage boundary, the epoch's start) must
+    # not rebuild anything: no new encoder, no fresh soft-label net, no reset optimizer.
+    assert resumed.on_stage_start(stages[-1], None) == {}
+    resumed.on_epoch_start(sum(s.epochs for s in stages))
     for method in (original, resumed):
         train(method, noisy, trusted, 3, first=7)
-    a, b = flat(original.state_dict()), flat(resumed.state_dict())
+    a, b = state_tensors(original.state_dict()), state_tensors(resumed.state_dict())
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -301,15 +338,16 @@ def _rank_rows(step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
 
 def _run_distributed(tmp_path: Path, name: str, model: str, rank: int, world: int) -> Method:
     """5 steps of ``name`` on this rank's part of fixed global batches (metalabelnet: 2 warm-up + 3)."""
-    params = {"warmup_epochs": 1} if name == "metalabelnet" else None
-    method = build(tmp_path, name, params=params, model=model, rank=rank, world=world)
+    method = build(tmp_path, name, model=model, rank=rank, world=world, **_short(name))
     noisy, trusted = _global_batches()
-    method.on_epoch_start(0)
-    for step in range(5):
-        if name == "metalabelnet" and step == 2:
-            method.on_epoch_start(1)
-        noisy_rows, trusted_rows = _rank_rows(step, rank, world)
-        method.train_step(rows(noisy, noisy_rows), rows(trusted, trusted_rows))
+    walk(
+        method,
+        noisy,
+        trusted,
+        {"warmup": 2, "meta": 3} if name == "metalabelnet" else {"train": 5},
+        rank=rank,
+        world=world,
+    )
     return method
 
 
@@ -328,9 +366,9 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
                 method = _run_distributed(tmp_path, name, model, rank, WORLD)
                 # As the worker after each epoch: BatchNorm running statistics are per rank until averaged.
                 all_reduce_mean_([b for b in method.eval_model().buffers() if b.is_floating_point()])
-                assert_replicas_identical(flat(method.state_dict()))
+                assert_replicas_identical(state_tensors(method.state_dict()))
                 if model == MLP:
-                    torch.save(flat(method.state_dict()), tmp_path / f"{name}-rank{rank}.pt")
+                    torch.save(state_tensors(method.state_dict()), tmp_path / f"{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -350,7 +388,7 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
         start_method="fork",
     )
     for name in METHODS:
-        single = flat(_run_distributed(tmp_path, name, MLP, 0, 1).state_dict())
+        single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1).state_dict())
         ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)]
         assert ranks[0].keys() == ranks[1].keys() == single.keys()
         for key, value in single.items():
@@ -466,29 +504,47 @@ def test_export_columns(tmp_path: Path) -> None:
 )
 def test_bad_params_fail_before_training(tmp_path: Path, name: str, override: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+        resolve_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+    assert info.value.field == field
+    # A config that passed only the schema check is refused by the method itself, with the same field.
+    cfg = load_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+    with pytest.raises(ConfigError) as info:
+        build_method(context(cfg))
     assert info.value.field == field
 
 
 def test_metalabelnet_warmup_must_leave_a_stage_two(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="warmup_epochs"):
         build(tmp_path, "metalabelnet", params={"warmup_epochs": 30})  # the digits preset has 30 epochs
+    schema_only = load_config(
+        "digits",
+        "metalabelnet",
+        flags={"run.output": str(tmp_path)},
+        overrides=["method.params.warmup_epochs=30"],
+    )
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        build_method(context(schema_only))
     default = build(tmp_path, "metalabelnet")
-    assert default.warmup_epochs == 11 and default.trusted_batch_size() == 0  # round(30 * 44 / 120)
-    default.on_epoch_start(11)
-    assert default.trusted_batch_size() == BATCH and not default.selectable(10) and default.selectable(11)
+    assert default.warmup_epochs == 11  # round(30 * 44 / 120)
+    warmup, meta = default.stages(default.ctx.cfg)
+    assert (warmup.name, warmup.epochs, warmup.trains_on, warmup.selectable) == ("warmup", 11, "train", False)
+    assert (meta.name, meta.epochs, meta.trains_on, meta.selectable) == ("meta", 19, "train", True)
+    assert not warmup.init_from_best and not meta.init_from_best
+    assert default.trusted_batch_size(warmup) == 0 and default.trusted_batch_size(meta) == BATCH
+    assert start_stage(default, "warmup") == warmup and default.encoder is None
+    entered = build(tmp_path, "metalabelnet")
+    assert start_stage(entered, "meta") == meta and entered.encoder is not None  # frozen at the stage start
+    no_warmup = build(tmp_path, "metalabelnet", params={"warmup_epochs": 0})
+    assert no_warmup.stages(no_warmup.ctx.cfg) == [Stage("meta", 30)]
 
 
 def test_metalabelnet_soft_labels_start_at_the_warmup_predictions(tmp_path: Path) -> None:
     """slp_init=encoder: the first stage-2 soft labels are the warm-up model's softmax; random's are not."""
-    noisy = toy_batch(64, noise=0.3, seed=3)
+    noisy = toy_batch(3 * BATCH, noise=0.3, seed=3)
     starts = {}
     for init in ("encoder", "random"):
-        method = build(tmp_path, "metalabelnet", params={"warmup_epochs": 1, "slp_init": init})
-        method.on_epoch_start(0)
-        for step in range(3):
-            method.train_step(rows(noisy, slice(step * 16, (step + 1) * 16)), None)
-        method.on_epoch_start(1)
+        method = build(tmp_path, "metalabelnet", **_short("metalabelnet", {"slp_init": init}))
+        walk(method, noisy, None, {"warmup": 3, "meta": 0})  # 3 warm-up steps, then the meta stage's start
         assert method.encoder is not None
         with torch.no_grad():
             logits, features = method.encoder(noisy.x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 
+from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.models import build_model, model_names, register_model, registry
+from raynoisy.models import build_model, check_config, model_names, register_model, registry
 
 FEATURE_DIM = {
     "small-cnn": 128,
@@ -127,6 +129,7 @@ def test_unknown_model_is_a_config_error_listing_the_names() -> None:
 
 def test_register_model_rejects_duplicates_and_contract_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    monkeypatch.setattr(registry, "_PRETRAINED_CHECKS", dict(registry._PRETRAINED_CHECKS))
 
     class NoFeatureDim(nn.Module):
         def __init__(self, num_classes: int) -> None:
@@ -140,15 +143,75 @@ def test_register_model_rejects_duplicates_and_contract_breakers(monkeypatch: py
     assert "toy" in model_names()
     with pytest.raises(TypeError, match="feature_dim"):
         _build("toy", size=8)
+    cfg = _model_config("toy")
+    check_config(cfg, 8)
+    cfg.model.pretrained = "/some/weights.pt"
+    with pytest.raises(ConfigError) as info:  # registered without a check: no pretrained weights at all
+        check_config(cfg, 8)
+    assert info.value.field == "model.pretrained" and "toy" in info.value.problem
     with pytest.raises(ValueError, match="already registered"):
         register_model("toy")(toy)
 
 
 @pytest.mark.parametrize("name", ["small-cnn", "resnet32"])
 def test_models_without_published_weights_reject_pretrained(name: str, tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.touch()
     with pytest.raises(ConfigError) as info:
-        _build(name, size=32, pretrained=str(tmp_path / "w.pt"))
+        _build(name, size=32, pretrained=str(weights))
     assert info.value.field == "model.pretrained"
+    with pytest.raises(ConfigError) as info:  # and the config check refuses it before Ray starts
+        check_config(_model_config(name, str(weights)), 32)
+    assert info.value.field == "model.pretrained"
+
+
+def _model_config(name: str, pretrained: str | None = None) -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.pretrained = name, pretrained
+    return cfg
+
+
+def test_config_check_refuses_what_no_worker_could_build(
+    resnet18_file: tuple[Path, torchvision.models.ResNet], tmp_path: Path
+) -> None:
+    """``models.check_config`` (the preflight's model part) fails on what ``build_model`` would fail on."""
+    for name in ("small-cnn", "resnet32", "resnet18"):
+        check_config(_model_config(name), 32)
+    with pytest.raises(ConfigError) as info:
+        check_config(_model_config("resnet-nope"), 32)
+    assert info.value.field == "model.name" and "resnet32" in info.value.fix
+    check_config(_model_config("resnet18", str(resnet18_file[0])), 64)
+    for pretrained, size, problem in [
+        (str(tmp_path / "missing.pth"), 64, "does not exist"),
+        (str(resnet18_file[0]), 32, "32 px"),  # ImageNet weights do not fit the small-image stem
+    ]:
+        with pytest.raises(ConfigError, match=problem) as info:
+            check_config(_model_config("resnet18", pretrained), size)
+        assert info.value.field == "model.pretrained"
+
+
+def test_config_check_of_imagenet_weights_needs_the_hub_cache_or_a_network(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    asked: list[str] = []
+
+    def offline(request: object, *args: object, **kwargs: object) -> None:
+        asked.append(getattr(request, "full_url", str(request)))
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet50_Weights.DEFAULT.url
+    cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cfg = _model_config("resnet50", "imagenet")
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, 224)
+    assert info.value.field == "model.pretrained" and str(cached) in info.value.problem
+    assert "model.pretrained=null" in info.value.fix and asked == [url]
+    cached.parent.mkdir(parents=True)
+    cached.touch()
+    check_config(cfg, 224)  # in the hub cache: no network needed
+    assert asked == [url]
 
 
 # --- pretrained torchvision weights from a local file -------------------------------------------------

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from raynoisy.config import Config
 from raynoisy.data.catalog import UNKNOWN_LABEL, Catalog, MissingPayloadError
 from raynoisy.data.miniature import build_miniature_clothing1m, build_miniature_webvision
-from raynoisy.data.sources import load_catalog
+from raynoisy.data.sources import get_source, load_catalog, resolve_root, source_names
 from raynoisy.errors import ConfigError, DataFormatError
 
 FASHION_MNIST = Path("/work/shared/data/fashion-mnist")
@@ -524,3 +525,38 @@ def test_text_table_errors(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_catalog("text-table", tmp_path / "data.tsv", {"format": "xlsx"})
     assert err.value.field == "data.options.format"
+
+
+# --- the registry and the data root a run reads ---------------------------------------------------------
+
+
+def test_every_source_is_registered_and_an_unknown_name_lists_them():
+    names = source_names()
+    expected = {"digits", "fashion-mnist", "cifar10", "cifar100", "clothing1m", "webvision-mini", "webvision"}
+    assert expected | {"image-list", "text-table"} <= set(names) and names == sorted(names)
+    assert get_source("cifar10").channels == 3 and not get_source("digits").needs_root
+    with pytest.raises(ConfigError) as err:
+        get_source("mnist-9000")
+    assert err.value.field == "data.dataset" and "'mnist-9000'" in err.value.problem
+    assert "digits" in err.value.fix and "clothing1m" in err.value.fix
+
+
+def test_resolve_root_is_the_absolute_data_root_or_the_embedded_copy(tmp_path, monkeypatch):
+    cfg = Config()
+    cfg.data.dataset = "digits"
+    assert resolve_root(cfg) is None  # bundled with scikit-learn: no root
+    (tmp_path / "fmnist").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg.data.dataset, cfg.data.root = "fashion-mnist", "fmnist"
+    assert resolve_root(cfg) == str(tmp_path / "fmnist")
+    built: list[str] = []
+
+    def embedded(dataset: str, log=print) -> Path:
+        built.append(dataset)
+        return tmp_path / "embedded"
+
+    monkeypatch.setattr("raynoisy.data.embedded.embedded_root", embedded)
+    cfg.data.dataset, cfg.data.root = "clothing1m", None
+    assert resolve_root(cfg) == str(tmp_path / "embedded") and built == ["clothing1m"]
+    cfg.data.root = "fmnist"  # a root given wins over the embedded copy
+    assert resolve_root(cfg) == str(tmp_path / "fmnist") and built == ["clothing1m"]

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from raynoisy.data.batch import Batch
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
-from raynoisy.methods.base import Batch
 
 _COLUMNS = ["sample_id", "payload", "given_label", "true_label"]
 DECODE_BATCH_ROWS = 256

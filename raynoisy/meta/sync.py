@@ -113,3 +113,19 @@ def assert_replicas_identical(
         differing = [rank for rank, prints in enumerate(gathered) if prints.get(key) != reference.get(key)]
         if differing:
             raise ReplicasDivergedError(f"tensor {key!r} differs between rank 0 and ranks {differing}")
+
+
+def state_tensors(state: object, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor in a nested state dict, keyed by its path: what must match across ranks."""
+    if isinstance(state, Tensor):
+        return {prefix: state}
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, list | tuple):
+        items = enumerate(state)
+    else:
+        return {}
+    out: dict[str, Tensor] = {}
+    for key, value in items:
+        out.update(state_tensors(value, f"{prefix}/{key}"))
+    return out

@@ -1,47 +1,66 @@
-"""Registry of noisy-label methods. Adding a method = one module here + an entry in ``_METHOD_MODULES``."""
+"""Registry of noisy-label methods. Adding a method = one module here with a ``@register_method`` class.
+
+Every module of this package is imported on the first lookup, so the decorator is the only registration.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
+from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.methods.base import Batch, Method, MethodContext
-
-_METHOD_MODULES = {
-    "ce": "ce",
-    "ce-clean": "ce",
-    "glc": "glc",
-    "mwnet": "mwnet",
-    "mlc": "mlc",
-    "metalabelnet": "metalabelnet",
-}
+from raynoisy.methods.base import Method, MethodContext
 
 METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: register a Method subclass under its ``name``."""
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered by {METHODS[cls.name].__qualname__}")
     METHODS[cls.name] = cls
     return cls
 
 
+def _import_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
 def method_names() -> list[str]:
-    return sorted(_METHOD_MODULES)
+    _import_all()
+    return sorted(METHODS)
 
 
-def get_method_class(name: str) -> type[Method]:
-    if name not in _METHOD_MODULES:
-        raise ConfigError("method.name", f"unknown method {name!r}", f"use one of {method_names()}")
+def get_method_class(name: str, module: str | None = None) -> type[Method]:
+    """The method registered as ``name``; ``module`` (``method.module``) is imported first if given."""
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except (ImportError, ValueError, TypeError) as exc:  # ValueError: "", TypeError: ".relative"
+            raise ConfigError(
+                "method.module", f"cannot import {module!r} ({exc})", "pass an importable module"
+            ) from None
     if name not in METHODS:
-        importlib.import_module(f"raynoisy.methods.{_METHOD_MODULES[name]}")
+        _import_all()
+    if name not in METHODS:
+        raise ConfigError("method.name", f"unknown method {name!r}", f"use one of {method_names()}")
     return METHODS[name]
+
+
+def check_config(cfg: Config) -> None:
+    """The method part of a run's config, before Ray starts: a known method, its params, its constraints."""
+    method_cls = get_method_class(cfg.method.name, cfg.method.module)
+    method_cls.parse_params(cfg.method.params)
+    method_cls.check_config(cfg)
 
 
 __all__ = [
     "METHODS",
-    "Batch",
     "Method",
     "MethodContext",
+    "check_config",
     "get_method_class",
     "method_names",
     "register_method",

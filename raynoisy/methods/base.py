@@ -1,8 +1,11 @@
 """The one method interface the trainer drives.
 
-A method owns its networks, optimizers, schedulers and per-sample state. The worker loop calls, per
-epoch, ``on_epoch_start``, ``train_step`` for every batch, ``on_epoch_end``, then evaluates
-``eval_model()``; it checkpoints ``state_dict()``. It knows nothing about any one method.
+A method owns its networks, optimizers, schedulers and per-sample state. A run is a sequence of
+**stages** (``Method.stages``: GLC's noisy and corrected phases, MetaLabelNet's warm-up and meta stage,
+MLNT's rounds), each a few epochs. The loop calls, per stage, ``on_stage_start``; per epoch
+``on_epoch_start``, ``train_step`` for every batch, ``on_epoch_end``; then it evaluates ``eval_model()``
+and hands the validation metrics to ``on_evaluated``. It checkpoints ``state_dict()`` and the per-sample
+store, and knows nothing about any one method.
 
 Distributed contract: every rank builds the method from the same seed, sees its own part of each global
 batch, and must leave every parameter and optimizer state bit-identical across ranks after each step.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_type_hints
 
 import numpy as np
@@ -24,20 +27,47 @@ import torch
 from torch import nn
 
 from raynoisy.config import Config, coerce_field
+from raynoisy.data.batch import Batch
+from raynoisy.data.sample_store import SampleStore
 from raynoisy.errors import ConfigError
 
+# Where a stage's batches come from: the noisy training stream, or the cycled trusted stream (for the same
+# number of steps, so that a trusted-only baseline gets the same compute).
+StreamName = Literal["train", "trusted"]
 
-@dataclass
-class Batch:
-    """A batch on the worker's device. ``true_y`` is -1 where unknown and is never used for training."""
 
-    x: torch.Tensor
-    y: torch.Tensor
-    sample_id: torch.Tensor
-    true_y: torch.Tensor
+@dataclass(frozen=True)
+class Stage:
+    """A part of a run with its own epochs.
 
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
+    ``selectable``: whether its models may be picked as the best-validation model (a warm-up's may not).
+    ``init_from_best``: start from the previous stage's best-validation model (full state dict of
+    ``eval_model()``, classifier included) rather than from where the previous stage ended.
+    The learning-rate schedule is the method's: ``on_stage_start`` restarts it when the method means to.
+    """
+
+    name: str
+    epochs: int
+    trains_on: StreamName = "train"
+    selectable: bool = True
+    init_from_best: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A Ray actor the driver starts for the run before the trainer, and kills when the run ends.
+
+    ``actor_class`` is a plain class (the driver makes it remote). It is named ``name`` in a namespace of its
+    own per run, restarted by Ray if it dies (``__init__`` runs again: keep it rebuildable), and outlives a
+    restart of the worker group. Workers reach it as ``ctx.services[name]``.
+    """
+
+    name: str
+    actor_class: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    max_concurrency: int = 1
 
 
 @dataclass
@@ -54,9 +84,13 @@ class MethodContext:
     steps_per_epoch: int
     num_train: int
     num_trusted: int
-    iter_trusted_pass: Callable[[], Iterator[Batch]] | None = (
-        None  # one pass, eval transform, this rank's part
-    )
+    # One un-augmented pass over this rank's share of a split ("train", "trusted", "val", "test"): for
+    # per-epoch statistics (losses, features, predictions) over every sample of the split.
+    iter_split: Callable[[str], Iterator[Batch]] | None = None
+    # Per-sample state over the training split, keyed by sample_id, identical on every rank, checkpointed.
+    sample_store: SampleStore | None = None
+    # Handles of the run's services (``Method.services``), by name.
+    services: dict[str, Any] = field(default_factory=dict)
 
     @property
     def local_batch_size(self) -> int:
@@ -87,18 +121,12 @@ class NoParams:
     """Methods without hyperparameters of their own."""
 
 
-EpochSource = Literal["train", "trusted"]
-
-
 class Method(ABC):
     """Base class of every method. Subclasses set ``name`` and implement the abstract hooks."""
 
     name: ClassVar[str]
     needs_trusted: ClassVar[bool] = False
     Params: ClassVar[type] = NoParams
-    # Where an epoch's batches come from: the noisy training stream, or the cycled trusted stream
-    # (for the same number of steps, so that a trusted-only baseline gets the same compute).
-    epoch_source: ClassVar[EpochSource] = "train"
     # Name of the per-sample table this method exports (e.g. "corrected_labels"), or None.
     export_name: ClassVar[str | None] = None
 
@@ -124,16 +152,32 @@ class Method(ABC):
         """Checks that relate ``method.params`` to the rest of the config; run before Ray starts."""
         return None
 
-    def total_epochs(self) -> int:
-        return self.ctx.cfg.optim.epochs
+    @classmethod
+    def stages(cls, cfg: Config) -> list[Stage]:
+        """The run's stages, in order; one stage of ``optim.epochs`` by default."""
+        return [Stage("train", cfg.optim.epochs)]
 
-    def trusted_batch_size(self) -> int:
-        """Per-rank size of the trusted batch passed to ``train_step`` (0 = no trusted stream)."""
-        return self.ctx.local_batch_size if self.needs_trusted else 0
+    @classmethod
+    def services(cls, cfg: Config) -> list[ServiceSpec]:
+        """Ray actors the run needs (e.g. a kNN index); the driver starts them before the trainer."""
+        return []
 
-    def selectable(self, epoch: int) -> bool:
-        """Whether the model after ``epoch`` may be picked as the best-validation model."""
-        return True
+    def trusted_batch_size(self, stage: Stage) -> int:
+        """Per-rank size of the trusted batch passed to ``train_step`` in ``stage`` (0 = none)."""
+        return self.ctx.local_batch_size if self.needs_trusted or stage.trains_on == "trusted" else 0
+
+    def on_stage_start(
+        self, stage: Stage, best_model_state: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """Called on every rank before a stage's first step (also when a run resumes there); returns scalars
+        to log with the stage's first epoch.
+
+        ``best_model_state`` is the previous stage's best-validation ``eval_model()`` state (None for the
+        first stage); with ``stage.init_from_best`` the default loads it into ``eval_model()``.
+        """
+        if stage.init_from_best and best_model_state is not None:
+            self.eval_model().load_state_dict(best_model_state)
+        return {}
 
     def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Called on every rank before the epoch's first step."""
@@ -145,6 +189,13 @@ class Method(ABC):
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         """Called on every rank after the epoch's last step; returns scalars to log."""
         return {}
+
+    def on_evaluated(self, epoch: int, metrics: dict[str, float]) -> None:  # noqa: B027 - optional hook
+        """Called on every rank after each evaluation with its metrics (``val_accuracy``, ...).
+
+        ``epoch`` is 0-based like ``on_epoch_end``'s: the epoch just finished, or the one in progress when
+        ``metrics["step"]`` > 0 (a ``run.eval_every_steps`` evaluation inside it).
+        """
 
     @abstractmethod
     def eval_model(self) -> nn.Module:

@@ -6,8 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from raynoisy.config import Config
 from raynoisy.methods import register_method
-from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.base import Batch, Method, MethodContext, Stage
 from raynoisy.methods.supervised import MainModel
 
 
@@ -47,7 +48,7 @@ class CleanOnlyCrossEntropy(CrossEntropy):
 
     name = "ce-clean"
     needs_trusted = True
-    epoch_source = "trusted"
 
-    def trusted_batch_size(self) -> int:
-        return self.ctx.local_batch_size
+    @classmethod
+    def stages(cls, cfg: Config) -> list[Stage]:
+        return [Stage("train", cfg.optim.epochs, trains_on="trusted")]

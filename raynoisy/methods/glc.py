@@ -6,9 +6,10 @@ samples of true class i. Phase 2 resets the model to its initial weights and tra
 with the forward-corrected loss -log(sum_j p(j|x) C[j, y~]) plus cross-entropy on trusted batches,
 both summed and divided by the number of samples in the step.
 
-Each phase runs ``optim.epochs`` epochs with its own lr schedule. Unlike the reference code, phase 2
-also starts with fresh optimizer state (the reference carries phase-1 momentum buffers over, an
-accident of reusing the optimizer object). Only phase-2 models can be picked as best-validation model.
+The phases are the run's two stages, ``noisy`` and ``corrected``, each of ``optim.epochs`` epochs with its
+own lr schedule. Unlike the reference code, phase 2 also starts with fresh optimizer state (the reference
+carries phase-1 momentum buffers over, an accident of reusing the optimizer object). Only phase-2 models
+can be picked as best-validation model.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raynoisy.config import Config
 from raynoisy.meta.sync import all_reduce_sum_
 from raynoisy.methods import register_method
-from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.base import Batch, Method, MethodContext, Stage
 from raynoisy.methods.supervised import MainModel
 
 
@@ -31,23 +33,35 @@ class GoldLossCorrection(Method):
     name = "glc"
     needs_trusted = True
 
+    @classmethod
+    def stages(cls, cfg: Config) -> list[Stage]:
+        epochs = cfg.optim.epochs
+        return [Stage("noisy", epochs, selectable=False), Stage("corrected", epochs)]
+
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.phase_epochs = ctx.cfg.optim.epochs
-        self.main = MainModel(ctx, epochs=self.phase_epochs)
+        self.main = MainModel(ctx, epochs=ctx.cfg.optim.epochs)
         self.initial_state = copy.deepcopy(self.main.net.state_dict())
         self.corruption: torch.Tensor | None = None
 
-    def total_epochs(self) -> int:
-        return 2 * self.phase_epochs
-
-    def trusted_batch_size(self) -> int:
-        """Trusted samples per step in proportion to the set sizes, like GLC's shuffled gold+silver loader."""
+    def trusted_batch_size(self, stage: Stage) -> int:
+        """Phase 2: trusted samples per step in proportion to the set sizes, like GLC's gold+silver loader."""
+        if stage.name == "noisy":
+            return 0
         share = self.ctx.num_trusted / max(1, self.ctx.num_train + self.ctx.num_trusted)
         return max(1, round(self.ctx.local_batch_size * share))
 
-    def selectable(self, epoch: int) -> bool:
-        return epoch >= self.phase_epochs
+    def on_stage_start(
+        self, stage: Stage, best_model_state: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """Phase 2: estimate C with the phase-1 model, then restart from the initial weights and a fresh
+        optimizer and schedule."""
+        if stage.name != "corrected" or self.corruption is not None:
+            return {}
+        self.corruption = self.estimate_corruption()
+        self.main.net.load_state_dict(self.initial_state)
+        self.main.reset_optimizer()
+        return {"glc_estimated_flip_rate": 1.0 - float(torch.diagonal(self.corruption).mean())}
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if self.corruption is None:
@@ -63,26 +77,17 @@ class GoldLossCorrection(Method):
         self.main.step(loss)
         return {"loss": float(loss.detach()), "gold_loss": float(gold_loss.detach()) / len(trusted)}
 
-    def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        if epoch != self.phase_epochs - 1:
-            return {}
-        self.corruption = self.estimate_corruption()
-        self.main.net.load_state_dict(self.initial_state)
-        self.main.reset_optimizer()
-        off_diagonal = 1.0 - float(torch.diagonal(self.corruption).mean())
-        return {"glc_estimated_flip_rate": off_diagonal}
-
     @torch.no_grad()
     def estimate_corruption(self) -> torch.Tensor:
         """C[i] = mean phase-1 softmax over trusted samples of class i, summed over all ranks' parts."""
-        assert self.ctx.iter_trusted_pass is not None, "GLC needs a pass over the trusted set"
+        assert self.ctx.iter_split is not None, "GLC needs a pass over the trusted set"
         k = self.ctx.num_classes
         sums = torch.zeros(k, k, dtype=torch.float64, device=self.ctx.device)
         counts = torch.zeros(k, dtype=torch.float64, device=self.ctx.device)
         net = self.main.net
         was_training = net.training
         net.eval()
-        for trusted in self.ctx.iter_trusted_pass():
+        for trusted in self.ctx.iter_split("trusted"):
             probs = F.softmax(net(trusted.x)[0].double(), dim=1)
             sums.index_add_(0, trusted.y, probs)
             counts.index_add_(0, trusted.y, torch.ones_like(trusted.y, dtype=torch.float64))

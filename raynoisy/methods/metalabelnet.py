@@ -4,7 +4,7 @@ Stage 1 (``warmup_epochs``): cross-entropy on the noisy labels. At the start of 
 the main network becomes the feature encoder (eval mode, never updated), and a single-layer soft-label
 net (SLP) ŷ = softmax(Linear(encoder features)) generates the training targets. The SLP starts as a copy of
 the encoder's classifier (``slp_init="encoder"``, a deliberate deviation: the reference starts it from
-random weights, ``slp_init="random"``; see ``MetaLabelNet.on_epoch_start``). Per stage-2 step, with a
+random weights, ``slp_init="random"``; see ``MetaLabelNet.on_stage_start``). Per stage-2 step, with a
 trusted batch as large as the noisy one:
 
 1. meta step: one virtual step θ' = θ - inner_lr·∇KL(p‖ŷ) (plain SGD, inner lr 1 as the reference), with
@@ -48,7 +48,7 @@ from raynoisy.config import Config
 from raynoisy.errors import ConfigError
 from raynoisy.meta import all_reduce_mean_, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
-from raynoisy.methods.base import Batch, MethodContext
+from raynoisy.methods.base import Batch, MethodContext, Stage
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
     TrustedMetaMethod,
@@ -62,7 +62,7 @@ from raynoisy.models.meta_nets import SoftLabelNet
 
 # The reference's CIFAR-10 schedule: 44 warm-up epochs of 120.
 DEFAULT_WARMUP_FRACTION = 44 / 120
-# How the soft-label net starts stage 2, see ``MetaLabelNet.on_epoch_start``.
+# How the soft-label net starts stage 2, see ``MetaLabelNet.on_stage_start``.
 SLP_INITS = ("encoder", "random")
 # Added inside log(ŷ) as the reference does, so a soft label that underflows to 0 gives a finite loss.
 LOG_EPS = 1e-10
@@ -160,8 +160,15 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         encoder.zero_grad(set_to_none=True)
         return encoder
 
-    def on_epoch_start(self, epoch: int) -> None:
-        """At the first stage-2 epoch: freeze the encoder and, by default, start the SLP at its classifier.
+    @classmethod
+    def stages(cls, cfg: Config) -> list[Stage]:
+        """Warm-up, then the meta stage; one lr schedule spans both (the reference's per-epoch lr)."""
+        warmup = cls.warmup_epochs_for(cfg)
+        stages = [Stage("meta", cfg.optim.epochs - warmup)]
+        return ([Stage("warmup", warmup, selectable=False)] if warmup else []) + stages
+
+    def on_stage_start(self, stage: Stage, best_model_state: dict[str, Tensor] | None) -> dict[str, float]:
+        """At the meta stage: freeze the encoder and, by default, start the SLP at its classifier.
 
         ``slp_init="encoder"`` (a deliberate deviation from the reference, whose SLP starts from random
         weights) copies the warm-up network's final Linear into the SLP, so the first soft labels are the
@@ -169,8 +176,8 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         towards arbitrary soft labels; with the reference's 76 stage-2 epochs it recovers, but on short
         schedules (3 stage-2 epochs of Fashion-MNIST here) the SLP collapsed to one class on some seeds.
         """
-        if epoch < self.warmup_epochs or self.encoder is not None:
-            return
+        if stage.name != "meta" or self.encoder is not None:
+            return {}
         self.encoder = self._frozen_copy()
         # BatchNorm running statistics differ between ranks by their last local batches unless the caller has
         # just averaged them (the worker does, after every epoch; averaging again changes nothing): the
@@ -178,13 +185,11 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         all_reduce_mean_([b for b in self.encoder.buffers() if b.is_floating_point()])
         if self.params.slp_init == "encoder":
             self.soft_label_net.start_from(classifier_of(self.encoder))
+        return {}
 
-    def trusted_batch_size(self) -> int:
-        """No trusted batches in the warm-up (the worker asks after ``on_epoch_start``, once per epoch)."""
-        return 0 if self.encoder is None else self.ctx.local_batch_size
-
-    def selectable(self, epoch: int) -> bool:
-        return epoch >= self.warmup_epochs
+    def trusted_batch_size(self, stage: Stage) -> int:
+        """No trusted batches in the warm-up."""
+        return 0 if stage.name == "warmup" else self.ctx.local_batch_size
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if self.encoder is None:

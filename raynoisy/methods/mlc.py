@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raynoisy.config import Config
 from raynoisy.errors import ConfigError
 from raynoisy.meta import BNPolicy, MLCHypergradAccumulator, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
@@ -77,14 +78,18 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
     name = "mlc"
     Params = MLCParams
 
-    def __init__(self, ctx: MethodContext) -> None:
-        super().__init__(ctx)
-        if ctx.local_batch_size < 2:
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        local = cfg.optim.batch_size // cfg.scaling.workers
+        if local < 2:
             raise ConfigError(
                 "optim.batch_size",
-                f"mlc splits each worker's trusted batch ({ctx.local_batch_size}) into gold and clean halves",
-                "use at least 2 samples per worker",
+                f"mlc splits each worker's trusted batch ({local}) into gold and clean halves",
+                f"use at least 2 samples per worker: --batch-size {2 * cfg.scaling.workers} or more",
             )
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
         p = self.params
         self.corrector = LabelCorrectionNet(
             ctx.num_classes, self.main.net.feature_dim, cls_dim=p.cls_dim, hidden=p.hidden, skip=p.skip

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from raynoisy.meta.sync import broadcast_, world_size
 from raynoisy.methods.base import MethodContext
-from raynoisy.train.optim import build_scheduler, build_sgd
+from raynoisy.methods.optim import build_scheduler, build_sgd
 
 
 class MainModel:

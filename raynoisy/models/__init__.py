@@ -4,8 +4,14 @@
 ``nn.Module`` whose ``forward`` gives ``(logits, features)``; ``registry`` states the full contract.
 """
 
-# The family modules are imported for their @register_model side effect.
-from raynoisy.models import cifar_resnet, small_cnn, torchvision_resnet  # noqa: F401
-from raynoisy.models.registry import build_model, model_names, register_model
+import importlib
+import pkgutil
 
-__all__ = ["build_model", "model_names", "register_model"]
+from raynoisy.models.registry import build_model, check_config, model_names, register_model
+
+# Every module of the package is imported for its @register_model side effect: the decorator is the only
+# registration.
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["build_model", "check_config", "model_names", "register_model"]

@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 
 from torch import nn
 
+from raynoisy.config import Config
 from raynoisy.errors import ConfigError
 
 
@@ -35,19 +36,39 @@ class ModelBuilder(Protocol):
 
 BuilderT = TypeVar("BuilderT", bound=ModelBuilder)
 
+# Checks what ``model.pretrained`` names can be had, before Ray starts: (pretrained, image_size) -> None.
+PretrainedCheck = Callable[[str | None, int], None]
+
 _BUILDERS: dict[str, ModelBuilder] = {}
+_PRETRAINED_CHECKS: dict[str, PretrainedCheck] = {}
 
 
-def register_model(name: str) -> Callable[[BuilderT], BuilderT]:
-    """Decorator registering ``builder`` under ``name``; a second registration of a name is a bug."""
+def register_model(
+    name: str, *, check_pretrained: PretrainedCheck | None = None
+) -> Callable[[BuilderT], BuilderT]:
+    """Decorator registering ``builder`` under ``name``; a second registration of a name is a bug.
+
+    ``check_pretrained`` lets the family refuse weights it cannot get (no network, a missing file) when the
+    config is checked, rather than inside every Ray worker; without it, any ``model.pretrained`` is refused.
+    """
 
     def decorator(builder: BuilderT) -> BuilderT:
         if name in _BUILDERS:
             raise ValueError(f"model {name!r} is already registered")
         _BUILDERS[name] = builder
+        _PRETRAINED_CHECKS[name] = check_pretrained or (
+            lambda pretrained, _size: reject_pretrained(name, pretrained)
+        )
         return builder
 
     return decorator
+
+
+def check_config(cfg: Config, image_size: int) -> None:
+    """The model part of a run's config: a known backbone, and pretrained weights that can be had."""
+    if cfg.model.name not in _BUILDERS:
+        raise ConfigError("model.name", f"unknown model {cfg.model.name!r}", f"use one of {model_names()}")
+    _PRETRAINED_CHECKS[cfg.model.name](cfg.model.pretrained, image_size)
 
 
 def model_names() -> list[str]:

@@ -21,6 +21,7 @@ experiments) loads without renaming. Differences from torchvision, each needed b
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from raynoisy.config import user_path
 from raynoisy.errors import ConfigError
 from raynoisy.models.registry import register_model
 
@@ -113,6 +115,48 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return dict(loaded)
 
 
+def _hub_file(weights: type[WeightsEnum]) -> Path:
+    """Where ``torch.hub`` caches the ImageNet weights: present there, they load with no network."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.DEFAULT.url.rsplit("/", 1)[-1]
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether ``url`` answers a HEAD request within ``timeout`` seconds (False offline or behind a wall)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _check_pretrained(name: str, weights: type[WeightsEnum], pretrained: str | None, image_size: int) -> None:
+    """Before Ray starts: the weights ``model.pretrained`` names can be had and fit the stem."""
+    if pretrained is None:
+        return
+    if image_size < SMALL_IMAGE_SIZE:
+        raise ConfigError(
+            "model.pretrained",
+            f"{name} uses a 3x3 stem for {image_size} px images, which ImageNet weights do not fit",
+            f"resize the images to at least {SMALL_IMAGE_SIZE} px, or set model.pretrained to null",
+        )
+    if pretrained != "imagenet":
+        if not user_path(pretrained, "model.pretrained").is_file():
+            raise ConfigError(
+                "model.pretrained", f"{pretrained} does not exist", "pass a local torchvision state dict file"
+            )
+        return
+    cached = _hub_file(weights)
+    if cached.is_file() or _reachable(weights.DEFAULT.url):
+        return
+    raise ConfigError(
+        "model.pretrained",
+        f"torchvision's ImageNet weights for {name} are not in the hub cache ({cached}) and cannot be "
+        "downloaded from here",
+        f"copy {cached.name} from a machine with internet access and pass --set model.pretrained=PATH "
+        f"(or put it at {cached}), or train from scratch with --set model.pretrained=null",
+    )
+
+
 def _fetch_imagenet(name: str, weights: type[WeightsEnum]) -> dict[str, Tensor]:
     """torchvision's default ImageNet weights through the hub cache (``$TORCH_HOME/hub/checkpoints``)."""
     try:
@@ -167,18 +211,16 @@ _VARIANTS = {
 def _register(name: str) -> None:
     block, layers, weights = _VARIANTS[name]
 
-    @register_model(name)
+    def check(pretrained: str | None, image_size: int) -> None:
+        _check_pretrained(name, weights, pretrained, image_size)
+
+    @register_model(name, check_pretrained=check)
     def build(
         *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
     ) -> TorchvisionResNet:
         small_stem = image_size < SMALL_IMAGE_SIZE
         if pretrained is not None and small_stem:
-            raise ConfigError(
-                "model.pretrained",
-                f"{name} uses a 3x3 stem for {image_size} px images, which pretrained ImageNet weights do "
-                "not fit",
-                f"resize the images to at least {SMALL_IMAGE_SIZE} px, or set model.pretrained to null",
-            )
+            check(pretrained, image_size)  # refuses: ImageNet weights do not fit the small stem
         # Weights are read before the network is built, so a bad file or no network fails fast.
         state, source = None, ""
         if pretrained == "imagenet":

@@ -1,4 +1,5 @@
-"""The driver side of a run: prepare labels and shards, start Ray Train, write the run's outputs.
+"""The driver side of a run: prepare labels and shards, start the run's services and Ray Train, write the
+run's outputs.
 
 Everything that can fail on bad input (config, list files, class counts, noise matrix) fails here,
 before Ray starts. Outputs in ``run.output``: labels.parquet, metrics.json, model.pt (best-validation
@@ -13,89 +14,20 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raynoisy.config import Config, default_shard_root
-from raynoisy.data.catalog import Catalog
-from raynoisy.data.pipeline import InputSpec
-from raynoisy.data.plan import LabelPlan, plan_labels
-from raynoisy.data.shards import ShardSet, write_shards
-from raynoisy.data.sources import get_source, load_catalog
-from raynoisy.errors import ConfigError
+from raynoisy.config import Config
 from raynoisy.methods import get_method_class
-from raynoisy.train.worker import BEST_MODEL_FILE, SUMMARY_FILE, RunInfo, train_worker
-
-
-@dataclass
-class Prepared:
-    """A planned and sharded data set."""
-
-    catalog: Catalog
-    plan: LabelPlan
-    shards: ShardSet
-    source_root: str | None
-
-    def labels_table(self):
-        used = self.plan.used()
-        return self.plan.table(used[~np.isin(used, self.shards.skipped_ids)])
-
-
-def resolve_root(cfg: Config, log=print) -> str | None:
-    if cfg.data.root is not None:
-        return str(Path(cfg.data.root).expanduser().resolve())
-    if get_source(cfg.data.dataset).needs_root:
-        from raynoisy.data.embedded import embedded_root
-
-        return str(embedded_root(cfg.data.dataset, log=log))
-    return None
-
-
-def prepare(cfg: Config, log=print) -> Prepared:
-    """Catalog -> label plan -> shards (reused when they exist). Runs before Ray Train starts."""
-    root = resolve_root(cfg, log)
-    catalog = load_catalog(cfg.data.dataset, root, cfg.data.options)
-    needs_trusted = get_method_class(cfg.method.name).needs_trusted
-    plan = plan_labels(catalog, cfg, needs_trusted=needs_trusted)
-    counts = plan.counts()
-    log(
-        f"[data] {catalog.name}: {catalog.num_samples} samples, {catalog.num_classes} classes; "
-        f"split {counts}; "
-        f"noise {plan.noise.type} rate {plan.noise.rate} -> actual {plan.noise.actual_rate:.4f}"
-    )
-    shards = write_shards(
-        catalog,
-        plan,
-        cfg.data.shard_root or default_shard_root(),
-        seed=cfg.run.seed,
-        source_root=root,
-        options=cfg.data.options,
-        rows_per_shard=cfg.data.rows_per_shard,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        log=log,
-    )
-    return Prepared(catalog, plan, shards, root)
-
-
-def input_spec(cfg: Config) -> InputSpec:
-    source = get_source(cfg.data.dataset)
-    return InputSpec(source.transform, cfg.data.image_size or source.image_size, source.channels)
-
-
-def steps_per_epoch(cfg: Config, train_rows: int) -> int:
-    """Steps each rank takes per epoch: equal row split, then whole local batches only."""
-    local_batch = cfg.optim.batch_size // cfg.scaling.workers
-    steps = (train_rows // cfg.scaling.workers) // local_batch
-    if steps < 1:
-        raise ConfigError(
-            "optim.batch_size",
-            f"{train_rows} training samples give no full batch of {local_batch} per worker",
-            "lower --batch-size or --workers",
-        )
-    return steps
+from raynoisy.train.loop import train_worker
+from raynoisy.train.preflight import check
+from raynoisy.train.prepare import Prepared, input_spec, prepare, steps_per_epoch
+from raynoisy.train.run_files import BEST_MODEL_FILE, SUMMARY_FILE, RunInfo, write_metrics
+from raynoisy.train.services import recorded_error, running_services
 
 
 def run_name(cfg: Config) -> str:
@@ -133,14 +65,19 @@ def train(cfg: Config, log=print) -> dict:
 
     from raynoisy.data.pipeline import image_dataset
 
+    check(cfg)
     start = time.time()
     output = Path(cfg.run.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, log)
-    pq.write_table(prepared.labels_table(), output / "labels.parquet")
+    labels = prepared.labels_table()
+    pq.write_table(labels, output / "labels.parquet")
     (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     shards = prepared.shards
     spec = input_spec(cfg)
+    # Named before the cluster fills in defaults, so a resubmission resumes even after autoscaling.
+    name = run_name(cfg)
+    _init_ray()
     info = RunInfo(
         num_classes=prepared.catalog.num_classes,
         input=spec,
@@ -150,10 +87,8 @@ def train(cfg: Config, log=print) -> dict:
         output=str(output),
         fault_marker=str(output / ".fault-drill-done"),
         actual_noise_rate=prepared.plan.noise.actual_rate,
+        train_ids=ray.put(_train_ids(labels)),
     )
-    # Named before the cluster fills in defaults, so a resubmission resumes even after autoscaling.
-    name = run_name(cfg)
-    _init_ray()
     cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg)
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker} | (
@@ -164,22 +99,29 @@ def train(cfg: Config, log=print) -> dict:
         f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "
         f"{info.steps_per_epoch} steps/epoch, run {name} in {storage}"
     )
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "info": info},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-        ),
-        datasets={"train": image_dataset(shards.files("train"), spec, train=True)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
+    method_cls = get_method_class(cfg.method.name, cfg.method.module)
+    with running_services(name, method_cls.services(cfg)) as services:
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "info": info, "services": services},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+            datasets={"train": image_dataset(shards.files("train"), spec, train=True)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        try:
+            result = trainer.fit()
+        except Exception:
+            _raise_recorded(services)
+            raise
+        _raise_recorded(services)
     if result.error is not None:
         raise result.error
     metrics = _collect_outputs(cfg, prepared, result.checkpoint, output, time.time() - start)
@@ -191,8 +133,21 @@ def train(cfg: Config, log=print) -> dict:
     return metrics
 
 
+def _raise_recorded(services: dict) -> None:
+    """Raise the deterministic error a worker recorded (intact, one line at the CLI), if there is one."""
+    error = recorded_error(services)
+    if error is not None:
+        raise error from None
+
+
+def _train_ids(labels: pa.Table) -> np.ndarray:
+    """Sorted sample ids of the training split: the keys of the per-sample store."""
+    train = labels.filter(pc.equal(labels.column("split"), "train"))
+    return np.sort(train.column("sample_id").to_numpy().astype(np.int64))
+
+
 def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, wall: float) -> dict:
-    method_cls = get_method_class(cfg.method.name)
+    method_cls = get_method_class(cfg.method.name, cfg.method.module)
     with checkpoint.as_directory() as d:
         summary = json.loads((Path(d) / SUMMARY_FILE).read_text())
         if (Path(d) / BEST_MODEL_FILE).exists():
@@ -229,5 +184,5 @@ def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, 
     }
     if export is not None:
         metrics.update(method_cls.summarize_export(export, pq.read_table(output / "labels.parquet")))
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    write_metrics(output, metrics)
     return metrics

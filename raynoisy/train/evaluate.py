@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from raynoisy.data.batch import Batch
 from raynoisy.meta.sync import all_reduce_sum_
-from raynoisy.methods.base import Batch
 
 
 @torch.no_grad()

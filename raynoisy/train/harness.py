@@ -1,0 +1,164 @@
+"""Driving a method without Ray: build its context from in-memory batches and walk its stages.
+
+For tests, benchmarks and debugging a new method on a laptop: the same hooks in the same order as the Ray
+Train loop (``raynoisy.train.loop``), one process, no data pipeline. ``walk_stages`` is the loop's control
+flow without evaluation (so no ``on_evaluated``) and checkpoints; ``start_stage`` brings a fresh method to
+the first step of a named stage (e.g. to time GLC's phase-2 steps).
+
+What differs from the loop, because there is no validation set: a stage starts from the model the previous
+stage ended with, where the loop hands ``on_stage_start`` the previous stage's best-validation model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from raynoisy.config import Config
+from raynoisy.data.batch import Batch
+from raynoisy.data.sample_store import SampleStore
+from raynoisy.methods import get_method_class
+from raynoisy.methods.base import Method, MethodContext, Stage
+
+ModelState = dict[str, torch.Tensor]
+
+
+def method_context(
+    cfg: Config,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    steps_per_epoch: int,
+    num_train: int,
+    num_trusted: int,
+    splits: Mapping[str, Sequence[Batch]] | None = None,
+    train_ids: np.ndarray | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> MethodContext:
+    """A ``MethodContext`` as the loop fills it for rank ``rank`` of ``world_size``.
+
+    ``ctx.iter_split(name)`` replays ``splits[name]`` (a split not given is empty, as a split without files
+    is in the loop); ``ctx.sample_store`` covers ``train_ids`` (default ``0..num_train-1``, which needs
+    ``num_train >= 1``); ``ctx.services`` is empty; ``device`` defaults to the CPU.
+    """
+    batches = dict(splits or {})
+    ids = np.arange(num_train, dtype=np.int64) if train_ids is None else np.sort(train_ids)
+    return MethodContext(
+        cfg=cfg,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        device=device or torch.device("cpu"),
+        rank=rank,
+        world_size=world_size,
+        steps_per_epoch=steps_per_epoch,
+        num_train=num_train,
+        num_trusted=num_trusted,
+        iter_split=lambda split: iter(batches.get(split, ())),
+        sample_store=SampleStore(ids),
+    )
+
+
+def build_method(ctx: MethodContext) -> Method:
+    """The configured method (``method.name``, after importing ``method.module``), built as every Ray worker
+    builds it: Python's, NumPy's and torch's global generators seeded with ``run.seed`` just before."""
+    cfg = ctx.cfg
+    method_cls = get_method_class(cfg.method.name, cfg.method.module)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    return method_cls(ctx)
+
+
+def _snapshot(method: Method) -> ModelState:
+    return {k: v.detach().clone() for k, v in method.eval_model().state_dict().items()}
+
+
+def start_stage(method: Method, name: str) -> Stage:
+    """Bring a freshly built ``method`` to the first step of stage ``name``; returns that stage.
+
+    The loop's hooks without steps: for every earlier stage ``on_stage_start`` and each epoch's
+    ``on_epoch_start`` and ``on_epoch_end``; then ``on_stage_start`` of stage ``name`` and
+    ``on_epoch_start`` of its first epoch. The next ``train_step`` is the stage's first.
+    """
+    previous: ModelState | None = None
+    epoch = 0
+    for stage in method.stages(method.ctx.cfg):
+        method.on_stage_start(stage, previous)
+        if stage.name == name:
+            method.on_epoch_start(epoch)
+            return stage
+        for _ in range(stage.epochs):
+            method.on_epoch_start(epoch)
+            method.on_epoch_end(epoch)
+            epoch += 1
+        previous = _snapshot(method)
+    raise ValueError(f"{method.name} has no stage {name!r}")
+
+
+def walk_stages(
+    method: Method,
+    batches: Callable[[Stage, int], Iterable[Batch]],
+    trusted: Callable[[int], Batch] | None = None,
+) -> list[dict[str, float | str]]:
+    """Train a freshly built ``method`` through every stage, with the loop's hooks in the loop's order.
+
+    ``batches(stage, epoch)`` gives an epoch's noisy batches (``epoch`` counts over all stages, from 0) and
+    ``trusted(size)`` one trusted batch of ``size`` samples. As in the loop, each step of a stage that
+    trains on ``train`` gets a trusted batch of ``method.trusted_batch_size(stage)`` (None when that is 0),
+    and a stage that trains on ``trusted`` takes ``ctx.steps_per_epoch`` steps on trusted batches with None
+    as the trusted batch (``batches`` is not called for it). Each stage starts from the model the previous
+    one ended with (see the module docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of
+    its steps (NaN without steps), the scalars of ``on_stage_start`` (first epoch of a stage) and of
+    ``on_epoch_end``.
+    """
+    logs: list[dict[str, float | str]] = []
+    previous: ModelState | None = None
+    epoch = 0
+    for stage in method.stages(method.ctx.cfg):
+        scalars = method.on_stage_start(stage, previous)
+        size = method.trusted_batch_size(stage)
+        if stage.trains_on == "trusted" and size == 0:
+            raise ValueError(f"stage {stage.name} of {method.name} trains on trusted batches of size 0")
+        if size and trusted is None:
+            raise ValueError(
+                f"stage {stage.name} of {method.name} takes trusted batches of {size}: pass trusted"
+            )
+        for _ in range(stage.epochs):
+            method.on_epoch_start(epoch)
+            losses = [
+                method.train_step(batch, pair).get("loss", float("nan"))
+                for batch, pair in _pairs(method, stage, epoch, size, batches, trusted)
+            ]
+            logs.append(
+                {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
+                | scalars
+                | method.on_epoch_end(epoch)
+            )
+            scalars = {}
+            epoch += 1
+        previous = _snapshot(method)
+    return logs
+
+
+def _pairs(
+    method: Method,
+    stage: Stage,
+    epoch: int,
+    size: int,
+    batches: Callable[[Stage, int], Iterable[Batch]],
+    trusted: Callable[[int], Batch] | None,
+) -> Iterator[tuple[Batch, Batch | None]]:
+    """An epoch's (batch, trusted batch) pairs, drawn one step at a time as the loop's streams draw them."""
+    if trusted is not None and stage.trains_on == "trusted":
+        for _ in range(method.ctx.steps_per_epoch):
+            yield trusted(size), None
+        return
+    for batch in batches(stage, epoch):
+        yield batch, (trusted(size) if trusted is not None and size else None)

@@ -1,0 +1,77 @@
+"""Preparing a run's data before Ray Train starts: catalog -> label plan -> Parquet shards.
+
+No Ray Train import: ``raynoisy shard`` and the driver share it, and the shard command stays quick to start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raynoisy.config import Config, default_shard_root
+from raynoisy.data.catalog import Catalog
+from raynoisy.data.pipeline import InputSpec
+from raynoisy.data.plan import LabelPlan, plan_labels
+from raynoisy.data.shards import ShardSet, write_shards
+from raynoisy.data.sources import get_source, load_catalog, resolve_root
+from raynoisy.errors import ConfigError
+from raynoisy.methods import get_method_class
+
+
+@dataclass
+class Prepared:
+    """A planned and sharded data set."""
+
+    catalog: Catalog
+    plan: LabelPlan
+    shards: ShardSet
+    source_root: str | None
+
+    def labels_table(self):
+        used = self.plan.used()
+        return self.plan.table(used[~np.isin(used, self.shards.skipped_ids)])
+
+
+def prepare(cfg: Config, log=print) -> Prepared:
+    """Catalog -> label plan -> shards (reused when they exist). Runs before Ray Train starts."""
+    root = resolve_root(cfg, log)
+    catalog = load_catalog(cfg.data.dataset, root, cfg.data.options)
+    needs_trusted = get_method_class(cfg.method.name, cfg.method.module).needs_trusted
+    plan = plan_labels(catalog, cfg, needs_trusted=needs_trusted)
+    counts = plan.counts()
+    log(
+        f"[data] {catalog.name}: {catalog.num_samples} samples, {catalog.num_classes} classes; "
+        f"split {counts}; "
+        f"noise {plan.noise.type} rate {plan.noise.rate} -> actual {plan.noise.actual_rate:.4f}"
+    )
+    shards = write_shards(
+        catalog,
+        plan,
+        cfg.data.shard_root or default_shard_root(),
+        seed=cfg.run.seed,
+        source_root=root,
+        options=cfg.data.options,
+        rows_per_shard=cfg.data.rows_per_shard,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        log=log,
+    )
+    return Prepared(catalog, plan, shards, root)
+
+
+def input_spec(cfg: Config) -> InputSpec:
+    source = get_source(cfg.data.dataset)
+    return InputSpec(source.transform, cfg.data.image_size or source.image_size, source.channels)
+
+
+def steps_per_epoch(cfg: Config, train_rows: int) -> int:
+    """Steps each rank takes per epoch: equal row split, then whole local batches only."""
+    local_batch = cfg.optim.batch_size // cfg.scaling.workers
+    steps = (train_rows // cfg.scaling.workers) // local_batch
+    if steps < 1:
+        raise ConfigError(
+            "optim.batch_size",
+            f"{train_rows} training samples give no full batch of {local_batch} per worker",
+            "lower --batch-size or --workers",
+        )
+    return steps
