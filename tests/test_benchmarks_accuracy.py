@@ -7,31 +7,18 @@ writes into ``run.output`` (config.json, metrics.json) and records which configs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
-
-
-def load_benchmark() -> ModuleType:
-    """Import benchmarks/accuracy.py by path: ``benchmarks`` is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location("raynoisy_benchmark_accuracy", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The benchmark with a fake ``train``; ``bench.trained`` lists the configs it trained, in order."""
-    module = load_benchmark()
+    module = load_benchmark("accuracy")
     module.trained = []
 
     def fake_train(cfg) -> dict:
@@ -150,7 +137,7 @@ def test_variants_are_separate_rows(bench: ModuleType, tmp_path: Path, capsys) -
 
 
 def test_variant_syntax_and_rows() -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("accuracy")
     assert bench.parse_variant("k5:method.params.skip=true optim.lr=0.1") == (
         "k5",
         ["method.params.skip=true", "optim.lr=0.1"],
@@ -188,7 +175,7 @@ def test_config_errors_stop_the_grid_before_any_run(bench: ModuleType, tmp_path:
 
 
 def test_table_rows_deltas_and_label_quality() -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("accuracy")
     results = {
         ("flip:0.4", "ce", ""): [
             {"test_accuracy": 0.80, "final_test_accuracy": 0.78},
@@ -230,4 +217,4 @@ def test_table_rows_deltas_and_label_quality() -> None:
     ("text", "expected"), [("flip:0.4", ("flip", 0.4)), ("uniform:0.8", ("uniform", 0.8))]
 )
 def test_parse_noise(text: str, expected: tuple[str, float]) -> None:
-    assert load_benchmark().parse_noise(text) == expected
+    assert load_benchmark("accuracy").parse_noise(text) == expected

@@ -6,31 +6,15 @@ human; what a test can pin down is that the ratio compares like with like (same 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.ray
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "data_ingest.py"
-
-
-def _load_benchmark() -> ModuleType:
-    """Import by path: ``benchmarks/`` is a folder of scripts, not a package on ``sys.path``."""
-    spec = importlib.util.spec_from_file_location("data_ingest_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_ray_data_and_dataloader_deliver_the_same_images_and_print_a_ratio(ray_cluster, tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("data_ingest")
     report = bench.main(["--small", "--epochs", "1", "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
 

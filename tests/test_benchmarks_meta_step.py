@@ -7,29 +7,14 @@ the benchmark keeps building every registered method the way the trainer does an
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
-
-
-def load_benchmark() -> ModuleType:
-    """Import benchmarks/meta_step.py by path: ``benchmarks`` is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location("raynoisy_benchmark_meta_step", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("meta_step")
     report = bench.main(["--small", "--models", "small-cnn", "--device", "cpu"])
 
     measured = [row.method for row in report.rows]

@@ -6,24 +6,8 @@ with its ratio to the baseline of the same operation.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_store.py"
-
-
-def load_benchmark() -> ModuleType:
-    """Import benchmarks/sample_store.py by path: ``benchmarks`` is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location("raynoisy_benchmark_sample_store", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
@@ -42,7 +26,7 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
 
 
 def test_sample_store_benchmark_prints_parsable_tables(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_benchmark()
+    bench = load_benchmark("sample_store")
     samples, classes, k, batch = 3000, 50, 5, 32
     report = bench.main(
         [

@@ -80,10 +80,6 @@ def test_glc_stages_survive_a_mid_epoch_failure_and_match_one_worker_labels(ray_
     assert written["noise"]["type"] == "flip" and 0.3 < written["noise"]["actual_rate"] < 0.5
     # Learned something: three times chance on 10 classes, with 40% of the labels flipped.
     assert metrics["test_accuracy"] > 0.3 and (out / "model.pt").exists() and (out / "tensorboard").is_dir()
-    resumed = [
-        loop for loop, _ in _checkpoints(out / "ray_results") if loop["stage"] == 1 and loop["step"] == 4
-    ]
-    assert len(resumed) == 1  # written once, before the failure; the replay resumed after it
 
     one = _config(tmp_path, "glc", "one", **{"scaling.workers": 1, "optim.epochs": 2})
     train(one, log=lambda _: None)
@@ -130,7 +126,7 @@ def test_services_and_per_sample_state_survive_a_worker_failure(ray_cluster, tmp
     end = SampleStore(_train_ids(out))
     end.add_dense("times_trained", 1, dtype=torch.float32)
     end.load(final)
-    assert float(end.tensors()["times_trained"].sum()) == 2 * steps * 64
+    assert float(end.gather("times_trained", end.sample_ids).sum()) == 2 * steps * 64
     # The service is gone with the run.
     with pytest.raises(ValueError):
         ray.get_actor("step-counter", namespace=namespace_of(run_name(cfg)))

@@ -129,6 +129,9 @@ class Method(ABC):
     Params: ClassVar[type] = NoParams
     # Name of the per-sample table this method exports (e.g. "corrected_labels"), or None.
     export_name: ClassVar[str | None] = None
+    # The rule behind this method's own label-issue columns (``label_issue_columns``), for the report and
+    # label_issues.parquet's metadata; None while the method takes the model-prediction path.
+    label_issue_rule: ClassVar[str | None] = None
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -218,4 +221,23 @@ class Method(ABC):
     @classmethod
     def summarize_export(cls, table: Any, labels: Any) -> dict[str, Any]:
         """Metrics derived from the exported table and labels.parquet, for metrics.json."""
+        return {}
+
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
+        """This method's columns of ``label_issues.parquet`` for a batch of training samples (eval transform).
+
+        Every method has the table (``raynoisy.methods.label_issues``); a method only fills its columns.
+        ``None`` (the default) takes the model-prediction path: the run's best-validation model's softmax
+        over the training split, scored by cleanlab's confident learning. A method with a better view of
+        which labels are wrong returns ``sample_id``, ``given_label``, ``predicted_label``, ``label_score``
+        (in [0, 1], lower = more likely wrong), ``is_label_issue`` and optionally ``corrected_label``, and
+        sets ``label_issue_rule`` to say how it flags. Called on every rank after the last epoch.
+        """
+        return None
+
+    def final_metrics(self) -> dict[str, Any]:
+        """JSON-able facts of the finished run for metrics.json (GLC: its estimated corruption matrix).
+
+        Called on rank 0 after the last epoch; keys the driver writes itself take precedence.
+        """
         return {}

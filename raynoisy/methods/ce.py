@@ -1,4 +1,11 @@
-"""Baselines: cross-entropy on the noisy labels (``ce``) and on the trusted set only (``ce-clean``)."""
+"""Baselines: cross-entropy on the noisy labels (``ce``) and on the trusted set only (``ce-clean``).
+
+Both take the model-prediction path to ``label_issues.parquet`` (cleanlab's confident learning on the
+best-validation model's softmax over the training split; ``raynoisy.methods.label_issues``). For ``ce`` the
+predictions are in-sample: the model trained on those labels, and the more it memorised, the fewer wrong
+labels it flags. For ``ce-clean`` they are genuinely held out: it never saw the noisy training split, which
+makes it cleanlab's reference detector whenever a trusted set exists.
+"""
 
 from __future__ import annotations
 

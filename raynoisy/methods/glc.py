@@ -10,6 +10,12 @@ The phases are the run's two stages, ``noisy`` and ``corrected``, each of ``opti
 own lr schedule. Unlike the reference code, phase 2 also starts with fresh optimizer state (the reference
 carries phase-1 momentum buffers over, an accident of reusing the optimizer object). Only phase-2 models
 can be picked as best-validation model.
+
+Outputs: metrics.json's ``noise_transition_estimated`` is C (rows true class, columns given class, the
+orientation of the injected and empirical matrices), so the report sets it beside them. Label issues take
+the model-prediction path (``Method.label_issue_columns``): cleanlab on the best phase-2 model's softmax,
+which estimates the clean class (the forward correction absorbs the noise through C), so a memorised wrong
+label does not pull the prediction towards it.
 """
 
 from __future__ import annotations
@@ -98,6 +104,14 @@ class GoldLossCorrection(Method):
         missing = counts == 0
         corruption[missing] = torch.eye(k, dtype=torch.float64, device=sums.device)[missing]
         return corruption.float()
+
+    def final_metrics(self) -> dict[str, Any]:
+        if self.corruption is None:
+            return {}
+        return {
+            "noise_transition_estimated": self.corruption.double().cpu().tolist(),
+            "noise_transition_estimated_by": "glc: mean phase-1 softmax over each class's trusted samples",
+        }
 
     def eval_model(self) -> nn.Module:
         return self.main.net

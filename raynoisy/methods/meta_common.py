@@ -14,9 +14,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +22,7 @@ from raynoisy.errors import ConfigError
 from raynoisy.meta import OutputHypergradient, OutputLoss, logit_gradient, output_grads
 from raynoisy.meta.lookahead import Rule
 from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.label_issues import detector_scores, ratio, true_labels_of
 from raynoisy.methods.supervised import MainModel
 
 # The soft label goes into the export only up to this many classes: for Clothing1M's 14 it is 14 floats
@@ -118,39 +117,21 @@ def evaluating(*nets: nn.Module) -> Iterator[None]:
 
 
 def corrected_label_columns(batch: Batch, soft: Tensor) -> dict[str, np.ndarray]:
-    """One batch of ``corrected_labels``: argmax and max of the soft label, and all of it if C is small."""
+    """One batch of ``corrected_labels``: argmax and max of the soft label, its probability of the given
+    label, and all of it if C is small."""
     soft = soft.detach().float().cpu()
     confidence, corrected = soft.max(dim=1)
+    given = batch.y.cpu()
     columns = {
         "sample_id": batch.sample_id.cpu().numpy(),
-        "given_label": batch.y.cpu().numpy(),
+        "given_label": given.numpy(),
         "corrected_label": corrected.numpy(),
         "corrected_confidence": confidence.numpy(),
+        "given_label_probability": soft.gather(1, given[:, None]).squeeze(1).numpy(),
     }
     if soft.shape[1] <= SOFT_LABEL_MAX_CLASSES:
         columns["soft_label"] = soft.numpy()
     return columns
-
-
-def true_labels_of(sample_ids: np.ndarray, labels: pa.Table) -> np.ndarray:
-    """True label of each id from labels.parquet (true_label is nullable); -1 if unknown or absent."""
-    true = pc.fill_null(labels.column("true_label"), -1).to_numpy()
-    lookup = pd.Series(true, index=labels.column("sample_id").to_numpy())
-    return lookup.reindex(sample_ids, fill_value=-1).to_numpy().astype(np.int64)
-
-
-def _ratio(numerator: int, denominator: int) -> float | None:
-    """A rate, or None (JSON null) when it is undefined, rather than a NaN that strict JSON rejects."""
-    return numerator / denominator if denominator else None
-
-
-def detector_scores(flagged: np.ndarray, mislabelled: np.ndarray) -> dict[str, float | None]:
-    """Precision and recall of ``flagged`` as a detector of ``mislabelled`` (boolean, known samples only)."""
-    hits = int(np.count_nonzero(flagged & mislabelled))
-    return {
-        "precision": _ratio(hits, int(np.count_nonzero(flagged))),
-        "recall": _ratio(hits, int(np.count_nonzero(mislabelled))),
-    }
 
 
 def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, Any]:
@@ -163,7 +144,7 @@ def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, A
     given = table.column("given_label").to_numpy()
     corrected = table.column("corrected_label").to_numpy()
     changed = corrected != given
-    out: dict[str, Any] = {"samples": len(given), "fraction_changed": _ratio(int(changed.sum()), len(given))}
+    out: dict[str, Any] = {"samples": len(given), "fraction_changed": ratio(int(changed.sum()), len(given))}
     true = true_labels_of(table.column("sample_id").to_numpy(), labels)
     known = true >= 0
     out["samples_with_true_label"] = int(known.sum())
@@ -176,10 +157,33 @@ def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, A
 
 
 class CorrectedLabelExport:
-    """Mixin for methods that export ``corrected_labels.parquet`` and summarise it (MLC, MetaLabelNet)."""
+    """Mixin for methods that export ``corrected_labels.parquet`` and summarise it (MLC, MetaLabelNet).
+
+    Their label issues come from the same corrected labels: ``corrected_label`` = argmax of the meta
+    network's soft label, ``is_label_issue`` = corrected != given, ``label_score`` = the soft label's
+    probability of the given label; ``predicted_label`` is the main model's own argmax.
+    """
 
     export_name = "corrected_labels"
+    label_issue_rule = (
+        "corrected label != given label (argmax of the meta network's soft label); "
+        "label_score = the soft label's probability of the given label"
+    )
+    main: MainModel
 
     @classmethod
     def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
         return summarize_corrected_labels(table, labels)
+
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray]:
+        own = self.per_sample_outputs(batch)  # type: ignore[attr-defined]  # the method's corrected labels
+        with evaluating(self.main.net):
+            predicted = self.main.net(batch.x)[0].argmax(dim=1).cpu().numpy()
+        return {
+            "sample_id": own["sample_id"],
+            "given_label": own["given_label"],
+            "predicted_label": predicted,
+            "label_score": own["given_label_probability"],
+            "is_label_issue": own["corrected_label"] != own["given_label"],
+            "corrected_label": own["corrected_label"],
+        }

@@ -21,6 +21,13 @@ forward updates the real ones once, so the effect on the real model is the same.
 
 Export ``sample_weights.parquet``: the final weight net's weight of each training sample's loss under its
 given label, evaluated with the final model in eval mode.
+
+Label issues (``label_issues.parquet``) from the same weights: ``label_score`` is the weight itself — the
+weight net ends in a sigmoid, so the weight is already normalised to (0, 1), 1 being a label the method
+trusts fully — and ``is_label_issue`` is ``weight < 0.5``: the method gives the sample less than half the
+weight of a fully trusted one (the rule ``sample_weights`` in metrics.json scores too). An absolute
+threshold rather than one relative to this run's weights, so that a run in which the net trusts every
+sample flags none. ``predicted_label`` is the main model's argmax; MW-Net has no corrected label.
 """
 
 from __future__ import annotations
@@ -37,18 +44,18 @@ from torch import Tensor
 from raynoisy.meta import OutputLoss, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
+from raynoisy.methods.label_issues import detector_scores, true_labels_of
 from raynoisy.methods.meta_common import (
     TrustedMetaMethod,
     check_param,
-    detector_scores,
     evaluating,
     lookahead_optimizer,
     real_step_through_outputs,
-    true_labels_of,
 )
 from raynoisy.models.meta_nets import WeightNet
 
-# A sample whose weight is below this counts as flagged (down-weighted) in the export summary.
+# A sample whose weight is below this counts as flagged (down-weighted): in the export summary and as a
+# label issue.
 DOWN_WEIGHT_THRESHOLD = 0.5
 
 
@@ -78,6 +85,10 @@ class MetaWeightNet(TrustedMetaMethod):
     name = "mwnet"
     Params = MWNetParams
     export_name = "sample_weights"
+    label_issue_rule = (
+        f"weight-net weight < {DOWN_WEIGHT_THRESHOLD} (the final weight net on the final model's loss of the "
+        "given label); label_score = the weight"
+    )
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -122,15 +133,31 @@ class MetaWeightNet(TrustedMetaMethod):
             "mean_weight": float(weights.mean()),
         }
 
-    def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
+    def _weigh(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, per-sample losses under the given labels and their weights (final models, eval mode)."""
         with evaluating(self.main.net, self.weight_net):
-            losses = F.cross_entropy(self.main.net(batch.x)[0], batch.y, reduction="none")
-            weights = self.weight_net(losses)
+            logits = self.main.net(batch.x)[0]
+            losses = F.cross_entropy(logits, batch.y, reduction="none")
+            return logits, losses, self.weight_net(losses)
+
+    def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
+        _, losses, weights = self._weigh(batch)
         return {
             "sample_id": batch.sample_id.cpu().numpy(),
             "given_label": batch.y.cpu().numpy(),
             "loss": losses.float().cpu().numpy(),
             "weight": weights.float().cpu().numpy(),
+        }
+
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray]:
+        logits, _, weights = self._weigh(batch)
+        weights = weights.float().cpu().numpy()
+        return {
+            "sample_id": batch.sample_id.cpu().numpy(),
+            "given_label": batch.y.cpu().numpy(),
+            "predicted_label": logits.argmax(dim=1).cpu().numpy(),
+            "label_score": weights,
+            "is_label_issue": weights < DOWN_WEIGHT_THRESHOLD,
         }
 
     @classmethod

@@ -147,6 +147,10 @@ def _train_ids(labels: pa.Table) -> np.ndarray:
 
 
 def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, wall: float) -> dict:
+    """The run's outputs from the final checkpoint: model.pt, the per-sample tables, metrics.json, report.md."""
+    from raynoisy.methods.label_issues import summarize_label_issues
+    from raynoisy.report import write_run_report
+
     method_cls = get_method_class(cfg.method.name, cfg.method.module)
     with checkpoint.as_directory() as d:
         summary = json.loads((Path(d) / SUMMARY_FILE).read_text())
@@ -157,12 +161,15 @@ def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, 
             src = Path(d) / f"{method_cls.export_name}.parquet"
             shutil.copy(src, output / src.name)
             export = pq.read_table(output / src.name)
+        shutil.copy(Path(d) / "label_issues.parquet", output / "label_issues.parquet")
+    labels = pq.read_table(output / "labels.parquet")
+    issues = pq.read_table(output / "label_issues.parquet")
     counts = prepared.shards.manifest["counts"]
-    noise = prepared.plan.noise
+    noise = prepared.plan.noise.to_dict()
     metrics = {
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
-        "noise": {"type": noise.type, "rate": noise.rate, "actual_rate": noise.actual_rate},
+        "noise": {"type": noise["type"], "rate": noise["rate"], "actual_rate": noise["actual_rate"]},
         "clean_size": counts.get("trusted", 0),
         "train_size": counts.get("train", 0),
         "val_size": counts.get("val", 0),
@@ -179,10 +186,21 @@ def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, 
         "seed": cfg.run.seed,
         "skipped_samples": len(prepared.shards.manifest["skipped"]),
         "shards": prepared.shards.uri,
-        "noise_transition_empirical": noise.to_dict()["empirical"],
-        "history": summary["history"],
+        "num_classes": prepared.catalog.num_classes,
+        "class_names": list(prepared.catalog.class_names),
+        "steps_per_epoch": steps_per_epoch(cfg, counts.get("train", 0)),
+        "noise_transition_injected": noise["transition"],
+        "noise_transition_empirical": noise["empirical"],
+        "label_issues": summarize_label_issues(issues, labels),
     }
     if export is not None:
-        metrics.update(method_cls.summarize_export(export, pq.read_table(output / "labels.parquet")))
+        metrics.update(method_cls.summarize_export(export, labels))
+    # The method's own facts (GLC's corruption matrix); the driver's keys take precedence.
+    metrics |= {k: v for k, v in summary.get("method_metrics", {}).items() if k not in metrics}
+    metrics["history"] = summary["history"]
     write_metrics(output, metrics)
+    try:
+        write_run_report(output)
+    except Exception as exc:  # the run's outputs are written; a report can be rebuilt, a lost run cannot
+        print(f"[train] report.md not written ({exc!r}); rebuild it with: raynoisy report {output}")
     return metrics

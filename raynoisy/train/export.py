@@ -1,11 +1,20 @@
-"""The end of a run on the workers: the method's per-sample table and the run's summary.
+"""The end of a run on the workers: the run's per-sample tables and the run's summary.
 
-The per-sample table is computed over every training sample (each rank its share, eval transform) and
-all-gathered to rank 0, which writes it into the final checkpoint beside ``summary.json``.
+The per-sample tables are computed over every training sample (each rank its share, eval transform) and
+all-gathered to rank 0, which writes them into the final checkpoint beside ``summary.json``:
+``label_issues`` for every method (``raynoisy.methods.label_issues``) and the method's own export
+(``Method.export_name``: corrected labels, sample weights) if it has one.
+
+The model-prediction path of the label issues runs the run's best-validation model, which the loop keeps in
+every checkpoint as ``best_model.pt``: rank 0 reads it back from the latest reported checkpoint and
+broadcasts it, so every rank predicts with the same weights. Outside Ray Train (the harness, tests) and
+before any selectable evaluation there is none, and ``eval_model()`` as it stands predicts.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,31 +22,107 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from raynoisy.methods.base import Method
-from raynoisy.train.run_files import SUMMARY_FILE, LoopState
+from raynoisy.methods.label_issues import build_label_issues, prediction_columns
+from raynoisy.train.run_files import BEST_MODEL_FILE, SUMMARY_FILE, LoopState
 from raynoisy.train.streams import Streams
 
+LABEL_ISSUES = "label_issues"
+Columns = dict[str, np.ndarray]
 
-def per_sample_table(method: Method, streams: Streams, rank: int, world_size: int) -> pa.Table | None:
-    """The method's per-sample table over the whole training split, on rank 0 (None elsewhere)."""
-    if method.export_name is None:
-        return None
-    columns: dict[str, list] = {}
+
+def per_sample_table(
+    method: Method, streams: Streams, rank: int, world_size: int
+) -> dict[str, pa.Table] | None:
+    """The run's per-sample tables over the whole training split by file stem, on rank 0 (None elsewhere)."""
+    predictor = _best_validation_model(method, rank, world_size) if method.label_issue_rule is None else None
+    own: dict[str, list[np.ndarray]] = {}
+    issues: dict[str, list[np.ndarray]] = {}
     for batch in streams.split_pass("train"):
-        for key, value in method.per_sample_outputs(batch).items():
-            columns.setdefault(key, []).append(np.asarray(value))
-    parts = [{k: np.concatenate(v) for k, v in columns.items()}]
-    if world_size > 1:
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, parts[0])
-        parts = gathered
-    filled = [p for p in parts if p]
-    if rank != 0 or not filled:
+        if method.export_name is not None:
+            _append(own, method.per_sample_outputs(batch))
+        columns = method.label_issue_columns(batch)
+        if columns is None:
+            if predictor is None:
+                raise RuntimeError(
+                    f"{method.name} sets label_issue_rule but its label_issue_columns returned None"
+                )
+            columns = prediction_columns(predictor, batch)
+        _append(issues, columns)
+    merged = _gather([_concat(own), _concat(issues)], rank, world_size)
+    if merged is None:
         return None
-    merged = {k: np.concatenate([p[k] for p in filled]) for k in filled[0]}
-    return pa.table({k: list(v) if v.ndim > 1 else v for k, v in merged.items()}).sort_by("sample_id")
+    own_all, issues_all = merged
+    tables = {LABEL_ISSUES: build_label_issues(issues_all, method.label_issue_rule)}
+    if method.export_name is not None and own_all:
+        tables[method.export_name] = pa.table(
+            {k: list(v) if v.ndim > 1 else v for k, v in own_all.items()}
+        ).sort_by("sample_id")
+    return tables
+
+
+def _append(columns: dict[str, list[np.ndarray]], batch_columns: dict[str, Any]) -> None:
+    for key, value in batch_columns.items():
+        columns.setdefault(key, []).append(np.asarray(value))
+
+
+def _concat(columns: dict[str, list[np.ndarray]]) -> Columns:
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def _gather(parts: list[Columns], rank: int, world_size: int) -> list[Columns] | None:
+    """Every rank's ``parts`` concatenated in rank order, on rank 0; None on the other ranks."""
+    gathered: list[Any] = [parts]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, parts)
+    if rank != 0:
+        return None
+    merged = []
+    for i in range(len(parts)):
+        filled = [ranks_parts[i] for ranks_parts in gathered if ranks_parts[i]]
+        merged.append({k: np.concatenate([p[k] for p in filled]) for k in filled[0]} if filled else {})
+    return merged
+
+
+def _best_validation_model(method: Method, rank: int, world_size: int) -> nn.Module:
+    """A copy of ``eval_model()`` with the run's best-validation weights; ``eval_model()`` if there are none.
+
+    A collective with more than one rank: rank 0 reads the weights and broadcasts them.
+    """
+    state = _read_best_model() if rank == 0 else None
+    if world_size > 1:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    if state is None:
+        return method.eval_model()
+    model = copy.deepcopy(method.eval_model())
+    model.load_state_dict(state)
+    return model
+
+
+def _read_best_model() -> dict[str, torch.Tensor] | None:
+    """``best_model.pt`` of the latest reported checkpoint (Ray Train's ``get_checkpoint``), if any."""
+    import pyarrow.fs
+    import ray.train
+
+    try:
+        checkpoint = ray.train.get_checkpoint()
+    except RuntimeError:  # not inside a Ray Train worker: the harness, tests
+        return None
+    if checkpoint is None:
+        return None
+    path = f"{checkpoint.path.rstrip('/')}/{BEST_MODEL_FILE}"
+    if checkpoint.filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with checkpoint.filesystem.open_input_file(path) as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def summary(state: LoopState) -> dict[str, Any]:
@@ -56,12 +141,16 @@ def summary(state: LoopState) -> dict[str, Any]:
     }
 
 
-def final_files(method: Method, summary_values: dict[str, Any], table: pa.Table | None):
-    """A writer of the final checkpoint's extra files (called on rank 0 with the checkpoint folder)."""
+def final_files(method: Method, summary_values: dict[str, Any], tables: dict[str, pa.Table] | None):
+    """A writer of the final checkpoint's extra files (called on rank 0 with the checkpoint folder).
+
+    ``summary.json`` also carries the method's ``final_metrics()`` under ``method_metrics``.
+    """
 
     def write(folder: Path) -> None:
-        (folder / SUMMARY_FILE).write_text(json.dumps(summary_values, indent=1, default=float))
-        if table is not None:
-            pq.write_table(table, folder / f"{method.export_name}.parquet")
+        values = summary_values | {"method_metrics": method.final_metrics()}
+        (folder / SUMMARY_FILE).write_text(json.dumps(values, indent=1, default=float))
+        for name, table in (tables or {}).items():
+            pq.write_table(table, folder / f"{name}.parquet")
 
     return write
