@@ -1,4 +1,4 @@
-"""``raynoisy train | shard | noise``: the command line. Bad input exits with code 2 and one line."""
+"""``raynoisy train | shard | noise | report``: the command line. Bad input exits with code 2 and one line."""
 
 from __future__ import annotations
 
@@ -66,8 +66,19 @@ def _train(args: argparse.Namespace) -> int:
     from raynoisy.train.driver import train
 
     metrics = train(cfg)
+    _write_report(Path(cfg.run.output).expanduser())
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
+
+
+def _write_report(output: Path) -> None:
+    """report.md for a finished run; a run whose report fails still succeeds (its outputs are written)."""
+    from raynoisy.report import write_run_report
+
+    try:
+        print(f"report: {write_run_report(output)}")
+    except Exception as exc:  # a report can be rebuilt, a lost run cannot
+        print(f"report.md not written ({exc!r}); rebuild it with: raynoisy report {output}")
 
 
 def train_job(
@@ -121,6 +132,14 @@ def _noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from raynoisy.report import write_run_report
+
+    path = write_run_report(args.run_dir)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raynoisy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "shard":
             p.add_argument("--shard-root", help="local path or s3:// / gs:// URI for the shards")
         p.set_defaults(fn=fn)
+    report = sub.add_parser(
+        "report", help="write RUN_DIR/report.md (plots of curves, noise, label issues) from a finished run"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a finished run")
+    report.set_defaults(fn=_report)
     return parser
 
 

@@ -13,6 +13,7 @@ import pickle
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import numpy as np
 import pytest
 
 import raynoisy.train.driver  # noqa: F401 - imported so that subclasses defined in the training code are found
@@ -24,6 +25,7 @@ from raynoisy.errors import (
     TooManyBadSamplesError,
     TrainingDivergedError,
 )
+from raynoisy.knn.errors import NonFiniteFeaturesError
 
 # Sample constructor arguments per class, as the code raising it would pass them (positional).
 SAMPLE_ARGS: dict[type[RaynoisyError], list[tuple[Any, ...]]] = {
@@ -36,6 +38,7 @@ SAMPLE_ARGS: dict[type[RaynoisyError], list[tuple[Any, ...]]] = {
     TooManyBadSamplesError: [("12 of 1000 samples unreadable (1.2% > data.max_bad_fraction 1%)",)],
     TrainingDivergedError: [(3, 1200, math.nan), (0, 7, math.inf)],
     SampleStoreCheckpointError: [("/runs/a/checkpoint_000002: rank 1 of 2 missing",)],
+    NonFiniteFeaturesError: [(3, np.array([17, 4_000_000_001]))],
 }
 
 
@@ -58,6 +61,8 @@ def same(a: Any, b: Any) -> bool:
     """Equality in which NaN equals NaN (a diverged loss is NaN), element-wise for tuples."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b

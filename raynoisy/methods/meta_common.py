@@ -161,7 +161,7 @@ class CorrectedLabelExport:
 
     Their label issues come from the same corrected labels: ``corrected_label`` = argmax of the meta
     network's soft label, ``is_label_issue`` = corrected != given, ``label_score`` = the soft label's
-    probability of the given label; ``predicted_label`` is the main model's own argmax.
+    probability of the given label; ``predicted_label`` is the argmax of ``eval_model()``.
     """
 
     export_name = "corrected_labels"
@@ -169,7 +169,6 @@ class CorrectedLabelExport:
         "corrected label != given label (argmax of the meta network's soft label); "
         "label_score = the soft label's probability of the given label"
     )
-    main: MainModel
 
     @classmethod
     def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
@@ -177,8 +176,9 @@ class CorrectedLabelExport:
 
     def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray]:
         own = self.per_sample_outputs(batch)  # type: ignore[attr-defined]  # the method's corrected labels
-        with evaluating(self.main.net):
-            predicted = self.main.net(batch.x)[0].argmax(dim=1).cpu().numpy()
+        model = self.eval_model()  # type: ignore[attr-defined]  # the classifier the run reports
+        with evaluating(model):
+            predicted = model(batch.x)[0].argmax(dim=1).cpu().numpy()
         return {
             "sample_id": own["sample_id"],
             "given_label": own["given_label"],

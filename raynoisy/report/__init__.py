@@ -5,6 +5,6 @@ Ray, on any machine the run directory is copied to; the driver calls it at the e
 ``raynoisy report RUN_DIR`` rebuilds it.
 """
 
-from raynoisy.report.run_report import NotARunDirectoryError, is_run_dir, write_run_report
+from raynoisy.report.run_report import is_run_dir, load_run, write_run_report
 
-__all__ = ["NotARunDirectoryError", "is_run_dir", "write_run_report"]
+__all__ = ["is_run_dir", "load_run", "write_run_report"]

@@ -147,9 +147,8 @@ def _train_ids(labels: pa.Table) -> np.ndarray:
 
 
 def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, wall: float) -> dict:
-    """The run's outputs from the final checkpoint: model.pt, the per-sample tables, metrics.json, report.md."""
+    """The run's outputs from the final checkpoint: model.pt, the per-sample tables, metrics.json."""
     from raynoisy.methods.label_issues import summarize_label_issues
-    from raynoisy.report import write_run_report
 
     method_cls = get_method_class(cfg.method.name, cfg.method.module)
     with checkpoint.as_directory() as d:
@@ -199,8 +198,4 @@ def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, 
     metrics |= {k: v for k, v in summary.get("method_metrics", {}).items() if k not in metrics}
     metrics["history"] = summary["history"]
     write_metrics(output, metrics)
-    try:
-        write_run_report(output)
-    except Exception as exc:  # the run's outputs are written; a report can be rebuilt, a lost run cannot
-        print(f"[train] report.md not written ({exc!r}); rebuild it with: raynoisy report {output}")
     return metrics

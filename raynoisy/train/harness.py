@@ -45,7 +45,9 @@ def method_context(
 
     ``ctx.iter_split(name)`` replays ``splits[name]`` (a split not given is empty, as a split without files
     is in the loop); ``ctx.sample_store`` covers ``train_ids`` (default ``0..num_train-1``, which needs
-    ``num_train >= 1``); ``ctx.services`` is empty; ``device`` defaults to the CPU.
+    ``num_train >= 1``); ``ctx.services`` holds a plain, in-process instance of each of the method's
+    services (``Method.services``), which methods call through the same adapter as an actor handle;
+    ``device`` defaults to the CPU.
     """
     batches = dict(splits or {})
     ids = np.arange(num_train, dtype=np.int64) if train_ids is None else np.sort(train_ids)
@@ -62,6 +64,10 @@ def method_context(
         num_trusted=num_trusted,
         iter_split=lambda split: iter(batches.get(split, ())),
         sample_store=SampleStore(ids),
+        services={
+            spec.name: spec.actor_class(**spec.kwargs)
+            for spec in get_method_class(cfg.method.name, cfg.method.module).services(cfg)
+        },
     )
 
 
