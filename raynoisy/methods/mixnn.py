@@ -107,7 +107,7 @@ class MixNNParams:
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
-    index_cpus: float = 1.0
+    index_cpus: float = 0.5
 
 
 # ---- pieces with their own tests --------------------------------------------------------------------

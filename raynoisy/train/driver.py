@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raynoisy.config import Config
+from raynoisy.errors import ConfigError
 from raynoisy.methods import get_method_class
 from raynoisy.train.loop import train_worker
 from raynoisy.train.preflight import check
@@ -38,14 +39,31 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.data.dataset}-{cfg.method.name}-{digest}"
 
 
-def _cpus_per_worker(cfg: Config) -> float:
-    """Leave about half of the CPUs to the Ray Data decode tasks when the user did not choose."""
+# What one Ray Data read task asks for: a run must leave at least this much CPU free, or it waits forever.
+READ_TASK_CPUS = 1.0
+
+
+def _cpus_per_worker(cfg: Config, service_cpus: float) -> float:
+    """The CPUs each Train worker reserves. Unless the user chose, half of what the services leave, and at
+    most what still leaves one read task's CPU to Ray Data. A run that would leave Ray Data's read tasks no
+    CPU would wait forever (the deadlock of more Train workers than CPUs): that is refused with one line."""
     import ray
 
-    if cfg.scaling.cpus_per_worker is not None:
-        return cfg.scaling.cpus_per_worker
     total = float(ray.cluster_resources().get("CPU", 1))
-    return max(0.25, min(8.0, math.floor(4 * total / (2 * cfg.scaling.workers)) / 4))
+    free = total - service_cpus
+    workers = cfg.scaling.workers
+    share = cfg.scaling.cpus_per_worker
+    if share is None:
+        half = math.floor(4 * free / (2 * workers)) / 4
+        share = min(8.0, half, math.floor(4 * (free - READ_TASK_CPUS) / workers) / 4)
+    if share <= 0 or free - share * workers < READ_TASK_CPUS:
+        raise ConfigError(
+            "scaling.workers",
+            f"{workers} worker(s) and the run's services ({service_cpus:g} CPU) leave no CPU of the "
+            f"cluster's {total:g} for Ray Data's read tasks: the run would wait forever",
+            "use fewer --workers, a smaller scaling.cpus_per_worker or service, or a bigger cluster",
+        )
+    return share
 
 
 def _init_ray() -> None:
@@ -89,7 +107,9 @@ def train(cfg: Config, log=print) -> dict:
         actual_noise_rate=prepared.plan.noise.actual_rate,
         train_ids=ray.put(_train_ids(labels)),
     )
-    cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg)
+    method_cls = get_method_class(cfg.method.name, cfg.method.module)
+    services = method_cls.services(cfg)
+    cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg, sum(spec.num_cpus for spec in services))
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker} | (
         {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
@@ -99,8 +119,7 @@ def train(cfg: Config, log=print) -> dict:
         f"[train] {cfg.method.name} on {cfg.data.dataset}: {cfg.scaling.workers} worker(s) x {resources}, "
         f"{info.steps_per_epoch} steps/epoch, run {name} in {storage}"
     )
-    method_cls = get_method_class(cfg.method.name, cfg.method.module)
-    with running_services(name, method_cls.services(cfg)) as services:
+    with running_services(name, services) as services:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"cfg": cfg.to_dict(), "info": info, "services": services},
