@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tiny_models import tiny_mlp
 from torch import Tensor, nn
 
 from raynoisy.config import Config, load_config
@@ -39,7 +40,6 @@ from raynoisy.meta.sync import state_tensors
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
 from raynoisy.methods.meta_common import corrected_label_columns, lookahead_optimizer
-from raynoisy.models import model_names, register_model
 from raynoisy.models.meta_nets import LabelCorrectionNet
 from raynoisy.train.harness import build_method, method_context, start_stage, walk_stages
 from raynoisy.train.preflight import resolve_config
@@ -48,33 +48,7 @@ CLASSES = 4
 SIDE = 8
 BATCH = 32
 METHODS = ("mwnet", "mlc", "metalabelnet")
-MLP = "test-mlp"  # BatchNorm-free backbone registered below
-
-
-class MLPBackbone(nn.Module):
-    """flatten -> Linear(32) -> tanh (the features) -> fc: the backbone contract without BatchNorm."""
-
-    feature_dim = 32
-
-    def __init__(self, num_classes: int, in_channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_channels * SIDE * SIDE, self.feature_dim), nn.Tanh()
-        )
-        self.fc = nn.Linear(self.feature_dim, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(x)
-        return self.fc(features), features
-
-
-if MLP not in model_names():
-
-    @register_model(MLP)
-    def _build_test_mlp(
-        *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
-    ) -> MLPBackbone:
-        return MLPBackbone(num_classes, in_channels)
+MLP = tiny_mlp(32)  # BatchNorm-free backbone (tests/tiny_models.py)
 
 
 _PROTOTYPES = torch.randn(CLASSES, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))

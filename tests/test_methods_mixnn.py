@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from tiny_models import tiny_mlp
+from torch import Tensor
 
 from raynoisy.data.batch import Batch
 from raynoisy.errors import ConfigError
@@ -35,7 +36,6 @@ from raynoisy.methods.mixnn import (
     ema_update,
     mixing_weights,
 )
-from raynoisy.models import model_names, register_model
 from raynoisy.train.harness import build_method, method_context, walk_stages
 from raynoisy.train.preflight import resolve_config
 
@@ -43,31 +43,7 @@ CLASSES = 4
 SIDE = 8
 BATCH = 32
 NUM_TRAIN = 256
-MLP = "test-mlp-mixnn"
-
-
-class MLPBackbone(nn.Module):
-    feature_dim = 16
-
-    def __init__(self, num_classes: int, in_channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_channels * SIDE * SIDE, self.feature_dim), nn.Tanh()
-        )
-        self.fc = nn.Linear(self.feature_dim, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(x)
-        return self.fc(features), features
-
-
-if MLP not in model_names():
-
-    @register_model(MLP)
-    def _build_test_mlp(
-        *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
-    ) -> MLPBackbone:
-        return MLPBackbone(num_classes, in_channels)
+MLP = tiny_mlp(16)  # BatchNorm-free backbone (tests/tiny_models.py)
 
 
 _PROTOTYPES = 2.0 * torch.randn(CLASSES, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
@@ -115,9 +91,7 @@ def build(
         splits={"train": [rows(data, slice(i, i + 64)) for i in range(0, NUM_TRAIN, 64)]},
     )
     if index and cfg.method.params.get("neighbors", "global") == "global":
-        ctx.services[SERVICE] = KnnIndex(
-            NUM_TRAIN, dim=MLPBackbone.feature_dim, metric="l2", num_threads=1, verbose=False
-        )
+        ctx.services[SERVICE] = KnnIndex(NUM_TRAIN, dim=16, metric="l2", num_threads=1, verbose=False)
     return build_method(ctx)
 
 

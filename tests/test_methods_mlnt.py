@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tiny_models import tiny_mlp
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -30,7 +31,6 @@ from raynoisy.meta import assert_replicas_identical
 from raynoisy.meta.sync import state_tensors
 from raynoisy.methods.base import Method, Stage
 from raynoisy.methods.mlnt import FILTER_COLUMN, consistency_schedule, synthetic_labels
-from raynoisy.models import model_names, register_model
 from raynoisy.train.harness import build_method, method_context, walk_stages
 from raynoisy.train.preflight import resolve_config
 
@@ -38,33 +38,7 @@ CLASSES = 4
 SIDE = 8
 BATCH = 32
 NUM_TRAIN = 256
-MLP = "test-mlp-mlnt"  # BatchNorm-free backbone registered below
-
-
-class MLPBackbone(nn.Module):
-    """flatten -> Linear(16) -> tanh (the features) -> fc: the backbone contract without BatchNorm."""
-
-    feature_dim = 16
-
-    def __init__(self, num_classes: int, in_channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_channels * SIDE * SIDE, self.feature_dim), nn.Tanh()
-        )
-        self.fc = nn.Linear(self.feature_dim, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.body(x)
-        return self.fc(features), features
-
-
-if MLP not in model_names():
-
-    @register_model(MLP)
-    def _build_test_mlp(
-        *, num_classes: int, in_channels: int, image_size: int, pretrained: str | None
-    ) -> MLPBackbone:
-        return MLPBackbone(num_classes, in_channels)
+MLP = tiny_mlp(16)  # BatchNorm-free backbone (tests/tiny_models.py)
 
 
 _PROTOTYPES = torch.randn(CLASSES, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
