@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FASHION_TEST, FASHION_TRAIN
 from PIL import Image
 
 from raynoisy.data.catalog import MissingPayloadError
@@ -141,17 +142,15 @@ def test_digits_and_fashion_mnist(fashion_mnist):
     digits = load_catalog("digits", None)
     assert digits.num_samples == 1797 and digits.num_classes == 10
     fm = load_catalog("fashion-mnist", fashion_mnist)
-    assert int((fm.origin == "train").sum()) == 60000 and int((fm.origin == "test").sum()) == 10000
+    assert (
+        int((fm.origin == "train").sum()) == FASHION_TRAIN
+        and int((fm.origin == "test").sum()) == FASHION_TEST
+    )
     img = np.asarray(Image.open(io.BytesIO(fm.read_payload(0))))
     assert img.shape == (28, 28) and fm.label[0] == fm.true_label[0]
 
 
-def test_text_table_sst2(tmp_path):
-    from pathlib import Path
-
-    sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-    if not sst2.exists():
-        pytest.skip("SST-2 not available")
+def test_text_table_sst2(sst2):
     options = {
         "format": "tsv",
         "header": False,
@@ -163,5 +162,5 @@ def test_text_table_sst2(tmp_path):
     }
     cat = load_catalog("text-table", sst2, options)
     counts = {o: int((cat.origin == o).sum()) for o in ("train", "val", "test")}
-    assert counts == {"train": 67349, "val": 872, "test": 1821}
+    assert counts == {"train": 3, "val": 2, "test": 1}  # the lines of conftest.SST2_LINES
     assert cat.modality == "text" and isinstance(cat.read_payload(0), str)

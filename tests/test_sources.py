@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FASHION_TEST, FASHION_TRAIN, SST2_LINES
 from PIL import Image
 
 from raynoisy.config import Config
@@ -21,8 +22,6 @@ from raynoisy.data.miniature import build_miniature_clothing1m, build_miniature_
 from raynoisy.data.sources import get_source, load_catalog, resolve_root, source_names
 from raynoisy.errors import ConfigError, DataFormatError
 
-FASHION_MNIST = Path("/work/shared/data/fashion-mnist")
-SST2 = Path("/work/shared/data/sst2")
 SST2_OPTIONS = {
     "format": "tsv",
     "header": False,
@@ -80,29 +79,26 @@ def test_unknown_option_names_the_option():
 # --- fashion-mnist ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fashion() -> Catalog:
-    return load_catalog("fashion-mnist", FASHION_MNIST)
-
-
-def idx_pixels(name: str, index: int) -> np.ndarray:
-    raw = gzip.decompress((FASHION_MNIST / name).read_bytes())
+def idx_pixels(root: Path, name: str, index: int) -> np.ndarray:
+    raw = gzip.decompress((root / name).read_bytes())
     return np.frombuffer(raw, np.uint8, 784, 16 + 784 * index).reshape(28, 28)
 
 
-def test_fashion_mnist_counts_and_pixels(fashion):
-    assert fashion.num_samples == 70_000 and fashion.class_names[9] == "Ankle boot"
-    assert (fashion.origin[:60_000] == "train").all() and (fashion.origin[60_000:] == "test").all()
+def test_fashion_mnist_counts_and_pixels(fashion_mnist):
+    fashion = load_catalog("fashion-mnist", fashion_mnist)
+    n = FASHION_TRAIN
+    assert fashion.num_samples == n + FASHION_TEST and fashion.class_names[9] == "Ankle boot"
+    assert (fashion.origin[:n] == "train").all() and (fashion.origin[n:] == "test").all()
     np.testing.assert_array_equal(fashion.true_label, fashion.label)
     test_labels = np.frombuffer(
-        gzip.decompress((FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8
+        gzip.decompress((fashion_mnist / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8
     )
-    np.testing.assert_array_equal(fashion.label[60_000:], test_labels)
+    np.testing.assert_array_equal(fashion.label[n:], test_labels)
     np.testing.assert_array_equal(
-        decode(fashion.read_payload(123)), idx_pixels("train-images-idx3-ubyte.gz", 123)
+        decode(fashion.read_payload(123)), idx_pixels(fashion_mnist, "train-images-idx3-ubyte.gz", 123)
     )
     np.testing.assert_array_equal(
-        decode(fashion.read_payload(60_007)), idx_pixels("t10k-images-idx3-ubyte.gz", 7)
+        decode(fashion.read_payload(n + 7)), idx_pixels(fashion_mnist, "t10k-images-idx3-ubyte.gz", 7)
     )
 
 
@@ -477,17 +473,21 @@ def test_text_table_csv_with_quotes_and_trusted_labels(tmp_path):
     assert catalog.true_label.tolist() == [1, -1, 0] and set(catalog.origin) == {"train"}
 
 
-def test_text_table_sst2_folder():
-    catalog = load_catalog("text-table", SST2, SST2_OPTIONS)
-    assert counts(catalog, catalog.origin) == {"train": 67_349, "val": 872, "test": 1_821}
+def test_text_table_sst2_folder(sst2):
+    catalog = load_catalog("text-table", sst2, SST2_OPTIONS)
+    n = len(SST2_LINES["senti.binary.train"])
+    assert counts(catalog, catalog.origin) == {
+        "train": n,
+        "val": len(SST2_LINES["senti.binary.dev"]),
+        "test": len(SST2_LINES["senti.binary.test"]),
+    }
     assert catalog.class_names == ["0", "1"]
     assert catalog.read_payload(0) == "hide new secretions from the parental units" and catalog.label[0] == 0
     assert (
-        catalog.read_payload(67_349) == "It 's a charming and often affecting journey ."
-        and catalog.label[67_349] == 1
+        catalog.read_payload(n) == "It 's a charming and often affecting journey ." and catalog.label[n] == 1
     )
-    assert (catalog.true_label[:67_349] == UNKNOWN_LABEL).all()
-    np.testing.assert_array_equal(catalog.true_label[67_349:], catalog.label[67_349:])
+    assert (catalog.true_label[:n] == UNKNOWN_LABEL).all()
+    np.testing.assert_array_equal(catalog.true_label[n:], catalog.label[n:])
 
 
 def test_text_table_parquet_with_class_names_and_flag(tmp_path):
