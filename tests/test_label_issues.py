@@ -253,9 +253,7 @@ def test_mwnet_flags_weights_below_half(tmp_path):
     np.testing.assert_array_equal(columns["is_label_issue"], weights < 0.5)
 
 
-def test_the_prediction_path_uses_the_best_validation_weights(tmp_path, monkeypatch):
-    import raynoisy.train.export as export
-
+def test_the_prediction_path_uses_the_best_validation_weights(tmp_path):
     cfg = resolve_config("digits", "ce", flags={"run.output": str(tmp_path), "optim.batch_size": BATCH})
     ctx = method_context(
         cfg, num_classes=CLASSES, in_channels=1, image_size=8, steps_per_epoch=STEPS, num_train=TRAIN,
@@ -264,10 +262,11 @@ def test_the_prediction_path_uses_the_best_validation_weights(tmp_path, monkeypa
     method = build_method(ctx)
     torch.manual_seed(123)
     best = ctx.build_backbone().eval()  # other weights than the method's own model
-    monkeypatch.setattr(export, "_read_best_model", lambda: best.state_dict())
     final = {k: v.clone() for k, v in method.eval_model().state_dict().items()}
     batch = _batch(TRAIN, seed=4)
-    table = per_sample_table(method, ReplayedSplits(_split(batch, 50)), rank=0, world_size=1)[LABEL_ISSUES]
+    splits = ReplayedSplits(_split(batch, 50))
+    table = per_sample_table(method, splits, rank=0, world_size=1, best_model_state=best.state_dict())
+    table = table[LABEL_ISSUES]
     with torch.no_grad():
         expected = torch.softmax(best(batch.x)[0], dim=1)[torch.arange(TRAIN), batch.y].numpy()
     np.testing.assert_allclose(table.column("label_score").to_numpy(), expected, rtol=1e-4, atol=1e-6)

@@ -5,18 +5,15 @@ all-gathered to rank 0, which writes them into the final checkpoint beside ``sum
 ``label_issues`` for every method (``raynoisy.methods.label_issues``) and the method's own export
 (``Method.export_name``: corrected labels, sample weights) if it has one.
 
-The model-prediction path of the label issues runs the run's best-validation model, which the loop keeps in
-every checkpoint as ``best_model.pt``: rank 0 reads it back from the latest reported checkpoint and
-broadcasts it, so every rank predicts with the same weights. Outside Ray Train (the harness, tests) and
-before any selectable evaluation there is none, and ``eval_model()`` as it stands predicts.
+The model-prediction path of the label issues runs the run's best-validation model, which the loop's
+selection holds on every rank (identical, as every rank selects on the same all-reduced accuracies). Without
+one (no selectable evaluation yet, the harness) ``eval_model()`` as it stands predicts.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from torch import nn
 
 from raynoisy.methods.base import Method
 from raynoisy.methods.label_issues import build_label_issues, prediction_columns
-from raynoisy.train.run_files import BEST_MODEL_FILE, SUMMARY_FILE, LoopState
+from raynoisy.train.run_files import SUMMARY_FILE, LoopState
 from raynoisy.train.streams import Streams
 
 LABEL_ISSUES = "label_issues"
@@ -37,10 +34,14 @@ Columns = dict[str, np.ndarray]
 
 
 def per_sample_table(
-    method: Method, streams: Streams, rank: int, world_size: int
+    method: Method,
+    streams: Streams,
+    rank: int,
+    world_size: int,
+    best_model_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, pa.Table] | None:
     """The run's per-sample tables over the whole training split by file stem, on rank 0 (None elsewhere)."""
-    predictor = _best_validation_model(method, rank, world_size) if method.label_issue_rule is None else None
+    predictor = _predictor(method, best_model_state) if method.label_issue_rule is None else None
     own: dict[str, list[np.ndarray]] = {}
     issues: dict[str, list[np.ndarray]] = {}
     for batch in streams.split_pass("train"):
@@ -90,42 +91,13 @@ def _gather(parts: list[Columns], rank: int, world_size: int) -> list[Columns] |
     return merged
 
 
-def _best_validation_model(method: Method, rank: int, world_size: int) -> nn.Module:
-    """A copy of ``eval_model()`` with the run's best-validation weights; ``eval_model()`` if there are none.
-
-    A collective with more than one rank: rank 0 reads the weights and broadcasts them.
-    """
-    state = _read_best_model() if rank == 0 else None
-    if world_size > 1:
-        box = [state]
-        dist.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state is None:
+def _predictor(method: Method, best_model_state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A copy of ``eval_model()`` with the best-validation weights; ``eval_model()`` without them."""
+    if best_model_state is None:
         return method.eval_model()
     model = copy.deepcopy(method.eval_model())
-    model.load_state_dict(state)
+    model.load_state_dict(best_model_state)
     return model
-
-
-def _read_best_model() -> dict[str, torch.Tensor] | None:
-    """``best_model.pt`` of the latest reported checkpoint (Ray Train's ``get_checkpoint``), if any."""
-    if "ray.train" not in sys.modules:  # a Ray Train worker has imported it: this is the harness or a test
-        return None
-    import pyarrow.fs
-    import ray.train
-
-    try:
-        checkpoint = ray.train.get_checkpoint()
-    except RuntimeError:  # not inside a Ray Train worker: the harness, tests
-        return None
-    if checkpoint is None:
-        return None
-    path = f"{checkpoint.path.rstrip('/')}/{BEST_MODEL_FILE}"
-    if checkpoint.filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with checkpoint.filesystem.open_input_file(path) as f:
-        data = f.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def summary(state: LoopState) -> dict[str, Any]:

@@ -205,7 +205,7 @@ class Worker:
         """The per-sample export and the summary, in the final checkpoint."""
         state = self.state
         state.stage = num_stages
-        table = per_sample_table(self.method, self.streams, self.rank, self.world_size)
+        table = per_sample_table(self.method, self.streams, self.rank, self.world_size, self.selection.best)
         values = summary(state)
         self.log.line(
             f"finished: best epoch {state.best_epoch}, val {state.best_val_accuracy:.4f}, "
