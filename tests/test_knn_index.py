@@ -318,17 +318,20 @@ def test_named_service_survives_a_kill_by_being_rebuilt(ray_cluster):
         assert summary.kind == "ivf-flat" and summary.threads == 1 and summary.recall >= 0.95
         assert ray.get(knn.build.remote(0)) == summary  # idempotent through the actor too
         before, _ = ray.get(knn.search_ids.remote(ids[:50], k))
+        old_pid = ray.get(knn.state.remote())["pid"]
 
         ray.kill(knn, no_restart=False)  # Ray restarts it: __init__ runs again
         deadline = time.monotonic() + 120  # a loaded 2-core machine restarts actors slowly
-        while True:
+        while True:  # the kill is asynchronous: the old instance may still answer a call or two
             try:
                 state = ray.get(knn.state.remote(), timeout=30)
-                break
+                if state["pid"] != old_pid:
+                    break
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the killed KnnIndex actor was not restarted within 120 s")
+            time.sleep(0.5)
         assert state["version"] == -1 and state["ntotal"] == 0
         with pytest.raises(IndexNotReadyError) as info:  # the typed error reaches the caller
             ray.get(knn.search_ids.remote(ids[:50], k))

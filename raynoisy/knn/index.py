@@ -326,7 +326,8 @@ class KnnIndex:
         return None if built is None else built.summary
 
     def state(self) -> dict[str, Any]:
-        """For health checks and tests: the built version, its size and kind, and the versions being added."""
+        """For health checks and tests: the built version, its size and kind, the versions being added, and the
+        process id (a restarted actor has a new one, so a caller can tell a restart from the old instance)."""
         built = self._built
         with self._lock:
             pending = {v: s.count for v, s in sorted(self._pending.items())}
@@ -341,6 +342,7 @@ class KnnIndex:
             "threads": self._threads,
             "pending": pending,
             "building": self._building,
+            "pid": os.getpid(),
             "summary": None if built is None else built.summary.as_dict(),
         }
 
