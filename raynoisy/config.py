@@ -47,7 +47,7 @@ class NoiseConfig:
 
 @dataclass
 class SplitConfig:
-    clean_per_class: int | None = None
+    clean_per_class: int | None = None  # 0: no trusted set (a shipped one, e.g. Clothing1M's, goes unused)
     clean_fraction: float | None = None
     val_per_class: int | None = None
     test_fraction: float = 0.2
@@ -315,7 +315,15 @@ def validate(cfg: Config) -> None:
     _check_range("split.clean_fraction", cfg.split.clean_fraction, 0.0, 1.0, open_interval=True)
     _check_range("split.test_fraction", cfg.split.test_fraction, 0.0, 1.0, open_interval=True)
     _check_range("data.max_bad_fraction", cfg.data.max_bad_fraction, 0.0, 1.0)
-    for name in ("clean_per_class", "val_per_class", "train_subset"):
+    # 0 trusted samples per class is a run without a trusted set (mixnn, mlnt, ce); methods that need one
+    # refuse it in ``raynoisy.methods.check_config``.
+    if cfg.split.clean_per_class is not None and cfg.split.clean_per_class < 0:
+        raise ConfigError(
+            "split.clean_per_class",
+            f"must be >= 0, got {cfg.split.clean_per_class}",
+            "pass --clean-per-class 0 (no trusted set) or more",
+        )
+    for name in ("val_per_class", "train_subset"):
         value = getattr(cfg.split, name)
         if value is not None and value < 1:
             raise ConfigError(f"split.{name}", f"must be >= 1, got {value}", f"pass a positive --{name}")

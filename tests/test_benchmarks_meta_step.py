@@ -38,8 +38,18 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         "mwnet": "every epoch",
         "mlc": "every epoch",
         "metalabelnet": "meta: epochs 4-9 of 10 (60%)",
+        "mlnt-first-order": "every epoch",  # start_iter = mid_iter = 0: the meta step from step 0
+        "mlnt-second-order": "every epoch",
+        "mixnn": "mix: epochs 1-9 of 10 (90%)",  # its preset's warm-up epoch runs CE
     }
     assert phases == {m: p for m, p in expected_phases.items() if m in phases}
+    targets = {row.method: row.target for row in report.rows}
+    assert targets["mlnt-first-order"] == 4.0 and targets["mlnt-second-order"] == 8.0
+    assert targets["ce"] is None and targets["mixnn"] is None
+    # MixNN's refresh, timed by the method's own clock on a synthetic split of --mixnn-train samples.
+    (refresh,) = report.refresh_rows
+    assert refresh.samples == bench.SMALL["mixnn_train"] and refresh.steps_per_epoch == 512 // 8
+    assert refresh.refresh_s >= sum(refresh.parts_s.values()) > 0 and 0 < refresh.share < 1
 
     out = capsys.readouterr().out
     assert "| model | method |" in out
@@ -47,3 +57,4 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         assert f"| small-cnn | {method} |" in out
     for method in report.skipped:
         assert f"skipping {method}" in out
+    assert "| small-cnn | 512 | 64 |" in out  # the refresh table

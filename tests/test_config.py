@@ -80,6 +80,18 @@ def test_bad_values_name_the_field(tmp_path, kwargs, field, schema):
         load_config("digits", "ce", flags=flags, overrides=kwargs.get("overrides"))
 
 
+def test_clean_per_class_zero_means_no_trusted_set_and_negative_is_refused(tmp_path):
+    flags = {"run.output": str(tmp_path)}
+    cfg = load_config("digits", "mixnn", flags=flags | {"split.clean_per_class": 0})
+    assert cfg.split.clean_per_class == 0
+    with pytest.raises(ConfigError) as info:
+        load_config("digits", "mixnn", flags=flags | {"split.clean_per_class": -1})
+    assert info.value.field == "split.clean_per_class" and "--clean-per-class 0" in info.value.fix
+    with pytest.raises(ConfigError) as info:  # 0 is special to the trusted set only
+        load_config("digits", "ce", flags=flags | {"split.val_per_class": 0})
+    assert info.value.field == "split.val_per_class"
+
+
 def test_unknown_dataset_and_method(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.dataset: unknown dataset"):
         resolve_config("mnist-9000", "ce", flags={"run.output": str(tmp_path)})

@@ -82,6 +82,21 @@ def test_ce_learns_and_round_trips(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_ce_walks_a_run_without_a_trusted_set(tmp_path):
+    """``--clean-per-class 0``: no trusted split (num_trusted 0, no trusted batches); CE asks for none."""
+    cfg = resolve_config(
+        "digits", "ce", flags={"run.output": str(tmp_path), "optim.epochs": 2, "split.clean_per_class": 0}
+    )
+    ctx = method_context(
+        cfg, num_classes=3, in_channels=1, image_size=8, steps_per_epoch=4, num_train=256, num_trusted=0
+    )
+    method = build_method(ctx)
+    steps = _record_steps(method)
+    logs = walk_stages(method, lambda stage, epoch: [_batch(64, 4 * epoch + i) for i in range(4)])
+    assert steps == [(64, None)] * 8 and [log["stage"] for log in logs] == ["train", "train"]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
 def test_ce_clean_reads_the_trusted_stream(tmp_path):
     """One stage on the trusted stream: every step a full trusted batch as ``batch``, None as ``trusted``,
     as many steps per epoch as a noisy epoch has."""

@@ -77,6 +77,7 @@ def build(
             "optim.batch_size": BATCH,
             "optim.epochs": epochs,
             "optim.lr": 0.05,
+            "split.clean_per_class": 0,  # no trusted set: MixNN needs none
         },
         overrides=[f"method.params.{key}={value}" for key, value in params.items()],
     )
@@ -277,3 +278,52 @@ def test_state_round_trip(tmp_path: Path) -> None:
     method.epoch = other.epoch = 2 - 1  # a mixup-phase epoch (mix stage, before mixup_epochs)
     batch = rows(data, slice(0, BATCH))
     assert method.train_step(batch, None) == other.train_step(batch, None)
+
+
+class RestartingIndex(MixNNIndex):
+    """The ``knn-index`` service, which loses its index after the next build when told to: what Ray
+    restarting the actor between a rank's build and its search leaves (``__init__`` again: unconfigured)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lose_after_build = False
+
+    def build(self, version: int) -> Any:
+        summary = super().build(version)
+        if self.lose_after_build:
+            self.lose_after_build = False
+            self._index = None
+        return summary
+
+
+def test_a_restarted_index_is_configured_again_and_rebuilt_without_losing_the_epoch(tmp_path: Path) -> None:
+    data = toy_data()
+    params = {"warmup_epochs": 0, "mixup_epochs": 0}
+    kwargs = {"metric": "l2", "num_threads": 1, "verbose": False}
+    reference = build(tmp_path, data, params, epochs=3, index=False)
+    reference.ctx.services[SERVICE] = MixNNIndex(**kwargs)
+    method = build(tmp_path, data, params, epochs=3, index=False)
+    index = method.ctx.services[SERVICE] = RestartingIndex(**kwargs)
+
+    # Lost between build and search: the search fails, every rank re-adds the epoch and it is rebuilt.
+    index.lose_after_build = True
+    method.on_epoch_start(0)
+    reference.on_epoch_start(0)
+    knn = {key: value for key, value in method.on_epoch_end(0).items() if key.startswith("knn_")}
+    assert knn == {"knn_index_version": 0.0, "knn_index_attempts": 2.0, "knn_index_configured": 1.0}
+    ids = method.ctx.sample_store.sample_ids
+    neighbours = method.ctx.sample_store.gather(NEIGHBOURS, ids)
+    assert torch.equal(neighbours, reference.ctx.sample_store.gather(NEIGHBOURS, ids))
+    batch = rows(data, slice(0, BATCH))
+    assert np.isfinite(method.train_step(batch, None)["loss"])
+
+    # Lost during the epoch's steps (the Ray test's ray.kill): the next refresh configures it again.
+    index._index = None
+    method.on_epoch_start(1)
+    log = method.on_epoch_end(1)
+    assert (log["knn_index_version"], log["knn_index_attempts"], log["knn_index_configured"]) == (1, 1, 1)
+    assert call(index, "version") == 1
+    method.on_epoch_start(2)  # nothing lost: no configuring
+    log = method.on_epoch_end(2)
+    assert (log["knn_index_version"], log["knn_index_attempts"], log["knn_index_configured"]) == (2, 1, 0)
+    assert log["refresh_seconds"] >= log["refresh_pass_seconds"] + log["refresh_index_seconds"]

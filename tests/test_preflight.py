@@ -133,6 +133,28 @@ def test_mlc_needs_two_samples_per_worker(no_ray, tmp_path, capsys):
     assert info.value.field == "optim.batch_size"
 
 
+TRUSTED_METHODS = ("ce-clean", "glc", "mwnet", "mlc", "metalabelnet")
+
+
+def test_no_trusted_set_refuses_the_methods_that_need_one_before_ray(no_ray, tmp_path, capsys):
+    argv = ["train", "--dataset", "digits", "--method", "glc", "--output", str(tmp_path)]
+    code, lines, seconds = run_cli([*argv, "--clean-per-class", "0"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("raynoisy: error: split.clean_per_class: method 'glc' ")
+    assert "--clean-per-class 1 or more" in lines[0] and seconds < 30
+    flags = {"run.output": str(tmp_path), "split.clean_per_class": 0}
+    for method in TRUSTED_METHODS:
+        with pytest.raises(ConfigError, match=f"method '{method}' trains on a trusted set") as info:
+            resolve_config("digits", method, flags=flags)
+        assert info.value.field == "split.clean_per_class"
+        assert "ce, mixnn, mlnt" in info.value.fix
+    for method in ("ce", "mixnn", "mlnt"):
+        assert resolve_config("digits", method, flags=flags).split.clean_per_class == 0
+    # Clothing1M ships a trusted set (clean_train): 0 leaves it unused, so the same refusal.
+    with pytest.raises(ConfigError, match="method 'mlc'"):
+        resolve_config("clothing1m", "mlc", flags=flags)
+
+
 WEBVISION_BASE = {
     # data set: (image_size, model, epochs, batch_size, lr, milestones) from its _base.yaml
     "webvision-mini": (224, "resnet50", 80, 32, 0.01, [40]),

@@ -135,6 +135,29 @@ def test_shipped_trusted_set_is_used_whole_unless_sized() -> None:
     assert split_counts(sized)[UNUSED] == 400 - 15 * K
 
 
+def test_zero_clean_per_class_is_no_trusted_set_and_moves_nothing_else() -> None:
+    catalog = make_catalog()
+    zero = assign_splits(catalog, SplitSpec(clean_per_class=0, val_per_class=20), seed=0)
+    assert split_counts(zero)[TRUSTED] == 0
+    # The same split as asking for no trusted set at all, so the shards are the same too.
+    assert np.array_equal(zero, assign_splits(catalog, SplitSpec(val_per_class=20), seed=0))
+    # Against a run with a trusted set: the same val and test rows; its trusted rows are trained on here.
+    some = assign_splits(catalog, SplitSpec(clean_per_class=15, val_per_class=20), seed=0)
+    for name in (VAL, TEST, UNUSED):
+        assert members(zero, name) == members(some, name)
+    assert members(zero, TRAIN) == members(some, TRAIN) | members(some, TRUSTED)
+
+
+def test_zero_clean_per_class_leaves_a_shipped_trusted_set_unused() -> None:
+    """Clothing1M's clean_train with --clean-per-class 0: not used, and not merged into training either."""
+    catalog = make_catalog(n_trusted=400, n_test=100)
+    zero = assign_splits(catalog, SplitSpec(clean_per_class=0), seed=0)
+    shipped = catalog.origin == ORIGIN_TRUSTED
+    assert split_counts(zero)[TRUSTED] == 0 and (zero[shipped] == UNUSED).all()
+    sized = assign_splits(catalog, SplitSpec(clean_per_class=15), seed=0)
+    assert members(zero, TRAIN) == members(sized, TRAIN) and members(zero, TEST) == members(sized, TEST)
+
+
 # --- exact per-class counts ----------------------------------------------------------------------------
 
 
@@ -271,7 +294,9 @@ def test_val_per_class_needs_known_true_labels() -> None:
         ({"test_fraction": 1.0}, "split.test_fraction"),
         ({"clean_fraction": 1.2}, "split.clean_fraction"),
         ({"clean_fraction": float("nan")}, "split.clean_fraction"),
-        ({"clean_per_class": 0}, "split.clean_per_class"),
+        ({"clean_per_class": -1}, "split.clean_per_class"),
+        ({"clean_per_class": True}, "split.clean_per_class"),
+        ({"val_per_class": 0}, "split.val_per_class"),
         ({"val_per_class": True}, "split.val_per_class"),
         ({"train_subset": -3}, "split.train_subset"),
         ({"clean_per_class": 5, "clean_fraction": 0.1}, "split.clean_fraction"),

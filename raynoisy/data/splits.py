@@ -41,7 +41,10 @@ class SplitSpec:
 
     Attributes:
         clean_per_class: trusted samples per class (subsample of a shipped trusted set, or drawn from
-            the training pool when the data set ships none).
+            the training pool when the data set ships none). 0 means no trusted set: none is drawn, so
+            train, val and test are the samples they are without one, and a shipped trusted set (Clothing1M's
+            ``clean_train``) is left unused rather than merged into training, which would change the
+            benchmark's training set and put clean labels into the "noisy" split.
         clean_fraction: alternatively, a stratified fraction in (0, 1) of the eligible trusted pool.
         val_per_class: validation samples per class, drawn from the training pool when the data set
             ships no validation set (ignored when it does: a shipped val set is the benchmark's own).
@@ -57,15 +60,16 @@ class SplitSpec:
     train_subset: int | None = None
 
     def __post_init__(self) -> None:
-        for field, flag, value in (
-            ("split.clean_per_class", "--clean-per-class", self.clean_per_class),
-            ("split.val_per_class", "--val-per-class", self.val_per_class),
-            ("split.train_subset", "--train-subset", self.train_subset),
+        for field, flag, value, least in (
+            ("split.clean_per_class", "--clean-per-class", self.clean_per_class, 0),
+            ("split.val_per_class", "--val-per-class", self.val_per_class, 1),
+            ("split.train_subset", "--train-subset", self.train_subset, 1),
         ):
             if value is not None and (
-                _is_bool(value) or not isinstance(value, int | np.integer) or value < 1
+                _is_bool(value) or not isinstance(value, int | np.integer) or value < least
             ):
-                raise ConfigError(field, f"{value!r} is not a positive integer", f"set {flag} to 1 or more")
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise ConfigError(field, f"{value!r} is not {kind} integer", f"set {flag} to {least} or more")
         for field, flag, value in (
             ("split.clean_fraction", "--clean-fraction", self.clean_fraction),
             ("split.test_fraction", "--test-fraction", self.test_fraction),

@@ -54,6 +54,20 @@ def check_config(cfg: Config) -> None:
     method_cls = get_method_class(cfg.method.name, cfg.method.module)
     method_cls.parse_params(cfg.method.params)
     method_cls.check_config(cfg)
+    if cfg.split.clean_per_class == 0 and _uses_trusted(method_cls, cfg):
+        without = [name for name in method_names() if not METHODS[name].needs_trusted]
+        raise ConfigError(
+            "split.clean_per_class",
+            f"method {cfg.method.name!r} trains on a trusted set and --clean-per-class 0 leaves none",
+            f"pass --clean-per-class 1 or more, or use a method without one ({', '.join(without)})",
+        )
+
+
+def _uses_trusted(method_cls: type[Method], cfg: Config) -> bool:
+    """Whether ``method_cls`` reads the trusted set under ``cfg``: it says so (``needs_trusted``), or one of
+    its stages trains on the trusted stream. Without this check such a run would only fail in the driver,
+    after the catalog is read, or with an empty trusted stream inside a Ray worker."""
+    return method_cls.needs_trusted or any(stage.trains_on == "trusted" for stage in method_cls.stages(cfg))
 
 
 __all__ = [

@@ -44,7 +44,11 @@ Steps of the ``mix`` stage:
 Epochs are the loop's 0-based epoch counter over the whole run (warm-up included). Differences from the
 reference, on purpose: the warm-up trains on the augmented stream (the reference's warm-up loader has no
 augmentation); the GMM losses are not averaged over the last 5 epochs at 80% noise; in-batch neighbours are
-exact. Not done: the 80%-noise loss averaging; a measure of the refresh's share of the epoch.
+exact. Not done: the 80%-noise loss averaging.
+
+Cost: ``on_epoch_end`` logs the refresh's seconds by part (whole-split pass, losses + GMM, index add + build
++ search, store writes of the neighbours) beside the loop's ``train_seconds`` (the steps after it), and the
+index's version and attempts; ``benchmarks/meta_step.py`` reports the refresh as a share of the epoch.
 
 Known limit: ``check_config`` runs before the training split's size is known, so ``k`` against the split
 size (``raynoisy.knn.check_index_config``) is checked there against ``split.train_subset`` when set, and
@@ -54,6 +58,7 @@ again in the worker with the real size (a ``ConfigError``, which the run records
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,6 +328,8 @@ class MixNN(CorrectedLabelExport, Method):
             store.add_dense(NEIGHBOURS, p.k, torch.int64)
             store.add_dense(FEATURES, dim, torch.float16)
         self.neighbours_ready = False
+        # What this epoch's refresh cost and did, logged by ``on_epoch_end`` (empty in epochs without one).
+        self.refresh_log: dict[str, float] = {}
 
     # ---- epochs ------------------------------------------------------------------------------------------
 
@@ -337,14 +344,21 @@ class MixNN(CorrectedLabelExport, Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
+        self.refresh_log = {}
         if self._in_mix(epoch):
             self.refresh(epoch)
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """The epoch's refresh: seconds per part (``refresh_*_seconds``; the loop's ``train_seconds`` is the
+        steps' time after it) and, in global mode, what the index needed (``knn_*``)."""
+        return dict(self.refresh_log)
 
     @torch.no_grad()
     def refresh(self, epoch: int) -> None:
         """The epoch's whole-split pass, GMM and (global mode, neighbour phase) index refresh; collective."""
         ctx, store, p = self.ctx, self.ctx.sample_store, self.params
         assert store is not None and ctx.iter_split is not None
+        started = time.perf_counter()
         ids, labels, losses, feats = [], [], [], []
         with evaluating(self.main.net):
             for batch in ctx.iter_split("train"):
@@ -358,6 +372,7 @@ class MixNN(CorrectedLabelExport, Method):
         my_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         my_feats = torch.cat(feats) if feats else torch.zeros(0, dim)
         my_logits = torch.cat(losses) if losses else torch.zeros(0, ctx.num_classes)
+        passed = time.perf_counter()
         if not self.soft_ready:  # the first refresh: soft labels = one-hot given labels
             store.scatter(SOFT, my_ids, F.one_hot(my_labels, ctx.num_classes).float())
             self.soft_ready = True
@@ -371,21 +386,34 @@ class MixNN(CorrectedLabelExport, Method):
             store.scatter(CLEAN, everyone, torch.from_numpy(prob))
         else:
             store.scatter(CLEAN, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+        fitted = time.perf_counter()
+        log = {"refresh_pass_seconds": passed - started, "refresh_gmm_seconds": fitted - passed}
         if p.neighbors == "global" and self._nn_phase(epoch):
-            neighbours = self._search(epoch, my_ids, my_feats)
+            neighbours, index_log = self._search(epoch, my_ids, my_feats)
+            searched = time.perf_counter()
+            # The steps' mixing inputs: each sample's neighbours and their features, read from the store.
             store.scatter(NEIGHBOURS, my_ids, neighbours)
             store.scatter(FEATURES, my_ids, my_feats)
             self.neighbours_ready = True
+            log |= index_log | {
+                "refresh_index_seconds": searched - fitted,
+                "refresh_compose_seconds": time.perf_counter() - searched,
+            }
+        self.refresh_log = log | {"refresh_seconds": time.perf_counter() - started}
 
-    def _search(self, epoch: int, ids: Tensor, feats: Tensor) -> Tensor:
-        """This rank's ids' k neighbours from the index refreshed for version ``epoch``; collective."""
+    def _search(self, epoch: int, ids: Tensor, feats: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """This rank's ids' k neighbours from the index refreshed for version ``epoch``, and what that took:
+        the version, the attempts, whether some rank had to configure the index (the run's first refresh,
+        or the first after Ray restarted the actor); collective."""
         handle = self.ctx.services[SERVICE]
         ids_np, feats_np = ids.numpy(), feats.numpy().astype(np.float32)
         store = self.ctx.sample_store
         assert store is not None
-        for _ in range(INDEX_ATTEMPTS):
+        configured = False
+        for attempt in range(1, INDEX_ATTEMPTS + 1):
             if hasattr(handle, "configure") and not call(handle, "configured"):
                 call(handle, "configure", store.sample_ids, int(feats.shape[1]))
+                configured = True
             try:
                 call(handle, "add", epoch, ids_np, feats_np)  # ignored if this version is already built
                 added = True
@@ -406,7 +434,13 @@ class MixNN(CorrectedLabelExport, Method):
                 ok = False
             if _all_ok(ok, self.ctx.device):
                 assert result is not None
-                return result
+                # Which rank configured is a race; that some rank did is the same fact on every rank.
+                reconfigured = not _all_ok(not configured, self.ctx.device)
+                return result, {
+                    "knn_index_version": float(epoch),
+                    "knn_index_attempts": float(attempt),
+                    "knn_index_configured": float(reconfigured),
+                }
         raise RuntimeError(
             f"mixnn: the knn index was not ready for epoch {epoch} after {INDEX_ATTEMPTS} tries"
         )
