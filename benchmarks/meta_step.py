@@ -18,6 +18,13 @@ How each method is built and driven, so that the step timed is the step training
   on one rank: the ``MethodContext`` from the data set's nominal split sizes (GLC's trusted batch is
   proportional to them), its trusted-set pass over the synthetic trusted pool; the seed is reset before each
   method is built, so every method starts from the same main-model weights;
+- amortised meta updates: a row ``METHOD@kK`` (``--meta-every K`` adds one per trusted-set meta method) is
+  the method under ``meta_every = K``, and its "step" is a whole cycle of K real steps, driven as the loop
+  drives them (a trusted batch only where ``takes_trusted_at`` asks for one: the meta update on the cycle's
+  first step, K - 1 plain steps after it), timed together and divided by K: the amortised cost per step,
+  (one meta step + (K - 1) plain steps) / K, against CE's step in the same rounds. A second table splits
+  each cycle into its meta step and the median of its plain steps. Its peak is the cycle's highest, the
+  meta step's; its target, from K = 5 on, the issue's 1.5x;
 - rows that are a method under given params (``VARIANTS``): ``mlnt-first-order`` and ``mlnt-second-order``
   with ``start_iter = mid_iter = 0`` (the meta step from the round's first step, at full consistency weight;
   the defaults run 500 plain CE steps first) and M = 10; ``mixnn`` with ``mixup_epochs = 0``, so that its
@@ -63,6 +70,7 @@ refresh / (refresh + steps per epoch x the median step), steps per epoch = ``--m
 
     python benchmarks/meta_step.py                      # both models, all registered methods
     python benchmarks/meta_step.py --small              # CI size, seconds
+    python benchmarks/meta_step.py --models small-cnn --methods ce mwnet mlc metalabelnet --meta-every 2 5 10
     python benchmarks/meta_step.py --models resnet32 --methods ce mlc --device cuda
 """
 
@@ -116,6 +124,13 @@ PASSES: dict[str, dict[str, float]] = {
 # forward and the KL's backward to the fast weights; plus the student forward, the given labels' inner
 # gradient and the teacher's no-grad forward (train mode, priced as E). Second order adds a double backward
 # through the M inner gradients, which has no price among these passes: no floor.
+# The plain steps between meta updates (``meta_every`` > 1): a training forward and a backward, MetaLabelNet's
+# also its frozen encoder's forward.
+PLAIN_PASSES: dict[str, dict[str, float]] = {
+    "mwnet": {"F": 1, "B": 1},
+    "mlc": {"F": 1, "B": 1},
+    "metalabelnet": {"E": 1, "F": 1, "B": 1},
+}
 MLNT_SETS = 10
 PASSES["mlnt-first-order"] = {"F": 1 + MLNT_SETS, "B": 1 + 2 * MLNT_SETS, "E": 1}
 BASELINE = "ce"
@@ -131,6 +146,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mixnn": ("mixnn", {"mixup_epochs": 0, "neighbors": "global"}),
 }
+
+
+def variant(row: str) -> tuple[str, dict[str, Any], int]:
+    """A row's method, its ``method.params`` and its ``meta_every`` (1 unless the row is ``METHOD@kK``)."""
+    method, amortised, k = row.partition("@k")
+    if amortised:
+        if method not in AMORTISED or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"{row!r}: amortised rows are METHOD@kK with K >= 1, METHOD one of {AMORTISED}")
+        return method, {"meta_every": int(k)}, int(k)
+    method, params = VARIANTS.get(row, (row, {}))
+    return method, params, 1
+
+
+def target_of(row: str) -> float | None:
+    """The ratio to CE a row must stay under: its method's step target, or the amortised bar from K = 5."""
+    _, _, k = variant(row)
+    if k == 1:
+        return TARGETS.get(row)
+    return AMORTISED_TARGET if k >= AMORTISED_TARGET_FROM else None
+
+
 DEFAULT_METHODS = (
     "ce",
     "glc",
@@ -143,6 +179,10 @@ DEFAULT_METHODS = (
 )
 # Step targets (ratio to CE's step), by row: the look-ahead methods of the meta and MLNT issues.
 TARGETS = {"mwnet": 3.0, "mlc": 3.0, "metalabelnet": 3.0, "mlnt-first-order": 4.0, "mlnt-second-order": 8.0}
+# Amortised meta updates (``METHOD@kK`` rows): the issue's bar for meta_every = 5, kept for every larger K.
+AMORTISED = ("mwnet", "mlc", "metalabelnet")
+AMORTISED_TARGET = 1.5
+AMORTISED_TARGET_FROM = 5
 REFRESH_TARGET = 0.15  # MixNN's refresh, as a share of its epoch
 MIB = 2**20
 PROGRESS_EVERY = 5  # rounds between progress lines: a full CPU run takes many minutes
@@ -189,12 +229,17 @@ class MethodRun:
     timed_from_epoch: int  # its first epoch
     total_epochs: int
     single_stage: bool  # the method trains in one stage
+    # Which steps of one timed "step" get the trusted batch: [True] for one step; an amortised row's cycle
+    # of K steps as the method's ``takes_trusted_at`` decides them (the meta update first).
+    cycle: list[bool] = field(default_factory=lambda: [True])
     times: list[float] = field(default_factory=list)  # wall seconds, one per round, in round order
     cpu_times: list[float] = field(default_factory=list)  # CPU seconds of the process, same steps
     peak_bytes: int = 0  # above what was allocated when the step started
     held_bytes: int = 0  # tensors in the method's state_dict
     finite: bool = True  # every logged scalar of every step was finite
     refreshes: list[dict[str, float]] = field(default_factory=list)  # MixNN: one refresh log per timed epoch
+    # Amortised rows: each cycle's steps, wall seconds in cycle order, one list per round.
+    cycle_times: list[list[float]] = field(default_factory=list)
 
     @property
     def phase(self) -> str:
@@ -227,10 +272,14 @@ class Row:
     held_mib: float
     finite: bool
     floor_ratio: float | None = None  # the PASSES floor / CE's floor; None for methods without a count
+    meta_every: int = 1
+    meta_step_ms: float | None = None  # amortised rows: the median meta step of the cycles
+    plain_step_ms: float | None = None  # amortised rows: the median plain step of the cycles
+    plain_ratio: float | None = None  # that plain step / CE's median step
 
     @property
     def target(self) -> float | None:
-        return TARGETS.get(self.method)
+        return target_of(self.method)
 
     @property
     def has_target(self) -> bool:
@@ -329,7 +378,7 @@ def registered_methods(names: Sequence[str]) -> tuple[list[str], dict[str, str]]
     ok, skipped = [], {}
     for name in ordered:
         try:
-            get_method_class(VARIANTS.get(name, (name, {}))[0])
+            get_method_class(variant(name)[0])
         except Exception as exc:  # unknown name, or a module still being written
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
@@ -354,7 +403,7 @@ def build_run(
     ``train_split``: the batches of ``ctx.iter_split("train")`` (MixNN's refresh); when given, its samples
     are the training split (the per-sample store's ids) instead of the data set's nominal size.
     """
-    method_name, params = VARIANTS.get(name, (name, {}))
+    method_name, params, meta_every = variant(name)
     params = dict(params)
     if method_name == "mlnt" and batch_size <= 10:
         params["neighbors"] = batch_size - 1  # the in-batch neighbours must fit the batch
@@ -399,7 +448,12 @@ def build_run(
     trusted = first_batch_of(trusted_pool, size) if size > 0 and timed.trains_on == "train" else None
     first = sum(s.epochs for s in stages[: stages.index(timed)])
     total = sum(s.epochs for s in stages)
-    return MethodRun(name, method, trusted, timed.name, first, total, single_stage=len(stages) == 1)
+    cycle = [method.takes_trusted_at(timed, step) for step in range(meta_every)]
+    if meta_every > 1 and cycle != [True] + [False] * (meta_every - 1):
+        raise RuntimeError(f"{name}: expected one meta update per cycle of {meta_every} steps, got {cycle}")
+    return MethodRun(
+        name, method, trusted, timed.name, first, total, single_stage=len(stages) == 1, cycle=cycle
+    )
 
 
 def synthetic_split(
@@ -429,14 +483,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_step(run: MethodRun, batch: Batch, device: torch.device) -> tuple[float, float]:
-    """Wall and process-CPU seconds of one ``train_step``, with the device drained before and after."""
-    synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    logged = run.method.train_step(batch, run.trusted)
-    synchronize(device)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    run.finite = run.finite and all(math.isfinite(v) for v in logged.values())
-    return seconds, cpu_seconds
+    """Wall and process-CPU seconds of one ``train_step``, with the device drained before and after; for an
+    amortised row, of its whole cycle divided by its length (each step's own time kept in ``cycle_times``).
+    """
+    steps, cpu_seconds = [], 0.0
+    for takes_trusted in run.cycle:
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        logged = run.method.train_step(batch, run.trusted if takes_trusted else None)
+        synchronize(device)
+        steps.append(time.perf_counter() - start)
+        cpu_seconds += time.process_time() - cpu_start
+        run.finite = run.finite and all(math.isfinite(v) for v in logged.values())
+    if len(run.cycle) > 1:
+        run.cycle_times.append(steps)
+    return sum(steps) / len(steps), cpu_seconds / len(steps)
 
 
 def pass_times(net: nn.Module, batch: Batch, repeats: int, device: torch.device) -> dict[str, float]:
@@ -481,10 +542,17 @@ def pass_times(net: nn.Module, batch: Batch, repeats: int, device: torch.device)
     return {"F": median["F"], "B": max(0.0, median["FB"] - median["F"]), "J": median["J"], "E": median["E"]}
 
 
-def floor_seconds(method: str, passes: dict[str, float]) -> float | None:
-    """The step's floor: its ``PASSES`` priced at the measured pass times; None without a count."""
-    counts = PASSES.get(method)
-    return None if counts is None else sum(n * passes[kind] for kind, n in counts.items())
+def floor_seconds(row: str, passes: dict[str, float]) -> float | None:
+    """The step's floor: its ``PASSES`` priced at the measured pass times; None without a count. An amortised
+    row's: (its method's meta step + (K - 1) ``PLAIN_PASSES``) / K."""
+    method, _, k = variant(row)
+
+    def priced(counts: dict[str, float]) -> float:
+        return sum(n * passes[kind] for kind, n in counts.items())
+
+    if k == 1:
+        return None if row not in PASSES else priced(PASSES[row])
+    return (priced(PASSES[method]) + (k - 1) * priced(PLAIN_PASSES[method])) / k
 
 
 def _walk(nodes: Sequence[Any]) -> Iterator[Any]:
@@ -621,6 +689,10 @@ def measure_model(
         q1, median, q3 = quartiles(run.times)
         per_round = [t / b for t, b in zip(run.times, base.times, strict=True)]
         r1, _, r3 = quartiles(per_round)
+        meta_ms = plain_ms = None
+        if run.cycle_times:
+            meta_ms = 1e3 * statistics.median(steps[0] for steps in run.cycle_times)
+            plain_ms = 1e3 * statistics.median(t for steps in run.cycle_times for t in steps[1:])
         rows.append(
             Row(
                 model=spec.name,
@@ -640,6 +712,10 @@ def measure_model(
                 held_mib=run.held_bytes / MIB,
                 finite=run.finite,
                 floor_ratio=None if floor is None else floor / base_floor,
+                meta_every=len(run.cycle),
+                meta_step_ms=meta_ms,
+                plain_step_ms=plain_ms,
+                plain_ratio=None if plain_ms is None else plain_ms / (1e3 * base_median),
             )
         )
     refresh = [refresh_row(spec, run, 1e3 * statistics.median(run.times)) for run in runs if run.refreshes]
@@ -700,6 +776,33 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
+def format_amortised_table(rows: Sequence[Row]) -> str:
+    """The amortised rows' cycles split into their meta step and plain steps (medians over the rounds)."""
+    header = (
+        "| model | row | K | meta step ms | plain step ms | plain step vs CE | amortised ms "
+        "| amortised vs CE | target vs CE |"
+    )
+    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
+    for r in rows:
+        assert r.meta_step_ms is not None and r.plain_step_ms is not None and r.plain_ratio is not None
+        target = f"<= {r.target:.1f}x: {'yes' if r.meets_target else '**no**'}" if r.has_target else "-"
+        lines.append(
+            f"| {r.model} | {r.method} | {r.meta_every} | {r.meta_step_ms:.1f} | {r.plain_step_ms:.1f} "
+            f"| {r.plain_ratio:.2f}x | {r.median_ms:.1f} | {r.ratio:.2f}x | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def with_amortised_rows(names: Sequence[str], ks: Sequence[int]) -> list[str]:
+    """``names`` with ``METHOD@kK`` after each trusted-set meta method among them, for every K in ``ks``."""
+    out: list[str] = []
+    for name in names:
+        out.append(name)
+        if name in AMORTISED:
+            out.extend(f"{name}@k{k}" for k in ks if f"{name}@k{k}" not in names)
+    return list(dict.fromkeys(out))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -722,6 +825,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"default {' '.join(DEFAULT_METHODS)}; ce is always measured; unregistered ones are skipped",
     )
     parser.add_argument("--batch-size", type=int, help="override every model's batch (default: the issue's)")
+    parser.add_argument(
+        "--meta-every",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help=f"also time {', '.join(AMORTISED)} with meta_every = K, amortised per step (rows METHOD@kK; "
+        "such rows may also be named in --methods)",
+    )
     parser.add_argument(
         "--mixnn-train",
         type=int,
@@ -749,6 +861,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.refreshes < 1 or (args.mixnn_train is not None and args.mixnn_train < 2):
         parser.error("--refreshes must be >= 1, --mixnn-train >= 2")
+    if any(k < 2 for k in args.meta_every):
+        parser.error("--meta-every K needs K >= 2 (K = 1 is the method's own row)")
+    args.methods = with_amortised_rows(args.methods, args.meta_every)
+    for name in args.methods:
+        try:
+            variant(name)
+        except ValueError as error:
+            parser.error(str(error))
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if args.batch_size is not None and args.batch_size < 2:
@@ -816,6 +936,16 @@ def run(args: argparse.Namespace) -> Report:
         "time",
         flush=True,
     )
+    amortised = [r for r in rows if r.meta_every > 1]
+    if amortised:
+        print(format_amortised_table(amortised), flush=True)
+        print(
+            "amortised = one cycle of K real steps (a meta update, then K - 1 plain steps with the meta "
+            "network as it is; trusted batches only where the method's takes_trusted_at asks) timed together "
+            "/ K, i.e. (meta step + (K - 1) plain steps) / K, against CE's step of the same rounds; meta and "
+            "plain step = medians of the cycles' own steps",
+            flush=True,
+        )
     if refresh_rows:
         print(format_refresh_table(refresh_rows), flush=True)
         threads = ", ".join(f"{r.model} {r.index_threads}" for r in refresh_rows)

@@ -58,3 +58,38 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
     for method in report.skipped:
         assert f"skipping {method}" in out
     assert "| small-cnn | 512 | 64 |" in out  # the refresh table
+
+
+def test_meta_step_times_amortised_meta_updates(capsys: pytest.CaptureFixture[str]) -> None:
+    """--meta-every K adds a METHOD@kK row after each meta method: a cycle of K real steps per round."""
+    bench = load_benchmark("meta_step")
+    methods = ["mwnet", "mlc", "metalabelnet"]
+    argv = ["--small", "--models", "small-cnn", "--device", "cpu", "--methods", *methods, "--meta-every", "3"]
+    report = bench.main(argv)
+
+    rows = {row.method: row for row in report.rows}
+    assert list(rows) == ["ce", "mwnet", "mwnet@k3", "mlc", "mlc@k3", "metalabelnet", "metalabelnet@k3"]
+    for name in methods:
+        meta, amortised = rows[name], rows[f"{name}@k3"]
+        assert meta.meta_every == 1 and meta.meta_step_ms is None
+        assert amortised.meta_every == 3 and amortised.phase == meta.phase and amortised.finite
+        for value in (amortised.median_ms, amortised.ratio, amortised.meta_step_ms, amortised.plain_step_ms):
+            assert value is not None and math.isfinite(value) and value > 0, amortised
+        # (meta + 2 plain passes) / 3 is below the meta step's own floor; no target below K = 5.
+        assert amortised.floor_ratio is not None and meta.floor_ratio is not None
+        assert amortised.floor_ratio < meta.floor_ratio
+        assert amortised.target is None
+    out = capsys.readouterr().out
+    assert "| model | row | K | meta step ms |" in out and "| small-cnn | mlc@k3 | 3 |" in out
+
+
+def test_amortised_rows_are_named_method_at_k() -> None:
+    bench = load_benchmark("meta_step")
+    assert bench.variant("mwnet@k5") == ("mwnet", {"meta_every": 5}, 5)
+    assert bench.variant("mlnt-first-order")[0] == "mlnt"
+    assert bench.target_of("mlc@k5") == bench.target_of("mlc@k10") == 1.5
+    assert bench.target_of("mlc@k2") is None and bench.target_of("mlc") == bench.TARGETS["mlc"]
+    for bad in ("ce@k2", "mwnet@k0", "mwnet@kx"):
+        with pytest.raises(ValueError, match="METHOD@kK"):
+            bench.variant(bad)
+    assert bench.with_amortised_rows(["ce", "mlc", "glc"], [2, 5]) == ["ce", "mlc", "mlc@k2", "mlc@k5", "glc"]

@@ -289,6 +289,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, name: str) 
 
 WORLD = 2
 HALF = BATCH // WORLD
+AMORTISED = {"meta_every": 2}
 
 
 def _global_batches() -> tuple[Batch, Batch]:
@@ -310,9 +311,11 @@ def _rank_rows(step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
     return noisy, torch.cat([gold, clean])
 
 
-def _run_distributed(tmp_path: Path, name: str, model: str, rank: int, world: int) -> Method:
+def _run_distributed(
+    tmp_path: Path, name: str, model: str, rank: int, world: int, params: dict[str, Any] | None = None
+) -> Method:
     """5 steps of ``name`` on this rank's part of fixed global batches (metalabelnet: 2 warm-up + 3)."""
-    method = build(tmp_path, name, model=model, rank=rank, world=world, **_short(name))
+    method = build(tmp_path, name, model=model, rank=rank, world=world, **_short(name, params))
     noisy, trusted = _global_batches()
     walk(
         method,
@@ -343,6 +346,10 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
                 assert_replicas_identical(state_tensors(method.state_dict()))
                 if model == MLP:
                     torch.save(state_tensors(method.state_dict()), tmp_path / f"{name}-rank{rank}.pt")
+            # meta_every=2: plain steps between the meta updates synchronise their gradients too.
+            amortised = _run_distributed(tmp_path, name, MLP, rank, WORLD, AMORTISED)
+            assert_replicas_identical(state_tensors(amortised.state_dict()))
+            torch.save(state_tensors(amortised.state_dict()), tmp_path / f"{name}-every2-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -350,8 +357,10 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
 def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     """Bit-identical replicas (main net, meta net, optimizers, accumulators, encoder) after 5 steps on 2 gloo
     ranks, for the MLP and the BatchNorm small-cnn; for the MLP also equal, to float tolerance, to one
-    process on the concatenated batches. The small-cnn is left out of that comparison on purpose: BatchNorm
-    normalises with the statistics of each rank's half, which legitimately differ from the full batch's.
+    process on the concatenated batches, with a meta update every step and every second step
+    (``meta_every=2``: plain steps between). The small-cnn is left out of that comparison on purpose:
+    BatchNorm normalises with the statistics of each rank's half, which legitimately differ from the full
+    batch's.
     """
     # fork, not spawn: a spawned child re-imports torch, which costs seconds per rank on a 2-core machine
     mp.start_processes(
@@ -361,13 +370,87 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
         join=True,
         start_method="fork",
     )
-    for name in METHODS:
-        single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1).state_dict())
-        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(WORLD)]
+    for name, (tag, params) in itertools.product(METHODS, [("", None), ("-every2", AMORTISED)]):
+        single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1, params).state_dict())
+        ranks = [torch.load(tmp_path / f"{name}{tag}-rank{r}.pt") for r in range(WORLD)]
         assert ranks[0].keys() == ranks[1].keys() == single.keys()
         for key, value in single.items():
-            assert torch.equal(ranks[0][key], ranks[1][key]), f"{name} {key}"
-            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"{name}{tag} {key}"
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}{tag} {key}")
+
+
+# ---- amortised meta updates (meta_every) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_meta_every_one_is_the_step_without_it(tmp_path: Path, name: str) -> None:
+    """meta_every=1 (the default) changes nothing: bit-identical state after the same steps."""
+    noisy, trusted = _global_batches()
+    steps = {"warmup": 2, "meta": 3} if name == "metalabelnet" else {"train": 5}
+    states = []
+    for params in (None, {"meta_every": 1}):
+        method = build(tmp_path, name, **_short(name, params))
+        walk(method, noisy, trusted, steps)
+        states.append(state_tensors(method.state_dict()))
+    absent, one = states
+    assert absent.keys() == one.keys() and len(absent) > 0
+    for key in absent:
+        assert torch.equal(absent[key], one[key]), key
+
+
+def _record_steps(method: Method) -> list[tuple[bool, bool, bool]]:
+    """Wrap ``method.train_step``: per step, (got a trusted batch, the meta net moved, the main net moved)."""
+    record: list[tuple[bool, bool, bool]] = []
+    step = method.train_step
+
+    def recorded(batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        meta, main = getattr(method, meta_net(method)), method.eval_model()
+        meta_before, main_before = params_of(meta), params_of(main)
+        stats = step(batch, trusted)
+        moved = [
+            any(not torch.equal(p, q) for p, q in zip(module.parameters(), old, strict=True))
+            for module, old in ((meta, meta_before), (main, main_before))
+        ]
+        record.append((trusted is not None, *moved))
+        return stats
+
+    method.train_step = recorded  # type: ignore[method-assign]
+    return record
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_meta_every_updates_the_meta_net_on_every_kth_step_of_the_stage(tmp_path: Path, name: str) -> None:
+    """k=3 over 6 steps: trusted batches and meta updates on steps 0 and 3 of the stage only; the main net
+    moves every step. MetaLabelNet counts from its meta stage's first step: its 2 warm-up steps come first.
+    """
+    noisy, trusted = _global_batches()
+    method = build(tmp_path, name, **_short(name, {"meta_every": 3}))
+    record = _record_steps(method)
+    steps = {"warmup": 2, "meta": 6} if name == "metalabelnet" else {"train": 6}
+    walk(method, noisy, trusted, steps)
+    warmup = [(False, False, True)] * steps.get("warmup", 0)
+    meta_steps = [(True, True, True), (False, False, True), (False, False, True)] * 2
+    assert record == warmup + meta_steps
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_plain_steps_take_no_trusted_batch_only_with_meta_every(tmp_path: Path, name: str) -> None:
+    """Without a trusted batch a step is a plain one; with meta_every=1 that is a caller's error."""
+    no_warmup = {"warmup_epochs": 0} if name == "metalabelnet" else {}
+    method = start(build(tmp_path, name, params=no_warmup))
+    with pytest.raises(ValueError, match="needs a trusted batch"):
+        method.train_step(toy_batch(BATCH, noise=0.4, seed=1), None)
+    amortised = start(build(tmp_path, name, params={**no_warmup, "meta_every": 4}))
+    stats = amortised.train_step(toy_batch(BATCH, noise=0.4, seed=1), None)
+    assert "meta_loss" not in stats and all(np.isfinite(v) for v in stats.values())
+
+
+def test_meta_every_phase_is_the_step_in_the_stage(tmp_path: Path) -> None:
+    """The loop asks with epoch in stage x steps per epoch + step in epoch; 20 steps per epoch here."""
+    method = build(tmp_path, "mwnet", params={"meta_every": 3})
+    stage = method.stages(method.ctx.cfg)[0]
+    assert [s for s in range(45) if method.takes_trusted_at(stage, s)] == list(range(0, 45, 3))
+    assert all(build(tmp_path, "mlc").takes_trusted_at(stage, s) for s in range(45))
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -474,6 +557,9 @@ def test_export_columns(tmp_path: Path) -> None:
         ("mlc", "method.params.gradient_steps=0", "method.params.gradient_steps"),
         ("metalabelnet", "method.params.meta_lr=0", "method.params.meta_lr"),
         ("metalabelnet", "method.params.slp_init=zeros", "method.params.slp_init"),
+        ("mwnet", "method.params.meta_every=0", "method.params.meta_every"),
+        ("mlc", "method.params.meta_every=-1", "method.params.meta_every"),
+        ("metalabelnet", "method.params.meta_every=0", "method.params.meta_every"),
     ],
 )
 def test_bad_params_fail_before_training(tmp_path: Path, name: str, override: str, field: str) -> None:

@@ -169,6 +169,18 @@ class Method(ABC):
         """Per-rank size of the trusted batch passed to ``train_step`` in ``stage`` (0 = none)."""
         return self.ctx.local_batch_size if self.needs_trusted or stage.trains_on == "trusted" else 0
 
+    def takes_trusted_at(self, stage: Stage, step: int) -> bool:
+        """Whether step ``step`` of ``stage`` gets a trusted batch (else None); every step by default.
+
+        ``step`` counts from the stage's first step over its epochs (epoch in stage x steps per epoch + step
+        in epoch). Asked only where ``trusted_batch_size(stage)`` > 0 and the stage trains on ``train``. The
+        answer must depend on the stage and the step only: every rank asks with the same step, so all take
+        the same decision, and the loop's position is checkpointed, so a resumed run takes it again (its
+        replayed steps consume the same trusted batches). A step without one reads nothing from the trusted
+        stream, which is why a method says so here rather than ignoring a batch it was given.
+        """
+        return True
+
     def on_stage_start(
         self, stage: Stage, best_model_state: dict[str, torch.Tensor] | None
     ) -> dict[str, float]:

@@ -1,16 +1,20 @@
 """What the trusted-set meta methods (``mwnet``, ``mlc``, ``metalabelnet``) share.
 
-- ``TrustedMetaMethod``: the main model, the trusted stream, evaluation and the meta optimizer step.
+- ``TrustedMetaMethod``: the main model, the trusted stream, evaluation, the meta optimizer step, and
+  amortised meta updates (``MetaEveryParams.meta_every``: a meta update every k-th step, plain steps between).
 - ``lookahead_optimizer``: which update rule the one-step look-ahead follows; ``real_step_through_outputs``:
-  the real step after a meta update, through the meta step's training forward.
+  the real step after a meta update, through the meta step's training forward; ``step_through_outputs``:
+  a plain step between meta updates, with the meta model as it is.
 - The per-sample export: corrected-label columns and the summaries that score them (and MW-Net's
   weights) as detectors of mislabelled samples against ``labels.parquet``.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 from raynoisy.errors import ConfigError
 from raynoisy.meta import OutputHypergradient, OutputLoss, logit_gradient, output_grads
 from raynoisy.meta.lookahead import Rule
-from raynoisy.methods.base import Batch, Method, MethodContext
+from raynoisy.methods.base import Batch, Method, MethodContext, Stage
 from raynoisy.methods.label_issues import detector_scores, ratio, true_labels_of
 from raynoisy.methods.supervised import MainModel
 
@@ -36,8 +40,37 @@ def check_param(ok: bool, name: str, problem: str, fix: str) -> None:
         raise ConfigError(f"method.params.{name}", problem, fix)
 
 
+@dataclass
+class MetaEveryParams:
+    """The parameter every trusted-set meta method shares (its ``Params`` derive from this).
+
+    ``meta_every`` = k: the meta network is updated (look-ahead, hypergradient, meta optimizer step, on a
+    trusted batch) on steps 0, k, 2k, ... of the stage, counted from the stage's first step; the k - 1 steps
+    between are plain steps with the meta network as it is, and read no trusted batch. Users of the
+    reference codes ask for this because the meta step costs several plain steps; 1 (the default) is the
+    papers' algorithm, a meta update every step.
+    """
+
+    meta_every: int = 1
+
+    def __post_init__(self) -> None:
+        check_param(
+            self.meta_every >= 1,
+            "meta_every",
+            f"must be >= 1, got {self.meta_every}",
+            "1 updates the meta network every step (the papers); k > 1 every k-th step",
+        )
+
+
 class TrustedMetaMethod(Method):
-    """A method with a main model trained on noisy batches, a meta network, and a trusted batch per step."""
+    """A method with a main model trained on noisy batches, a meta network, and a trusted batch per meta step.
+
+    ``train_step`` is a meta update (``meta_update_step``) when the loop passes a trusted batch and a plain
+    step (``plain_step``) when it passes None. The loop passes one exactly on the steps ``takes_trusted_at``
+    names, a function of the step's place in the stage only: every rank takes the same decision, and a
+    resumed run, whose loop state (epoch in stage, step in epoch) is checkpointed, keeps the same phase.
+    The method itself counts nothing, so there is no second counter that could disagree with the loop's.
+    """
 
     needs_trusted = True
     # Whether some step is a plain DDP step (MetaLabelNet's warm-up); the meta steps synchronise by hand.
@@ -52,6 +85,25 @@ class TrustedMetaMethod(Method):
 
     def current_lr(self) -> float:
         return self.main.lr
+
+    def takes_trusted_at(self, stage: Stage, step: int) -> bool:
+        """A meta update, and so a trusted batch, on steps 0, k, 2k, ... of the stage (k = ``meta_every``)."""
+        return step % self.params.meta_every == 0
+
+    def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        if trusted is not None:
+            return self.meta_update_step(batch, trusted)
+        if self.params.meta_every == 1:  # a caller that lost the trusted batch must not skip the update
+            raise ValueError(f"{self.name} updates its meta network every step: it needs a trusted batch")
+        return self.plain_step(batch)
+
+    @abstractmethod
+    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
+        """Update the meta network on ``trusted`` and take the real step; returns scalars to log."""
+
+    @abstractmethod
+    def plain_step(self, batch: Batch) -> dict[str, float]:
+        """A step between meta updates, with the meta network as it is (``step_through_outputs``)."""
 
     @staticmethod
     def meta_step(
@@ -100,6 +152,21 @@ def real_step_through_outputs(main: MainModel, hyper: OutputHypergradient, loss:
     value, grad_logits = logit_gradient(loss, hyper.logits, hyper.features, create_graph=False)
     main.apply_grads(output_grads(main.net, hyper.logits, grad_logits))
     return value
+
+
+def step_through_outputs(main: MainModel, x: Tensor, loss: OutputLoss) -> tuple[Tensor, Tensor]:
+    """A plain step on ``loss(logits, features)`` of a fresh training forward; returns its value and logits.
+
+    The step between meta updates: no look-ahead, no trusted batch, the meta model only evaluated. One
+    forward (it moves BatchNorm's running statistics once, as a meta step's training forward does) and one
+    backward, whose gradients ``output_grads`` averages over the ranks by hand, as the meta steps' real
+    steps: the main model of MW-Net and MLC is not DDP-wrapped. The logits come back detached, for the
+    method's logged scalars.
+    """
+    logits, features = main.net(x)
+    value, grad_logits = logit_gradient(loss, logits, features, create_graph=False)
+    main.apply_grads(output_grads(main.net, logits, grad_logits))
+    return value, logits.detach()
 
 
 @contextmanager

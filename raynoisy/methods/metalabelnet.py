@@ -17,6 +17,10 @@ trusted batch as large as the noisy one:
    The two terms sum to -mean_{B·C} p·log ŷ': the entropy term cancels KL's own -H(p), so the update
    pulls p towards the one-hot at ŷ's mode rather than towards ŷ itself (entropy minimisation).
 
+With ``meta_every`` = k > 1 only steps 0, k, 2k, ... of stage 2 (counted from its first step) are such meta
+steps; the steps between are plain steps on KL(p‖ŷ) + (-mean p·log p) with the current SLP's soft labels
+(the encoder's no-grad forward, one forward and one backward of the main network, no trusted batch).
+
 The noisy label is not an input of the SLP; after stage 1 it is not used at all. The main model keeps
 one SGD optimizer and one lr schedule over both stages (``optim.epochs`` in total), as the reference's
 per-epoch lr function. Only stage-2 epochs can be picked as the best-validation model: a stage-1 model
@@ -46,17 +50,19 @@ from torch import Tensor, nn
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.meta import all_reduce_mean_, functional_forward, output_hypergrad
+from raynoisy.meta import OutputLoss, all_reduce_mean_, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext, Stage
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
+    MetaEveryParams,
     TrustedMetaMethod,
     check_param,
     corrected_label_columns,
     evaluating,
     lookahead_optimizer,
     real_step_through_outputs,
+    step_through_outputs,
 )
 from raynoisy.models.meta_nets import SoftLabelNet
 
@@ -69,7 +75,7 @@ LOG_EPS = 1e-10
 
 
 @dataclass
-class MetaLabelNetParams:
+class MetaLabelNetParams(MetaEveryParams):
     """Reference CIFAR-10 defaults (β = 1e-2); Clothing1M uses β = 1e-3 and 1 warm-up epoch (its preset)."""
 
     meta_lr: float = 1e-2
@@ -79,6 +85,7 @@ class MetaLabelNetParams:
     slp_init: str = "encoder"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 1e-2")
         check_param(self.meta_weight_decay >= 0, "meta_weight_decay", "must be >= 0", "e.g. 1e-4")
         check_param(
@@ -108,6 +115,15 @@ def entropy(logits: Tensor) -> Tensor:
     """-mean_{B·C} p·log p, the entropy-minimisation term of the real step."""
     log_p = F.log_softmax(logits, dim=1)
     return -(log_p.exp() * log_p).mean()
+
+
+def real_step_loss(soft: Tensor) -> OutputLoss:
+    """The real step's loss on fixed soft labels ŷ (no graph to the SLP): KL(p‖ŷ) + (-mean p·log p)."""
+
+    def loss(logits: Tensor, _features: Tensor) -> Tensor:
+        return kl_to_soft_labels(logits, soft) + entropy(logits)
+
+    return loss
 
 
 def classifier_of(net: nn.Module) -> nn.Linear:
@@ -192,12 +208,19 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         return 0 if stage.name == "warmup" else self.ctx.local_batch_size
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        """The warm-up's cross-entropy step until the encoder is frozen, then a meta or a plain step."""
         if self.encoder is None:
             return self.main.cross_entropy_step(batch.x, batch.y)
-        assert trusted is not None, "metalabelnet needs a trusted batch every stage-2 step"
-        net = self.main.net
+        return super().train_step(batch, trusted)
+
+    def _features(self, x: Tensor) -> Tensor:
+        assert self.encoder is not None, "the encoder is frozen at the start of stage 2"
         with torch.no_grad():
-            features = self.encoder(batch.x)[1]
+            return self.encoder(x)[1]
+
+    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
+        net = self.main.net
+        features = self._features(batch.x)
 
         def inner(logits: Tensor, _features: Tensor) -> Tensor:
             return kl_to_soft_labels(logits, self.soft_label_net(features))
@@ -218,17 +241,21 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
         with torch.no_grad():
             soft = self.soft_label_net(features)
+        loss = real_step_through_outputs(self.main, hyper, real_step_loss(soft))
+        return self._scalars(loss, hyper.logits.detach(), soft) | {"meta_loss": float(hyper.gold_loss_after)}
 
-        def real(logits: Tensor, _features: Tensor) -> Tensor:
-            return kl_to_soft_labels(logits, soft) + entropy(logits)
+    def plain_step(self, batch: Batch) -> dict[str, float]:
+        with torch.no_grad():
+            soft = self.soft_label_net(self._features(batch.x))
+        loss, logits = step_through_outputs(self.main, batch.x, real_step_loss(soft))
+        return self._scalars(loss, logits, soft)
 
-        loss = real_step_through_outputs(self.main, hyper, real)
-        logits = hyper.logits.detach()
+    @staticmethod
+    def _scalars(loss: Tensor, logits: Tensor, soft: Tensor) -> dict[str, float]:
         return {
             "loss": float(loss),
             "kl": float(kl_to_soft_labels(logits, soft)),
             "entropy": float(entropy(logits)),
-            "meta_loss": float(hyper.gold_loss_after),
         }
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:

@@ -15,6 +15,10 @@ look-ahead step does well on trusted data. Per step, with a trusted batch as lar
    optimizer, Adam(amsgrad, eps 1e-8, no weight decay), steps every K-th step;
 4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient.
 
+With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps (and only they count towards the K
+of the accumulation); the steps between are plain steps on softCE(f(x), g(h, ỹ)) of the noisy batch alone
+with the current g: no trusted batch is read, so there is no clean half in their loss.
+
 Deviations from the reference code, each deliberate:
 - BatchNorm: the noisy and the clean forwards at the real weights update the running statistics, as the
   reference's do; the gold forwards (at w for the discount, at w') use copies of the buffers, where the
@@ -38,21 +42,29 @@ from torch import Tensor
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.meta import BNPolicy, MLCHypergradAccumulator, functional_forward, output_hypergrad
+from raynoisy.meta import (
+    BNPolicy,
+    MLCHypergradAccumulator,
+    OutputLoss,
+    functional_forward,
+    output_hypergrad,
+)
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
+    MetaEveryParams,
     TrustedMetaMethod,
     check_param,
     corrected_label_columns,
     evaluating,
+    step_through_outputs,
 )
 from raynoisy.models.meta_nets import LabelCorrectionNet
 
 
 @dataclass
-class MLCParams:
+class MLCParams(MetaEveryParams):
     """Reference CIFAR defaults; Clothing1M uses meta_lr 3e-3, skip, gradient_steps 5 (see its preset)."""
 
     meta_lr: float = 3e-4
@@ -62,6 +74,7 @@ class MLCParams:
     gradient_steps: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 3e-4")
         check_param(self.cls_dim >= 1, "cls_dim", f"must be >= 1, got {self.cls_dim}", "e.g. 128")
         check_param(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}", "e.g. 128")
@@ -99,18 +112,22 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         )
         self.accumulator = MLCHypergradAccumulator(p.gradient_steps)
 
-    def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
-        assert trusted is not None, "mlc needs a trusted batch every step"
+    def _corrected_loss(self, labels: Tensor, share: float) -> OutputLoss:
+        """ℓ(logits, features) = share · softCE(logits, g(h, ỹ)), h the features (detached by the engine)."""
+
+        def loss(logits: Tensor, features: Tensor) -> Tensor:
+            soft = self.corrector(features, labels)
+            return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean() * share
+
+        return loss
+
+    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
         net = self.main.net
         half = len(trusted) // 2
         gold_x, gold_y = trusted.x[:half], trusted.y[:half]
         clean_x, clean_y = trusted.x[half:], trusted.y[half:]
         # L_s = (B_s·softCE + B_c·CE) / (B_s + B_c): the corrected part is ℓ, the clean half the α-free r.
         share = len(batch) / (len(batch) + len(clean_y))
-
-        def corrected_loss(logits: Tensor, features: Tensor) -> Tensor:
-            soft = self.corrector(features, batch.y)
-            return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean() * share
 
         def clean_loss(params: dict[str, Tensor]) -> Tensor:
             logits = functional_forward(net, params, clean_x, bn=BNPolicy.UPDATE)[0]
@@ -124,7 +141,7 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             net,
             self.main.optimizer,
             batch.x,
-            corrected_loss,
+            self._corrected_loss(batch.y, share),
             gold_loss,
             meta_params,
             rest_loss=clean_loss,
@@ -135,6 +152,10 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             self.meta_step(self.meta_optimizer, meta_params, meta.grads)
         self.main.apply_grads([hyper.train_grads.get(name) for name, _ in net.named_parameters()])
         return {"loss": float(hyper.train_loss), "meta_loss": float(hyper.gold_loss_after)}
+
+    def plain_step(self, batch: Batch) -> dict[str, float]:
+        loss, _ = step_through_outputs(self.main, batch.x, self._corrected_loss(batch.y, 1.0))
+        return {"loss": float(loss)}
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
         with evaluating(self.main.net, self.corrector):

@@ -8,6 +8,9 @@ A weight net v(ℓ) maps each noisy sample's (detached) loss to a weight in (0, 
 2. real step: weigh the same forward's losses with the UPDATED v (no graph to v) and take the real SGD
    step on mean(v(ℓ)·ℓ), back-propagating through the meta step's forward instead of a second one.
 
+With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps; the steps between are plain steps
+on mean(v(ℓ)·ℓ) with the current weight net (one forward, one backward, no trusted batch).
+
 The look-ahead is plain SGD at the current scheduled lr, as the reference (``lookahead_rule="sgd-plain"``);
 ``"optimizer"`` looks ahead with the real rule (momentum, weight decay). The hypergradient is the exact
 second-order one, computed in logit space (``raynoisy.meta.output_hypergrad``: v reaches the model only
@@ -46,11 +49,13 @@ from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.label_issues import detector_scores, true_labels_of
 from raynoisy.methods.meta_common import (
+    MetaEveryParams,
     TrustedMetaMethod,
     check_param,
     evaluating,
     lookahead_optimizer,
     real_step_through_outputs,
+    step_through_outputs,
 )
 from raynoisy.models.meta_nets import WeightNet
 
@@ -60,7 +65,7 @@ DOWN_WEIGHT_THRESHOLD = 0.5
 
 
 @dataclass
-class MWNetParams:
+class MWNetParams(MetaEveryParams):
     """Reference defaults (CIFAR ResNet-32 setting); see the module docstring."""
 
     meta_lr: float = 1e-3
@@ -69,6 +74,7 @@ class MWNetParams:
     lookahead_rule: str = "sgd-plain"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_param(self.meta_lr > 0, "meta_lr", f"must be > 0, got {self.meta_lr}", "e.g. 1e-3")
         check_param(self.meta_weight_decay >= 0, "meta_weight_decay", "must be >= 0", "e.g. 1e-4")
         check_param(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}", "e.g. 100")
@@ -106,8 +112,7 @@ class MetaWeightNet(TrustedMetaMethod):
 
         return loss
 
-    def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
-        assert trusted is not None, "mwnet needs a trusted batch every step"
+    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
         net = self.main.net
 
         def outer(params: dict[str, Tensor]) -> Tensor:
@@ -132,6 +137,12 @@ class MetaWeightNet(TrustedMetaMethod):
             "meta_loss": float(hyper.gold_loss_after),
             "mean_weight": float(weights.mean()),
         }
+
+    def plain_step(self, batch: Batch) -> dict[str, float]:
+        loss, logits = step_through_outputs(self.main, batch.x, self._weighted_loss(batch.y))
+        with torch.no_grad():
+            weights = self.weight_net(F.cross_entropy(logits, batch.y, reduction="none"))
+        return {"loss": float(loss), "mean_weight": float(weights.mean())}
 
     def _weigh(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Logits, per-sample losses under the given labels and their weights (final models, eval mode)."""

@@ -117,12 +117,13 @@ def walk_stages(
 
     ``batches(stage, epoch)`` gives an epoch's noisy batches (``epoch`` counts over all stages, from 0) and
     ``trusted(size)`` one trusted batch of ``size`` samples. As in the loop, each step of a stage that
-    trains on ``train`` gets a trusted batch of ``method.trusted_batch_size(stage)`` (None when that is 0),
-    and a stage that trains on ``trusted`` takes ``ctx.steps_per_epoch`` steps on trusted batches with None
-    as the trusted batch (``batches`` is not called for it). Each stage starts from the model the previous
-    one ended with (see the module docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of
-    its steps (NaN without steps), the scalars of ``on_stage_start`` (first epoch of a stage) and of
-    ``on_epoch_end``.
+    trains on ``train`` gets a trusted batch of ``method.trusted_batch_size(stage)`` (None when that is 0,
+    or where ``method.takes_trusted_at`` declines the step, asked with epoch in stage x
+    ``ctx.steps_per_epoch`` + step in epoch), and a stage that trains on ``trusted`` takes
+    ``ctx.steps_per_epoch`` steps on trusted batches with None as the trusted batch (``batches`` is not
+    called for it). Each stage starts from the model the previous one ended with (see the module
+    docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of its steps (NaN without steps),
+    the scalars of ``on_stage_start`` (first epoch of a stage) and of ``on_epoch_end``.
     """
     logs: list[dict[str, float | str]] = []
     previous: ModelState | None = None
@@ -136,11 +137,12 @@ def walk_stages(
             raise ValueError(
                 f"stage {stage.name} of {method.name} takes trusted batches of {size}: pass trusted"
             )
-        for _ in range(stage.epochs):
+        for epoch_in_stage in range(stage.epochs):
             method.on_epoch_start(epoch)
+            first = epoch_in_stage * method.ctx.steps_per_epoch
             losses = [
                 method.train_step(batch, pair).get("loss", float("nan"))
-                for batch, pair in _pairs(method, stage, epoch, size, batches, trusted)
+                for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted)
             ]
             logs.append(
                 {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
@@ -157,14 +159,17 @@ def _pairs(
     method: Method,
     stage: Stage,
     epoch: int,
+    first: int,
     size: int,
     batches: Callable[[Stage, int], Iterable[Batch]],
     trusted: Callable[[int], Batch] | None,
 ) -> Iterator[tuple[Batch, Batch | None]]:
-    """An epoch's (batch, trusted batch) pairs, drawn one step at a time as the loop's streams draw them."""
+    """An epoch's (batch, trusted batch) pairs, drawn one step at a time as the loop's streams draw them;
+    ``epoch`` counts over all stages, ``first`` is the epoch's first step counted in its stage."""
     if trusted is not None and stage.trains_on == "trusted":
         for _ in range(method.ctx.steps_per_epoch):
             yield trusted(size), None
         return
-    for batch in batches(stage, epoch):
-        yield batch, (trusted(size) if trusted is not None and size else None)
+    for index, batch in enumerate(batches(stage, epoch)):
+        takes = trusted is not None and size and method.takes_trusted_at(stage, first + index)
+        yield batch, (trusted(size) if takes else None)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import ray.train.torch
 import torch
 
 from raynoisy.config import Config, config_from_dict
+from raynoisy.data.batch import Batch
 from raynoisy.data.pipeline import quiet_ray_data
 from raynoisy.data.sample_store import SampleStore
 from raynoisy.errors import RaynoisyError, TrainingDivergedError
@@ -61,8 +63,7 @@ def train_loop(cfg: Config, info: RunInfo, services: dict[str, Any]) -> None:
         while state.epoch_in_stage < stage.epochs:
             method.on_epoch_start(state.epoch)
             epoch = EpochTotals()
-            trusted_size = method.trusted_batch_size(stage)
-            for batch, trusted in worker.streams.epoch(stage, state.epoch, trusted_size, skip=state.step):
+            for batch, trusted in worker.epoch_pairs(stage):
                 worker.fault_drill()
                 stats = method.train_step(batch, trusted)
                 worker.after_step(stage, stats, epoch)
@@ -72,16 +73,23 @@ def train_loop(cfg: Config, info: RunInfo, services: dict[str, Any]) -> None:
 
 @dataclass
 class EpochTotals:
-    """What one (possibly resumed) epoch ran: steps, summed step scalars, its start time."""
+    """What one (possibly resumed) epoch ran: steps, summed step scalars and their counts, its start time."""
 
     steps: int = 0
     sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     def add(self, stats: dict[str, float]) -> None:
         self.steps += 1
         for key, value in stats.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        """Each scalar's mean over the steps that logged it: a meta method with ``meta_every`` > 1 logs its
+        ``meta_loss`` on meta-update steps only, and a mean over all steps would shrink it by k."""
+        return {key: total / self.counts[key] for key, total in self.sums.items()}
 
 
 @dataclass
@@ -140,6 +148,23 @@ class Worker:
         self.state.stage, self.state.epoch_in_stage = index, 0
         self.state.stage_scalars = self.method.on_stage_start(stage, previous_best)
 
+    def epoch_pairs(self, stage: Stage) -> Iterator[tuple[Batch, Batch | None]]:
+        """The epoch's (batch, trusted batch) pairs from the loop state's step on.
+
+        A step gets a trusted batch where the method takes one (``Method.takes_trusted_at``), asked with the
+        step's place in the stage, which the checkpointed loop state gives: the same answer on every rank,
+        and again on the steps a resumed epoch replays.
+        """
+        state, method = self.state, self.method
+        first = state.epoch_in_stage * self.info.steps_per_epoch
+        return self.streams.epoch(
+            stage,
+            state.epoch,
+            method.trusted_batch_size(stage),
+            skip=state.step,
+            trusted_at=lambda index: method.takes_trusted_at(stage, first + index),
+        )
+
     def after_step(self, stage: Stage, stats: dict[str, float], epoch: EpochTotals) -> None:
         """Refuse a non-finite loss, count, log, and evaluate + checkpoint every ``run.eval_every_steps``."""
         state, run = self.state, self.cfg.run
@@ -161,7 +186,7 @@ class Worker:
         seconds = time.time() - epoch.started
         state.train_seconds += seconds
         state.train_samples += epoch.steps * self.cfg.optim.batch_size
-        metrics = {f"train_{k}": v / max(1, epoch.steps) for k, v in epoch.sums.items()}
+        metrics = {f"train_{k}": v for k, v in epoch.means().items()}
         metrics |= {f"train_{k}": v for k, v in self.method.on_epoch_end(state.epoch).items()}
         metrics |= {f"train_{k}": v for k, v in state.stage_scalars.items()}
         metrics |= {

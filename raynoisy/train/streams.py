@@ -13,7 +13,7 @@ The time spent waiting for the next batch is measured, so the log shows whether 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import ray.train
@@ -69,13 +69,20 @@ class Streams:
         )
 
     def epoch(
-        self, stage: Stage, epoch: int, trusted_size: int, skip: int = 0
+        self,
+        stage: Stage,
+        epoch: int,
+        trusted_size: int,
+        skip: int = 0,
+        trusted_at: Callable[[int], bool] | None = None,
     ) -> Iterator[tuple[Batch, Batch | None]]:
         """The epoch's (batch, trusted batch) pairs; the first ``skip`` are read and dropped (on resume).
 
-        The skipped trusted batches are the same ones the interrupted epoch used. The training stream comes
-        from Ray Data, whose order is not replayed exactly on resume: the resumed epoch takes its remaining
-        steps from a fresh pass over the training shard.
+        ``trusted_at(index)``: whether the epoch's step ``index`` draws a trusted batch (None: every step);
+        a step that does not gets None and leaves the trusted stream where it is. The skipped trusted batches
+        are the same ones the interrupted epoch used. The training stream comes from Ray Data, whose order
+        is not replayed exactly on resume: the resumed epoch takes its remaining steps from a fresh pass
+        over the training shard.
         """
         trusted = self._trusted(epoch, trusted_size)
         if stage.trains_on == "trusted":
@@ -84,7 +91,10 @@ class Streams:
                 (next(trusted), None) for _ in range(self.info.steps_per_epoch)
             )
         else:
-            pairs = ((batch, next(trusted) if trusted else None) for batch in self._train_batches())
+            pairs = (
+                (batch, next(trusted) if trusted and (trusted_at is None or trusted_at(index)) else None)
+                for index, batch in enumerate(self._train_batches())
+            )
         for index, pair in enumerate(self._timed(pairs)):
             if index >= skip:
                 yield pair
