@@ -1,4 +1,7 @@
-"""``raynoisy train | shard | noise | report``: the command line. Bad input exits with code 2 and one line."""
+"""``raynoisy train | sweep | shard | noise | report``: the command line.
+
+Bad input exits with code 2 and one line.
+"""
 
 from __future__ import annotations
 
@@ -63,22 +66,76 @@ def config_from_args(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # before the driver import, which loads Ray Train (seconds): fail fast
+    from raynoisy.report import report_finished_run
     from raynoisy.train.driver import train
 
     metrics = train(cfg)
-    _write_report(Path(cfg.run.output).expanduser())
+    report_finished_run(Path(cfg.run.output).expanduser())
     print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     return 0
 
 
-def _write_report(output: Path) -> None:
-    """report.md for a finished run; a run whose report fails still succeeds (its outputs are written)."""
-    from raynoisy.report import write_run_report
+# Sweep flag -> dotted config path: the run flags a sweep passes to every trial.
+_SWEEP_FLAGS = {
+    name: path for name, path in _FLAG_FIELDS.items() if name not in ("noise", "noise_rate", "seed", "output")
+}
 
+
+def _sweep(args: argparse.Namespace) -> int:
+    # Every trial's config is checked before the runner's import, which loads Ray Tune and Train: fail fast.
+    from raynoisy.tune.plan import parse_methods, plan_sweep
+
+    plan = plan_sweep(
+        dataset=args.dataset,
+        methods=parse_methods(args.methods),
+        noise=args.noise,
+        rates=args.rates,
+        seeds=args.seeds,
+        output=args.output,
+        flags={path: getattr(args, name, None) for name, path in _SWEEP_FLAGS.items()},
+        config_file=args.config,
+        overrides=args.set,
+    )
+    from raynoisy.report import write_sweep_report
+    from raynoisy.tune.runner import run_sweep
+
+    outcome = run_sweep(plan)
+    print(f"results: {write_sweep_report(plan.output)}")
+    print(
+        f"trials: {len(outcome.skipped)} finished before, {len(outcome.ran)} run now, "
+        f"{len(outcome.failed)} failed"
+    )
+    return 0
+
+
+def _rates(text: str) -> list[float]:
     try:
-        print(f"report: {write_run_report(output)}")
-    except Exception as exc:  # a report can be rebuilt, a lost run cannot
-        print(f"report.md not written ({exc!r}); rebuild it with: raynoisy report {output}")
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates") from None
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="data source name")
+    parser.add_argument("--data-root", help="folder (or file) of the data set; omit for embedded data")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. ce,glc,mlc")
+    parser.add_argument("--noise", required=True, help="uniform|symmetric|flip|pair|matrix:PATH")
+    parser.add_argument("--rates", required=True, type=_rates, help="comma-separated noise rates in [0, 1]")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell: 0, 1, ..., N-1")
+    parser.add_argument("--clean-per-class", type=int, help="trusted samples per class")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="global batch size, split over workers")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument(
+        "--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set"
+    )
+    parser.add_argument("--output", required=True, help="sweep folder: results.*, runs/<trial>/, shards/")
+    parser.add_argument("--config", help="YAML file layered over every trial's preset")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override for every trial"
+    )
 
 
 def train_job(
@@ -133,10 +190,12 @@ def _noise(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from raynoisy.report import write_run_report
+    from raynoisy.report import is_sweep_dir, write_run_report, write_sweep_report
 
-    path = write_run_report(args.run_dir)
-    print(f"report: {path}")
+    if is_sweep_dir(args.run_dir):
+        print(f"results: {write_sweep_report(args.run_dir)}")
+    else:
+        print(f"report: {write_run_report(args.run_dir)}")
     return 0
 
 
@@ -154,10 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "shard":
             p.add_argument("--shard-root", help="local path or s3:// / gs:// URI for the shards")
         p.set_defaults(fn=fn)
-    report = sub.add_parser(
-        "report", help="write RUN_DIR/report.md (plots of curves, noise, label issues) from a finished run"
+    sweep = sub.add_parser(
+        "sweep", help="a Ray Tune grid of methods x noise rates x seeds; results.csv/.md, accuracy plot"
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="the --output folder of a finished run")
+    _add_sweep_arguments(sweep)
+    sweep.set_defaults(fn=_sweep)
+    report = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.md (plots of curves, noise, label issues) from a finished run, or a "
+        "sweep's results.csv, results.md and accuracy_vs_noise.png",
+    )
+    report.add_argument("run_dir", metavar="DIR", help="the --output folder of a finished run or of a sweep")
     report.set_defaults(fn=_report)
     return parser
 

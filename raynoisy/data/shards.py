@@ -8,7 +8,8 @@ whole label plan (hence seed, noise and split config): re-running with the same 
 
 Rows are shuffled (seeded) within each split before they are cut into shards, so that file-level
 shuffling in the Ray Data pipeline mixes classes even when a source lists its files class by class.
-Payloads that cannot be read are skipped and recorded; past ``max_bad_fraction`` sharding fails.
+Payloads that cannot be read are skipped and recorded; past ``max_bad_fraction`` sharding fails. Progress:
+one line per shard written, with the samples per second and the ETA of the whole set.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ def write_shards(
             files[split].append(name)
             counts[split] += table.num_rows
             done += len(chunk)
+            rate = done / max(1e-9, time.time() - start)
             log(
                 f"[shard] {split}: {counts[split]}/{len(ids)} written ({done}/{len(used)} total, "
-                f"{done / max(1e-9, time.time() - start):.0f} samples/s)"
+                f"{rate:.0f} samples/s, eta {(len(used) - done) / rate:.0f} s)"
             )
     if len(skipped) > max_bad_fraction * max(1, len(used)):
         first = skipped[0]

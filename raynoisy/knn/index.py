@@ -326,8 +326,8 @@ class KnnIndex:
         return None if built is None else built.summary
 
     def state(self) -> dict[str, Any]:
-        """For health checks and tests: the built version, its size and kind, the versions being added, and the
-        process id (a restarted actor has a new one, so a caller can tell a restart from the old instance)."""
+        """For health checks and tests: the built version, its size and kind, the versions being added, and
+        the process id (a restarted actor has a new one, so a caller can tell a restart from the old one)."""
         built = self._built
         with self._lock:
             pending = {v: s.count for v, s in sorted(self._pending.items())}

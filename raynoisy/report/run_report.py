@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ def not_a_run(path: str | Path, problem: str) -> RaynoisyError:
     """The error for a folder that holds no finished run (the CLI prints it as one line, exit code 2)."""
     return RaynoisyError(
         f"{path} is not a finished run directory ({problem}); pass the --output folder of a finished "
-        "`raynoisy train` run"
+        "`raynoisy train` run, or of `raynoisy sweep`"
     )
 
 
@@ -126,6 +126,15 @@ def _num_classes(metrics: dict[str, Any], issues: pd.DataFrame | None) -> int:
     if issues is not None and len(issues):
         return int(max(issues["given_label"].max(), issues["predicted_label"].max())) + 1
     return 0
+
+
+def report_finished_run(run_dir: str | Path, log: Callable[[str], None] = print) -> None:
+    """report.md at the end of a run (``raynoisy train``, a sweep trial). A run whose report fails still
+    succeeds: its outputs are written, and a report can be rebuilt where a lost run cannot."""
+    try:
+        log(f"report: {write_run_report(run_dir)}")
+    except Exception as exc:
+        log(f"report.md not written ({exc!r}); rebuild it with: raynoisy report {run_dir}")
 
 
 def write_run_report(run_dir: str | Path) -> Path:

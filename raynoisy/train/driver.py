@@ -66,7 +66,9 @@ def _cpus_per_worker(cfg: Config, service_cpus: float) -> float:
     return share
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local cluster (with its dashboard: Tune's nested Train runs
+    need the State API to release their placement groups), and quiet Ray Data's progress bars."""
     import ray
 
     if not ray.is_initialized():
@@ -95,7 +97,7 @@ def train(cfg: Config, log=print) -> dict:
     spec = input_spec(cfg)
     # Named before the cluster fills in defaults, so a resubmission resumes even after autoscaling.
     name = run_name(cfg)
-    _init_ray()
+    init_ray()
     info = RunInfo(
         num_classes=prepared.catalog.num_classes,
         input=spec,

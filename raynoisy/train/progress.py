@@ -73,7 +73,7 @@ class ProgressLog:
         self.line(
             f"[{stage}] epoch {state.epoch + 1} step {state.step}/{self.steps_per_epoch} "
             f"loss {stats.get('loss', float('nan')):.4f} lr {lr:.4g} {samples / elapsed:.0f} samples/s "
-            f"data wait {wait_seconds / elapsed:.0%} val {self.latest_val:.4f} eta {_duration(eta)}"
+            f"data wait {wait_seconds / elapsed:.0%} val {self.latest_val:.4f} eta {duration(eta)}"
         )
         self.scalars({f"train/{k}": v for k, v in stats.items()} | {"train/lr": lr}, global_step)
 
@@ -89,7 +89,8 @@ class ProgressLog:
             self.writer.close()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1m05s``, ``2h03m``, or ``?`` when unknown."""
     if not np.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(seconds), 60)
