@@ -38,7 +38,7 @@ BUDGET = {
     "digits": ["--epochs", "3"],
     "fashion-mnist": ["--epochs", "2", "--train-subset", "3000"],
     "clothing1m": ["--epochs", "2"],
-    "cifar100": ["--epochs", "2", "--set", "model.name=small-cnn"],
+    "cifar100": ["--epochs", "2", "--clean-per-class", "0", "--set", "model.name=small-cnn"],
     "image-list": ["--epochs", "2", "--set", "data.image_size=32", "--set", "model.name=small-cnn"],
 }
 # Per method: the schedule knobs that make its distinctive phase start inside that budget.
@@ -46,7 +46,7 @@ PHASE = {
     "mixnn": ["--set", "method.params.warmup_epochs=1", "--set", "method.params.mixup_epochs=1"],
     "mlnt": ["--set", "method.params.start_iter=2", "--set", "method.params.mid_iter=6"],
 }
-CIFAR100_PER_CLASS = (10, 2)  # train, test images per class of the stand-in
+CIFAR100_PER_CLASS = (30, 5)  # train, test images per class of the stand-in
 IMAGE_LIST_PER_CLASS = 30
 IMAGE_LIST_CLASSES = 4
 
