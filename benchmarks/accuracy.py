@@ -20,8 +20,9 @@ it (the variant wins). E.g. MLC as preset and with its Clothing1M settings, agai
         --noise flip:0.4 --seeds 0,1,2 --epochs 5 --set scaling.cpus_per_worker=1 --output runs/bench-mlc
 
 Caching: each run's directory is ``METHOD-NOISE-seedSEED-HASH``, HASH a digest of the run's whole resolved
-config (``Config.to_dict()``) less the fields that do not change results (``IGNORED_FIELDS``: output paths,
-run name, logging, checkpoint retention). A run is reused only when its ``metrics.json`` exists and the
+config (``Config.to_dict()``) less the fields that do not change results (``raynoisy.tune.plan``'s
+``IGNORED_FIELDS``, shared with ``raynoisy sweep``: output paths, run name, logging, checkpoint retention,
+the CPUs a worker reserves). A run is reused only when its ``metrics.json`` exists and the
 ``config.json`` the driver wrote next to it equals the config this command would run, up to those fields;
 otherwise it is trained again (a mismatched ``metrics.json`` is first moved aside to metrics.stale.json).
 All configs are built and validated before the first run starts.
@@ -30,7 +31,6 @@ All configs are built and validated before the first run starts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shlex
@@ -42,19 +42,7 @@ from raynoisy.config import Config, parse_set_override
 from raynoisy.errors import ConfigError
 from raynoisy.train.driver import train
 from raynoisy.train.preflight import resolve_config
-
-# Config fields that do not change a run's results: where it writes, what it is called, how it logs, and
-# how many checkpoints / restarts Ray Train keeps. Every other field is part of a cached run's key.
-IGNORED_FIELDS = (
-    "run.output",
-    "run.name",
-    "run.storage_path",
-    "run.log_every_steps",
-    "run.tensorboard",
-    "run.max_failures",
-    "run.keep_checkpoints",
-    "data.shard_root",
-)
+from raynoisy.tune.plan import config_hash, result_config
 
 NO_VARIANT = ""
 _VARIANT_NAME = re.compile(r"[^\s,@:]+")
@@ -109,21 +97,6 @@ def parse_rows(methods: str, variants: dict[str, list[str]]) -> list[tuple[str, 
     if not rows:
         raise ValueError("--methods names no method")
     return rows
-
-
-def result_config(config: dict) -> dict:
-    """The config as config.json stores it, less ``IGNORED_FIELDS``: what decides whether a run is reused."""
-    out = json.loads(json.dumps(config, default=str))
-    for dotted in IGNORED_FIELDS:
-        section, _, name = dotted.partition(".")
-        if isinstance(out.get(section), dict):
-            out[section].pop(name, None)
-    return out
-
-
-def config_hash(config: dict) -> str:
-    text = json.dumps(result_config(config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
