@@ -39,7 +39,17 @@ BUDGET = {
     "fashion-mnist": ["--epochs", "2", "--train-subset", "3000"],
     "clothing1m": ["--epochs", "2"],
     "cifar100": ["--epochs", "2", "--clean-per-class", "0", "--set", "model.name=small-cnn"],
-    "image-list": ["--epochs", "2", "--set", "data.image_size=32", "--set", "model.name=small-cnn"],
+    # The image-list stand-in's split column holds out validation and test: no val_per_class draw.
+    "image-list": [
+        "--epochs",
+        "2",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "model.name=small-cnn",
+        "--set",
+        "split.val_per_class=null",
+    ],
 }
 # Per method: the schedule knobs that make its distinctive phase start inside that budget.
 PHASE = {
@@ -106,13 +116,14 @@ def write_cifar100_standin(root: Path, seed: int = 0) -> Path:
 
 
 def write_image_list_standin(root: Path, seed: int = 0) -> Path:
-    """A labels.csv of PNG paths: each class a bright square in its own quadrant on a noisy background."""
+    """A labels.csv of PNG paths: each class a bright square in its own quadrant on a noisy background; its
+    ``split`` column holds out the validation and test images (they carry no trusted annotation)."""
     list_file = root / "labels.csv"
     if list_file.exists():
         return root
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lines = ["path,label"]
+    lines = ["path,label,split"]
     for label in range(IMAGE_LIST_CLASSES):
         for i in range(IMAGE_LIST_PER_CLASS):
             image = rng.integers(0, 120, size=(32, 32, 3), dtype=np.uint8)
@@ -120,7 +131,8 @@ def write_image_list_standin(root: Path, seed: int = 0) -> Path:
             image[top : top + 16, left : left + 16] = 230
             path = root / "images" / f"{label}-{i}.png"
             Image.fromarray(image).save(path)
-            lines.append(f"images/{path.name},class{label}")
+            split = "train" if i < IMAGE_LIST_PER_CLASS - 10 else "val" if i % 2 else "test"
+            lines.append(f"images/{path.name},class{label},{split}")
     list_file.write_text("\n".join(lines) + "\n")
     return root
 
