@@ -49,6 +49,8 @@ BUDGET = {
         "model.name=small-cnn",
         "--set",
         "split.val_per_class=null",
+        "--set",
+        "data.options.split_column=split",
     ],
 }
 # Per method: the schedule knobs that make its distinctive phase start inside that budget.
