@@ -7,7 +7,6 @@ computes them), and the look-ahead hypergradient must be the mean of the per-hal
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import gloo_rank
 from torch import Tensor, nn
 
 from raynoisy.meta import (
@@ -234,18 +234,12 @@ def _check_engine(rank: int, expected: dict[str, Any]) -> None:
 
 
 def _worker(rank: int, init_file: str, expected: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_rank(rank, WORLD, init_file, timeout_s=60):
         _check_all_reduce_mean(rank)
         _check_all_reduce_sum(rank)
         _check_broadcast(rank)
         _check_replica_assertion(rank)
         _check_engine(rank, expected)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sync_and_engine_with_two_gloo_ranks(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import itertools
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import gloo_rank
 from tiny_models import tiny_mlp
 from torch import Tensor, nn
 
@@ -329,11 +328,7 @@ def _run_distributed(
 
 
 def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
-    )
-    try:
+    with gloo_rank(rank, WORLD, init_file):
         for name in METHODS:
             # Built from different seeds, the main model still starts as rank 0's: broadcast by hand for
             # the methods that synchronise their own gradients (mwnet, mlc), by DDP for metalabelnet.
@@ -350,8 +345,6 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
             amortised = _run_distributed(tmp_path, name, MLP, rank, WORLD, AMORTISED)
             assert_replicas_identical(state_tensors(amortised.state_dict()))
             torch.save(state_tensors(amortised.state_dict()), tmp_path / f"{name}-every2-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import io
 import itertools
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import gloo_rank
 from tiny_models import tiny_mlp
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -283,11 +282,7 @@ def _run(
 
 
 def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
-    )
-    try:
+    with gloo_rank(rank, WORLD, init_file):
         differently_seeded = build(tmp_path, model="small-cnn", seed=rank, rank=rank, world=WORLD)
         assert_replicas_identical(differently_seeded.state_dict()["main"]["net"])
         for model, params in (
@@ -302,8 +297,6 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
                 tag = "so" if method.params.second_order else "fo"
                 torch.save(state_tensors(method.state_dict()), tmp_path / f"{tag}-rank{rank}.pt")
                 torch.save(method.ctx.sample_store.tensors(), tmp_path / f"{tag}-store-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
