@@ -9,14 +9,17 @@ scores are checked against a planted truth counted independently of the code und
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+from raynoisy.config import Config
 from raynoisy.data.batch import Batch
 from raynoisy.methods import get_method_class, method_names
+from raynoisy.methods.base import MethodContext
 from raynoisy.methods.label_issues import (
     CONFIDENT_LEARNING,
     PRED_PROBS,
@@ -44,6 +47,20 @@ def _batch(n: int, seed: int, flip: float = 0.3, first_id: int = 0) -> Batch:
         x[y == c, :, (c // 2) * 4 : (c // 2) * 4 + 4, (c % 2) * 4 : (c % 2) * 4 + 4] += 2.0
     given = torch.where(torch.rand(n, generator=g) < flip, (y + 1) % CLASSES, y)
     return Batch(x=x, y=given, sample_id=torch.arange(first_id, first_id + n), true_y=y)
+
+
+def _context(cfg: Config, num_trusted: int, **extra: Any) -> MethodContext:
+    """A Ray-free method context on this file's 8x8 one-channel data, TRAIN samples, STEPS steps per epoch."""
+    return method_context(
+        cfg,
+        num_classes=CLASSES,
+        in_channels=1,
+        image_size=8,
+        steps_per_epoch=STEPS,
+        num_train=TRAIN,
+        num_trusted=num_trusted,
+        **extra,
+    )
 
 
 def _split(batch: Batch, size: int) -> list[Batch]:
@@ -85,13 +102,8 @@ def test_every_method_writes_one_label_issue_row_per_training_sample(tmp_path, n
     noisy = _batch(TRAIN, seed=1, first_id=1000)
     noisy.sample_id = torch.randperm(TRAIN, generator=torch.Generator().manual_seed(0)) * 7 + 3
     trusted = _batch(60, seed=2, flip=0.0, first_id=10_000)
-    ctx = method_context(
+    ctx = _context(
         cfg,
-        num_classes=CLASSES,
-        in_channels=1,
-        image_size=8,
-        steps_per_epoch=STEPS,
-        num_train=TRAIN,
         num_trusted=len(trusted),
         splits={"trusted": _split(trusted, BATCH), "train": _split(noisy, 50)},
         train_ids=noisy.sample_id.numpy(),
@@ -241,10 +253,7 @@ def test_broken_columns_are_refused(columns, message):
 
 def test_mwnet_flags_weights_below_half(tmp_path):
     cfg = resolve_config("digits", "mwnet", flags={"run.output": str(tmp_path), "optim.batch_size": BATCH})
-    ctx = method_context(
-        cfg, num_classes=CLASSES, in_channels=1, image_size=8, steps_per_epoch=STEPS, num_train=TRAIN,
-        num_trusted=60,
-    )  # fmt: skip
+    ctx = _context(cfg, num_trusted=60)
     method = build_method(ctx)
     batch = _batch(64, seed=3)
     columns = method.label_issue_columns(batch)
@@ -255,10 +264,7 @@ def test_mwnet_flags_weights_below_half(tmp_path):
 
 def test_the_prediction_path_uses_the_best_validation_weights(tmp_path):
     cfg = resolve_config("digits", "ce", flags={"run.output": str(tmp_path), "optim.batch_size": BATCH})
-    ctx = method_context(
-        cfg, num_classes=CLASSES, in_channels=1, image_size=8, steps_per_epoch=STEPS, num_train=TRAIN,
-        num_trusted=0,
-    )  # fmt: skip
+    ctx = _context(cfg, num_trusted=0)
     method = build_method(ctx)
     torch.manual_seed(123)
     best = ctx.build_backbone().eval()  # other weights than the method's own model
