@@ -5,7 +5,7 @@ writes for a Clothing1M-layout miniature), decode and augment every image with t
 ``ImageTransform`` (resize, random crop, flip) and normalise it with the same ``to_batch``, so the only
 difference is the machinery that moves the work onto the CPUs:
 
-- ``ray-data``: ``image_dataset`` (read_parquet -> map_batches) consumed by one ``iter_torch_batches`` loop,
+- ``ray-data``: ``sample_dataset`` (read_parquet -> map_batches) consumed by one ``iter_torch_batches`` loop,
   exactly as a training worker consumes its shard (``iter_batches``, its local shuffle buffer);
 - ``ray-data split x2``: the same Dataset through ``streaming_split(2, equal=True)``, two consumer threads,
   as Ray Train feeds two workers (each takes half the global batch);
@@ -53,9 +53,9 @@ from raynoisy.data.pipeline import (
     BadSampleCounter,
     InMemorySplit,
     InputSpec,
-    image_dataset,
     iter_batches,
     quiet_ray_data,
+    sample_dataset,
     to_batch,
 )
 from raynoisy.train.driver import input_spec, prepare
@@ -193,7 +193,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         # Built once, like the driver builds the Dataset it hands to Ray Train; each epoch re-executes it.
-        self.dataset = image_dataset(self.files, self.spec, train=True)
+        self.dataset = sample_dataset(self.files, self.spec, train=True)
         self.splits = self.dataset.streaming_split(SPLIT_WAYS, equal=True) if self.split else None
 
     def pipelines(self) -> dict[str, Callable[[list[np.ndarray]], None]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from raynoisy.errors import RaynoisyError
@@ -115,12 +115,34 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates") from None
 
 
-def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="data source name")
+def _add_sweep_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    dataset: str | None = None,
+    methods: str | None = None,
+    noise: str | None = None,
+    rates: str | None = None,
+    output: str | None = None,
+) -> None:
+    """The flags of a sweep; the keyword arguments fix a default (as jobs/sweep.py does)."""
+    parser.add_argument("--dataset", default=dataset, required=dataset is None, help="data source name")
     parser.add_argument("--data-root", help="folder (or file) of the data set; omit for embedded data")
-    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. ce,glc,mlc")
-    parser.add_argument("--noise", required=True, help="uniform|symmetric|flip|pair|matrix:PATH")
-    parser.add_argument("--rates", required=True, type=_rates, help="comma-separated noise rates in [0, 1]")
+    parser.add_argument(
+        "--methods",
+        default=methods,
+        required=methods is None,
+        help="comma-separated methods, e.g. ce,glc,mlc",
+    )
+    parser.add_argument(
+        "--noise", default=noise, required=noise is None, help="uniform|symmetric|flip|pair|matrix:PATH"
+    )
+    parser.add_argument(
+        "--rates",
+        default=rates,
+        required=rates is None,
+        type=_rates,
+        help="comma-separated noise rates in [0, 1]",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds per cell: 0, 1, ..., N-1")
     parser.add_argument("--clean-per-class", type=int, help="trusted samples per class")
     parser.add_argument("--epochs", type=int)
@@ -131,7 +153,12 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set"
     )
-    parser.add_argument("--output", required=True, help="sweep folder: results.*, runs/<trial>/, shards/")
+    parser.add_argument(
+        "--output",
+        default=output,
+        required=output is None,
+        help="sweep folder: results.*, runs/<trial>/, shards/",
+    )
     parser.add_argument("--config", help="YAML file layered over every trial's preset")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override for every trial"
@@ -139,14 +166,42 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_job(
-    argv: Sequence[str] | None = None, *, description: str, dataset: str, method: str = "ce", output: str
+    argv: Sequence[str] | None = None,
+    *,
+    description: str,
+    dataset: str,
+    method: str = "ce",
+    output: str,
+    defaults: Mapping[str, object] | None = None,
 ) -> int:
-    """The body of a ``jobs/*.py`` script: ``raynoisy train`` with the job's data set and defaults."""
+    """The body of a ``jobs/*.py`` script: ``raynoisy train`` with the job's data set and defaults.
+
+    ``defaults`` gives other flags a default (e.g. ``{"noise": "flip", "noise_rate": 0.4}``); like any
+    named flag they win over ``--config``, so a job's --help must name them."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_run_arguments(parser, dataset=dataset, method=method)
-    parser.set_defaults(output=output, fn=_train)
+    parser.set_defaults(output=output, fn=_train, **(defaults or {}))
+    return run(argv, parser)
+
+
+def sweep_job(
+    argv: Sequence[str] | None = None,
+    *,
+    description: str,
+    dataset: str,
+    methods: str,
+    noise: str,
+    rates: str,
+    output: str,
+) -> int:
+    """The body of ``jobs/sweep.py``: ``raynoisy sweep`` with the job's grid as defaults."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_sweep_arguments(parser, dataset=dataset, methods=methods, noise=noise, rates=rates, output=output)
+    parser.set_defaults(fn=_sweep)
     return run(argv, parser)
 
 

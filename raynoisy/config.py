@@ -24,7 +24,7 @@ import yaml
 from raynoisy.errors import ConfigError
 
 # Data sets that run without --data-root on a generated miniature copy in the official layout.
-EMBEDDED_DATASETS = ("clothing1m",)
+EMBEDDED_DATASETS = ("clothing1m", "ag-news")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DataConfig:
     shard_root: str | None = None  # local path or pyarrow URI (s3://, gs://); None: ~/.cache/raynoisy/shards
     rows_per_shard: int = 4096
     image_size: int | None = None  # network input side; None: the source's default
+    max_tokens: int = 128  # text: tokens per sample after truncation (batches are padded to their longest)
     max_bad_fraction: float = 0.01  # unreadable samples tolerated before the run fails
     shuffle_buffer_rows: int = 1024  # Ray Data local shuffle buffer per worker
 
@@ -57,7 +58,14 @@ class SplitConfig:
 @dataclass
 class ModelConfig:
     name: str = "small-cnn"
-    pretrained: str | None = None  # local weights path, or "imagenet" for torchvision's hub (online only)
+    # Images: a local weights path, or "imagenet" for torchvision's hub (online only). Text encoders: a local
+    # Hugging Face model folder, or a hub model name (cached, or downloadable where the driver runs).
+    pretrained: str | None = None
+    layers: int | None = None  # text encoders: keep the first N transformer layers (None: all of them)
+    # Text encoders: keep the token-embedding table as loaded. It is most of a small encoder's weights (23M
+    # of BERT-base's 110M, 12M of MiniLM's 23M) and its gradient is dense: computing, syncing and stepping it
+    # is over half of a CPU step of a 2-layer MiniLM.
+    freeze_embeddings: bool = False
 
 
 @dataclass
@@ -331,6 +339,14 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, name)
         if value is not None and value < 1:
             raise ConfigError(f"data.{name}", f"must be >= 1, got {value}", f"set data.{name} to 1 or more")
+    if cfg.data.max_tokens < 2:  # room for the tokenizer's [CLS] and [SEP]
+        raise ConfigError(
+            "data.max_tokens", f"must be >= 2, got {cfg.data.max_tokens}", "set data.max_tokens to 2 or more"
+        )
+    if cfg.model.layers is not None and cfg.model.layers < 1:
+        raise ConfigError(
+            "model.layers", f"must be >= 1, got {cfg.model.layers}", "set it to 1 or more, or null"
+        )
     o = cfg.optim
     if o.epochs < 1:
         raise ConfigError("optim.epochs", f"must be >= 1, got {o.epochs}", "pass --epochs 1 or more")

@@ -101,13 +101,24 @@ def test_unknown_dataset_and_method(tmp_path):
 
 def test_every_preset_validates(tmp_path, monkeypatch):
     """Every shipped preset passes the full check; Clothing1M's also with a data root, where it trains an
-    ImageNet-pretrained ResNet-50 (the weights are put in an empty hub cache: this test needs no network)."""
+    ImageNet-pretrained ResNet-50 (the weights are put in an empty hub cache: this test needs no network),
+    the text presets with BERT-base put in an empty Hugging Face cache, and the embedded AG News."""
+    import huggingface_hub
+
     from raynoisy.config import presets_dir
 
     def no_network(*args, **kwargs):
         raise AssertionError("the preset check went online")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    revision = "0" * 40
+    bert = tmp_path / "hf" / "models--bert-base-uncased"
+    (bert / "snapshots" / revision).mkdir(parents=True)
+    (bert / "snapshots" / revision / "config.json").write_text("{}")
+    (bert / "refs").mkdir()
+    (bert / "refs" / "main").write_text(revision)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for name in ("resnet18", "resnet34", "resnet50"):
         url = torchvision.models.get_model_weights(name).DEFAULT.url
@@ -120,7 +131,7 @@ def test_every_preset_validates(tmp_path, monkeypatch):
     for path in presets:
         dataset, method = path.parent.name, path.stem
         roots = [str(tmp_path)] if dataset != "digits" else [None]
-        if dataset == "clothing1m":
+        if dataset in ("clothing1m", "ag-news"):
             roots.append(None)  # the embedded miniature
         for root in roots:
             flags = {"run.output": str(tmp_path / "out"), "data.root": root}
@@ -128,8 +139,9 @@ def test_every_preset_validates(tmp_path, monkeypatch):
             assert cfg.data.dataset == dataset and cfg.method.name == method
             assert preset_path(dataset, method) == path
             checked.append((cfg.model.name, cfg.model.pretrained))
-    assert len(checked) == len(presets) + sum(p.parent.name == "clothing1m" for p in presets)
-    assert ("resnet50", "imagenet") in checked
+    embedded = sum(p.parent.name in ("clothing1m", "ag-news") for p in presets)
+    assert len(checked) == len(presets) + embedded
+    assert ("resnet50", "imagenet") in checked and ("bert", "bert-base-uncased") in checked
 
 
 def test_cli_exit_code_2_and_one_line(tmp_path, capsys):

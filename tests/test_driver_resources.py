@@ -1,9 +1,13 @@
 """How the driver sizes Train workers next to the run's services and Ray Data (no cluster needed)."""
 
+import math
+import time
+
 import pytest
 import ray
 
 from raynoisy.errors import ConfigError
+from raynoisy.train import driver
 from raynoisy.train.driver import _cpus_per_worker
 from raynoisy.train.preflight import resolve_config
 
@@ -33,3 +37,36 @@ def test_a_run_that_leaves_ray_data_no_cpu_is_refused(tmp_path, monkeypatch):
     assert info.value.field == "scaling.workers"
     with pytest.raises(ConfigError, match="services"):
         _cpus_per_worker(_cfg(tmp_path, 2), service_cpus=1.0)
+
+
+def test_an_autoscaling_cluster_too_small_now_is_left_to_its_autoscaler(tmp_path, monkeypatch):
+    # A launcher cluster starts with a 0-CPU head (no "CPU" resource at all) and no workers: only growth
+    # can fit a run.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 2.0**30})
+    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: math.inf)
+    said: list[str] = []
+    assert _cpus_per_worker(_cfg(tmp_path, 2, cpus=1.5), service_cpus=0.0, log=said.append) == 1.5
+    assert "autoscaler" in said[0]
+    # unset, the share the current cluster gives is nothing: a CPU per worker, for the autoscaler to add
+    assert _cpus_per_worker(_cfg(tmp_path, 2), service_cpus=0.0, log=said.append) == 1.0
+
+
+def test_a_run_bigger_than_the_autoscalers_maximum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 2.0**30})
+    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: 4.0)
+    with pytest.raises(ConfigError, match="cluster's 0, or the 4 its autoscaler may grow it to"):
+        _cpus_per_worker(_cfg(tmp_path, 2, cpus=2.0), service_cpus=0.0)
+
+
+@pytest.mark.ray
+def test_a_local_cluster_does_not_count_as_autoscaling(ray_cluster):
+    # Its monitor writes a status without an autoscaler report; once it has, the answer must still be None,
+    # or a run too big for a laptop would wait forever instead of being refused.
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + 60
+    while _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+    assert driver._autoscaling_cpus() is None

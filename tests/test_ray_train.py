@@ -50,6 +50,9 @@ def _checkpoints(storage: Path) -> list[tuple[dict, Path]]:
     return found
 
 
+# Slow (two Ray Train runs, one restarted): resuming inside an epoch after a worker failure stays in the
+# default run through test_services_and_per_sample_state_survive_a_worker_failure.
+@pytest.mark.slow
 def test_glc_stages_survive_a_mid_epoch_failure_and_match_one_worker_labels(ray_cluster, tmp_path):
     # GLC, two epochs per phase. Rank 1 dies at phase 2's 7th step; the restarted group resumes from the
     # latest checkpoint (after phase 2's step 4, or the end of phase 1 if that report was still in flight).
@@ -217,6 +220,9 @@ def test_a_config_error_in_a_worker_is_one_line_and_not_retried(ray_cluster, tmp
     assert time.time() - start < 240
 
 
+# Slow: a worker's deterministic error stopping the run unretried stays in the default run through
+# test_a_config_error_in_a_worker_is_one_line_and_not_retried; this one adds the NaN check and the checkpoint.
+@pytest.mark.slow
 def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_checkpoint(ray_cluster, tmp_path):
     from raynoisy.train.driver import train
 

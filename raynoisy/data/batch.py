@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -18,3 +20,18 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def without_truth(self) -> Batch:
+        """This batch with every true label unknown: what training steps and methods are handed, so a label
+        kept only to measure label quality (an evaluation-only true-label column) cannot reach training."""
+        return replace(self, true_y=torch.full_like(self.true_y, -1))
+
+
+def cat_inputs(xs: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
+    """Inputs of several batches as one batch. Images concatenate as they are; token-id batches are each as
+    wide as their own longest text, so the narrower ones are right-padded with ``pad`` (the encoder's pad
+    id, which its attention mask ignores) first."""
+    if not xs or xs[0].is_floating_point():
+        return torch.cat(list(xs))
+    width = max(x.shape[1] for x in xs)
+    return torch.cat([F.pad(x, (0, width - x.shape[1]), value=pad) for x in xs])

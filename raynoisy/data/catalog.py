@@ -46,6 +46,11 @@ class Catalog:
         description: free-form facts for the manifest (paths, counts of dropped duplicates, ...).
         group: optional str per sample naming the evaluation set it belongs to (WebVision scores its test
             rows on "webvision-val" and "ilsvrc12-val" separately); ``None`` means one group.
+        eval_label: optional int64 evaluation-only true label (-1 where absent), as real noisy sets come
+            with one (CIFAR-10N's clean labels, a hand-checked copy of a distantly supervised corpus). It is
+            never used to split, to inject noise, to pick a trusted set or a model, or to train: it only
+            fills ``labels.parquet``'s ``true_label`` where ``true_label`` is unknown, which is what the
+            label-correction and label-issue tables are measured against.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Catalog:
     trusted_label: np.ndarray | None = None
     description: dict = field(default_factory=dict)
     group: np.ndarray | None = None
+    eval_label: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.label)
@@ -68,11 +74,15 @@ class Catalog:
             self.trusted_label = np.asarray(self.trusted_label, dtype=np.int64)
         if self.group is not None:
             self.group = np.asarray(self.group, dtype=object)
+        if self.eval_label is not None:
+            self.eval_label = np.asarray(self.eval_label, dtype=np.int64)
         arrays = {"true_label": self.true_label, "origin": self.origin}
         if self.trusted_label is not None:
             arrays["trusted_label"] = self.trusted_label
         if self.group is not None:
             arrays["group"] = self.group
+        if self.eval_label is not None:
+            arrays["eval_label"] = self.eval_label
         for key, arr in arrays.items():
             if len(arr) != n:
                 raise ValueError(f"catalog {self.name}: {key} has {len(arr)} rows, label has {n}")

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from raynoisy.data.batch import Batch
+from raynoisy.data.text import TextTransform
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
 
@@ -42,18 +43,27 @@ def quiet_ray_data() -> None:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Image geometry of a run, shared by the driver and the workers."""
+    """The network input of a run, shared by the driver and the workers.
+
+    Images: ``family`` is the transform family, ``size`` the side in pixels, ``channels`` 1 or 3. Text:
+    ``family`` is ``"text"``, ``size`` the tokens per sample (``data.max_tokens``), ``channels`` 0 and
+    ``tokenizer`` the encoder's folder or hub name.
+    """
 
     family: str
     size: int
     channels: int
+    tokenizer: str | None = None
 
-    def transform(self, train: bool) -> ImageTransform:
+    def transform(self, train: bool) -> ImageTransform | TextTransform:
+        if self.family == "text":
+            assert self.tokenizer is not None, "a text input needs the encoder's tokenizer"
+            return TextTransform(self.tokenizer, self.size)  # no augmentation of text
         return ImageTransform(self.family, self.size, self.channels, train)
 
 
-def image_dataset(files: list[str], spec: InputSpec, *, train: bool) -> ray.data.Dataset:
-    """read_parquet -> decode/augment in map_batches; file order shuffled per epoch when training."""
+def sample_dataset(files: list[str], spec: InputSpec, *, train: bool) -> ray.data.Dataset:
+    """read_parquet -> decode/augment (or tokenise) in map_batches; files shuffled per epoch in training."""
     ds = ray.data.read_parquet(files, shuffle="files" if train else None).select_columns(_COLUMNS)
     if train:
         ds = ds.randomize_block_order()
@@ -85,15 +95,20 @@ def check_bad_fraction(bad: int, seen: int, limit: float) -> None:
 
 
 def to_batch(raw: dict[str, torch.Tensor], family: str, counter: BadSampleCounter | None) -> Batch:
-    """Drop undecodable rows (counted), normalise images, and wrap as a Batch."""
+    """Drop undecodable rows (counted), normalise images or cut token rows to the batch's longest, wrap."""
     ok = raw["ok"].bool()
     if counter is not None:
         counter.seen += int(ok.numel())
         counter.bad += int((~ok).sum())
     if not bool(ok.all()):
         raw = {k: v[ok] for k, v in raw.items()}
+    if family == "text":
+        longest = int(raw["length"].max()) if len(raw["length"]) else 0
+        x = raw["tokens"][:, :longest].long()
+    else:
+        x = normalize(raw["image"], family)
     return Batch(
-        x=normalize(raw["image"], family),
+        x=x,
         y=raw["given_label"].long(),
         sample_id=raw["sample_id"].long(),
         true_y=raw["true_label"].long(),
@@ -183,7 +198,7 @@ def cycle_batches(
 ) -> Iterator[Batch]:
     """Endless augmented batches from a small split (the trusted set); a new shuffle each pass."""
     small = InMemorySplit(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
-    ds = None if small is not None else image_dataset(files, spec, train=True)
+    ds = None if small is not None else sample_dataset(files, spec, train=True)
     for cycle in itertools.count():
         rng = np.random.default_rng([seed, cycle])
         if small is not None:

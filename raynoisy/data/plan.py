@@ -102,4 +102,7 @@ def plan_labels(catalog: Catalog, cfg: Config, *, needs_trusted: bool = False) -
         )
     known = train & (true != UNKNOWN_LABEL)
     report = NoiseReport.from_labels(spec, true[known], given[known], k, transition=defined)
+    if catalog.eval_label is not None:  # measured against only: filled in after every use of ``true`` above
+        unknown = true == UNKNOWN_LABEL
+        true[unknown] = catalog.eval_label[unknown]
     return LabelPlan(split=split, given=given, true=true, noise=report)

@@ -1,4 +1,4 @@
-"""Decode and augment image payloads, batch-wise, inside Ray Data tasks.
+"""Decode and augment image payloads, batch-wise, inside Ray Data tasks (text: ``raynoisy.data.text``).
 
 Decoding and geometric augmentation run on CPU in ``map_batches`` and yield uint8 arrays (4x smaller than
 float to move); normalisation to float runs on the worker's device. A payload that fails to decode is
@@ -80,12 +80,18 @@ class ImageTransform:
                 images[i] = self.decode_one(bytes(payload), rng)
             except Exception:
                 ok[i] = False
-        out = {key: np.asarray(batch[key]) for key in ("sample_id", "given_label", "true_label")}
-        true = out["true_label"]
-        if true.dtype == object or np.issubdtype(true.dtype, np.floating):
-            out["true_label"] = np.nan_to_num(true.astype(np.float64), nan=-1).astype(np.int64)
+        out = label_columns(batch)
         out["image"], out["ok"] = images, ok
         return out
+
+
+def label_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The id and label columns a transform passes through; a null true label (read as NaN) becomes -1."""
+    out = {key: np.asarray(batch[key]) for key in ("sample_id", "given_label", "true_label")}
+    true = out["true_label"]
+    if true.dtype == object or np.issubdtype(true.dtype, np.floating):
+        out["true_label"] = np.nan_to_num(true.astype(np.float64), nan=-1).astype(np.int64)
+    return out
 
 
 def normalize(images: torch.Tensor, family: str) -> torch.Tensor:

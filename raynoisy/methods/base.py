@@ -76,8 +76,8 @@ class MethodContext:
 
     cfg: Config
     num_classes: int
-    in_channels: int
-    image_size: int
+    in_channels: int  # 0 for text
+    image_size: int  # the image side, or the tokens per text sample
     device: torch.device
     rank: int
     world_size: int
@@ -105,6 +105,8 @@ class MethodContext:
             in_channels=self.in_channels,
             image_size=self.image_size,
             pretrained=self.cfg.model.pretrained,
+            layers=self.cfg.model.layers,
+            freeze_embeddings=self.cfg.model.freeze_embeddings,
         )
         return model.to(self.device)
 

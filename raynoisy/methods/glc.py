@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raynoisy.config import Config
+from raynoisy.data.batch import cat_inputs
 from raynoisy.meta.sync import all_reduce_sum_
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, Method, MethodContext, Stage
@@ -73,7 +74,7 @@ class GoldLossCorrection(Method):
         if self.corruption is None:
             return self.main.cross_entropy_step(batch.x, batch.y)
         assert trusted is not None, "GLC phase 2 needs trusted batches"
-        x = torch.cat([batch.x, trusted.x])
+        x = cat_inputs([batch.x, trusted.x], pad=getattr(self.main.net, "pad_token_id", 0))
         logits, _ = self.main.model(x)
         noisy_logits, gold_logits = logits[: len(batch)], logits[len(batch) :]
         probs = F.softmax(noisy_logits, dim=1) @ self.corruption

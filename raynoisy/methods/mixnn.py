@@ -41,6 +41,10 @@ Steps of the ``mix`` stage:
   are updated by EMA in every step of the epochs >= ``mixup_epochs`` with ``epoch % ema_every == 0``:
   s_i ← m·s_i + (1−m)·softmax(logits of the un-mixed x_i) with m = ``ema_momentum`` (0.9).
 
+Inputs that cannot be interpolated (token ids of text) are mixed at the feature level in every mode: the
+mixup and in-batch steps mix the pooled features of the batch's own forward, ``fc(λ h_i + (1−λ) h_π(i))``,
+as manifold mixup does at the last layer.
+
 Epochs are the loop's 0-based epoch counter over the whole run (warm-up included). Differences from the
 reference, on purpose: the warm-up trains on the augmented stream (the reference's warm-up loader has no
 augmentation); the GMM losses are not averaged over the last 5 epochs at 80% noise; in-batch neighbours are
@@ -212,19 +216,28 @@ class MixNNIndex:
 
 
 class _MixForward(nn.Module):
-    """The one module DDP wraps: ``(x)`` -> (logits, features); ``(x, neighbour_features, weights)`` ->
-    (logits of x, logits of the mixed features ``fc(w_0 h + Σ w_j h_j)``), so a step is one DDP forward."""
+    """The one module DDP wraps, so a step is one DDP forward: ``(x)`` -> (logits, features); with
+    ``weights`` [B, 1 + k] -> (logits of x, logits of the mixed features ``fc(w_0 h + Σ w_j h_j)``), the
+    h_j being ``neighbour_features`` [B, k, D] or, for in-batch ``partners`` [B, k] (batch positions),
+    the partners' features of this same forward."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(
-        self, x: Tensor, neighbour_features: Tensor | None = None, weights: Tensor | None = None
+        self,
+        x: Tensor,
+        neighbour_features: Tensor | None = None,
+        weights: Tensor | None = None,
+        partners: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         logits, features = self.net(x)
-        if neighbour_features is None or weights is None:
+        if weights is None:
             return logits, features
+        if partners is not None:
+            neighbour_features = features[partners]
+        assert neighbour_features is not None, "mixing needs neighbour features or in-batch partners"
         mixed = weights[:, :1] * features + (weights[:, 1:, None] * neighbour_features).sum(dim=1)
         return logits, self.net.fc(mixed)
 
@@ -462,9 +475,12 @@ class MixNN(CorrectedLabelExport, Method):
         alpha = self.params.mixup_alpha
         lam = float(self.rng.beta(alpha, alpha))
         perm = torch.from_numpy(self.rng.permutation(len(batch))).to(batch.x.device)
-        x = lam * batch.x + (1 - lam) * batch.x[perm]
         soft = self._soft(batch.sample_id)
-        logits, _ = self.main.model(x)
+        if batch.x.is_floating_point():
+            logits, _ = self.main.model(lam * batch.x + (1 - lam) * batch.x[perm])
+        else:  # token ids: mix the pooled features instead
+            weights = torch.tensor([lam, 1 - lam], device=batch.x.device).expand(len(batch), 2)
+            _, logits = self.main.model(batch.x, weights=weights, partners=perm[:, None])
         if self.params.mixup_loss == "prob":
             probs = F.softmax(logits, dim=1)
             per = lambda s: -(s * probs).sum(dim=1)  # noqa: E731 - the reference's nll_loss on probabilities
@@ -495,11 +511,13 @@ class MixNN(CorrectedLabelExport, Method):
             distances.fill_diagonal_(float("inf"))
             nearest = distances.topk(p.k, dim=1, largest=False).indices  # [B, k] batch positions
             weights = mixing_weights(p_self, p_self[nearest])
-            x = weights[:, 0].view(-1, *[1] * (batch.x.dim() - 1)) * batch.x
-            x = x + (weights[:, 1:].view(*nearest.shape, *[1] * (batch.x.dim() - 1)) * batch.x[nearest]).sum(
-                1
-            )
-            mixed_logits, _ = self.main.model(x)
+            if batch.x.is_floating_point():
+                shape = [1] * (batch.x.dim() - 1)
+                x = weights[:, 0].view(-1, *shape) * batch.x
+                x = x + (weights[:, 1:].view(*nearest.shape, *shape) * batch.x[nearest]).sum(1)
+                mixed_logits, _ = self.main.model(x)
+            else:  # token ids: mix the pooled features of this forward instead
+                _, mixed_logits = self.main.model(batch.x, weights=weights, partners=nearest)
             nbr_soft = soft[nearest]
         targets = torch.cat([soft.unsqueeze(1), nbr_soft], dim=1)  # [B, 1 + k, C]
         log_probs = F.log_softmax(mixed_logits, dim=1).unsqueeze(1)

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,27 +44,72 @@ def run_name(cfg: Config) -> str:
 READ_TASK_CPUS = 1.0
 
 
-def _cpus_per_worker(cfg: Config, service_cpus: float) -> float:
+# What a Train worker reserves when the cluster is too small now and Ray's autoscaler sizes it for the run.
+AUTOSCALING_CPUS_PER_WORKER = 1.0
+
+
+def _cpus_per_worker(cfg: Config, service_cpus: float, log=print) -> float:
     """The CPUs each Train worker reserves. Unless the user chose, half of what the services leave, and at
     most what still leaves one read task's CPU to Ray Data. A run that would leave Ray Data's read tasks no
-    CPU would wait forever (the deadlock of more Train workers than CPUs): that is refused with one line."""
+    CPU would wait forever (the deadlock of more Train workers than CPUs): that is refused with one line,
+    unless Ray's autoscaler can grow the cluster to fit it. An autoscaling cluster usually starts with a
+    0-CPU head and no workers, too small for any run until the run's own request makes it grow."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1))
-    free = total - service_cpus
+    total = float(ray.cluster_resources().get("CPU", 0.0))  # a 0-CPU head has no "CPU" at all
     workers = cfg.scaling.workers
     share = cfg.scaling.cpus_per_worker
     if share is None:
+        free = total - service_cpus
         half = math.floor(4 * free / (2 * workers)) / 4
         share = min(8.0, half, math.floor(4 * (free - READ_TASK_CPUS) / workers) / 4)
-    if share <= 0 or free - share * workers < READ_TASK_CPUS:
-        raise ConfigError(
-            "scaling.workers",
-            f"{workers} worker(s) and the run's services ({service_cpus:g} CPU) leave no CPU of the "
-            f"cluster's {total:g} for Ray Data's read tasks: the run would wait forever",
-            "use fewer --workers, a smaller scaling.cpus_per_worker or service, or a bigger cluster",
-        )
-    return share
+    if _leaves_read_task_cpu(total, service_cpus, share, workers):
+        return share
+    capacity = _autoscaling_cpus()
+    if capacity is not None:
+        if cfg.scaling.cpus_per_worker is None:
+            share = AUTOSCALING_CPUS_PER_WORKER
+        if _leaves_read_task_cpu(capacity, service_cpus, share, workers):
+            log(
+                f"[train] the cluster has {total:g} CPU(s) now; {workers} worker(s) x {share:g} CPU, the "
+                f"services and Ray Data's read tasks need more: waiting for Ray's autoscaler to add nodes"
+            )
+            return share
+    grown = "" if capacity is None else f", or the {capacity:g} its autoscaler may grow it to,"
+    raise ConfigError(
+        "scaling.workers",
+        f"{workers} worker(s) and the run's services ({service_cpus:g} CPU) leave no CPU of the "
+        f"cluster's {total:g}{grown} for Ray Data's read tasks: the run would wait forever",
+        "use fewer --workers, a smaller scaling.cpus_per_worker or service, or a bigger cluster",
+    )
+
+
+def _leaves_read_task_cpu(cpus: float, service_cpus: float, share: float, workers: int) -> bool:
+    return share > 0 and cpus - service_cpus - share * workers >= READ_TASK_CPUS
+
+
+def _autoscaling_cpus() -> float | None:
+    """The most CPUs Ray's autoscaler may grow the connected cluster to: the maximum of the cluster config
+    where the GCS holds one, unbounded where an autoscaler with worker node types runs without reporting a
+    maximum (the cluster launcher's and the fake multi-node provider's monitor, KubeRay's autoscaler v2),
+    None where nothing adds nodes (a local ``ray.init()`` cluster, a fixed cluster). Ray has no public API
+    for this; these are the records ``ray status`` and Ray Train's own resource check read."""
+    import ray
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if not ray.is_initialized():
+        return None
+    maximum = state.get_max_resources_from_cluster_config()
+    if maximum:
+        return float(maximum.get("CPU", 0))
+    if is_autoscaler_v2(fetch_from_server=True):
+        return math.inf
+    # Autoscaler v1 writes its status on every update; only a monitor with a node provider adds a report.
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return math.inf if status and "autoscaler_report" in json.loads(status) else None
 
 
 def init_ray() -> None:
@@ -83,7 +129,7 @@ def train(cfg: Config, log=print) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raynoisy.data.pipeline import image_dataset
+    from raynoisy.data.pipeline import sample_dataset
 
     check(cfg)
     start = time.time()
@@ -108,10 +154,11 @@ def train(cfg: Config, log=print) -> dict:
         fault_marker=str(output / ".fault-drill-done"),
         actual_noise_rate=prepared.plan.noise.actual_rate,
         train_ids=ray.put(_train_ids(labels)),
+        test_sets=_test_sets(prepared),
     )
     method_cls = get_method_class(cfg.method.name, cfg.method.module)
     services = method_cls.services(cfg)
-    cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg, sum(spec.num_cpus for spec in services))
+    cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg, sum(spec.num_cpus for spec in services), log)
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker} | (
         {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
@@ -134,7 +181,7 @@ def train(cfg: Config, log=print) -> dict:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             ),
-            datasets={"train": image_dataset(shards.files("train"), spec, train=True)},
+            datasets={"train": sample_dataset(shards.files("train"), spec, train=True)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         try:
@@ -151,6 +198,8 @@ def train(cfg: Config, log=print) -> dict:
         f"{metrics['test_accuracy']:.4f}; "
         f"final-epoch test accuracy {metrics['final_test_accuracy']:.4f}; outputs in {output}"
     )
+    for name, scores in metrics["test_sets"].items():
+        log(f"[train]   {name}: top-1 {scores['top1']:.4f}, top-5 {scores['top5']:.4f} (best-val model)")
     return metrics
 
 
@@ -159,6 +208,31 @@ def _raise_recorded(services: dict) -> None:
     error = recorded_error(services)
     if error is not None:
         raise error from None
+
+
+def _test_sets(prepared: Prepared) -> dict[str, np.ndarray]:
+    """The evaluation sets of the test split a source tags (``Catalog.group``), by name; {} for one set."""
+    group = prepared.catalog.group
+    if group is None:
+        return {}
+    test = prepared.plan.split == "test"
+    sets = {str(name): np.flatnonzero(test & (group == name)) for name in sorted(set(group[test].tolist()))}
+    return sets if len(sets) > 1 else {}
+
+
+def _test_set_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """metrics.json's ``test_sets``: top-1 / top-5 of the best-validation and the last epoch, per set."""
+    best, last = summary["test_metrics"], summary["final_test_metrics"]
+    names = sorted(k.split("/", 1)[1] for k in best if k.startswith("test_accuracy/"))
+    return {
+        name: {
+            "top1": best[f"test_accuracy/{name}"],
+            "top5": best[f"test_top5_accuracy/{name}"],
+            "final_top1": last.get(f"test_accuracy/{name}", float("nan")),
+            "final_top5": last.get(f"test_top5_accuracy/{name}", float("nan")),
+        }
+        for name in names
+    }
 
 
 def _train_ids(labels: pa.Table) -> np.ndarray:
@@ -197,6 +271,8 @@ def _collect_outputs(cfg: Config, prepared: Prepared, checkpoint, output: Path, 
         "epochs": summary["epochs"],
         "best_epoch": summary["best_epoch"],
         "test_accuracy": summary["test_accuracy"],
+        "test_top5_accuracy": summary["test_metrics"].get("test_top5_accuracy", float("nan")),
+        "test_sets": _test_set_metrics(summary),
         "best_val_accuracy": summary["best_val_accuracy"],
         "final_test_accuracy": summary["final_test_accuracy"],
         "model_selection": "test accuracy of the epoch with the best validation accuracy",

@@ -44,7 +44,7 @@ def per_sample_table(
     predictor = _predictor(method, best_model_state) if method.label_issue_rule is None else None
     own: dict[str, list[np.ndarray]] = {}
     issues: dict[str, list[np.ndarray]] = {}
-    for batch in streams.split_pass("train"):
+    for batch in streams.method_pass("train"):
         if method.export_name is not None:
             _append(own, method.per_sample_outputs(batch))
         columns = method.label_issue_columns(batch)
@@ -108,6 +108,8 @@ def summary(state: LoopState) -> dict[str, Any]:
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_val_accuracy,
         "test_accuracy": state.best_test_accuracy,
+        "test_metrics": state.best_test_metrics,
+        "final_test_metrics": {k: v for k, v in last.items() if k.startswith("test_")},
         "final_test_accuracy": last.get("test_accuracy", float("nan")),
         "final_val_accuracy": last.get("val_accuracy", float("nan")),
         "train_seconds": state.train_seconds,

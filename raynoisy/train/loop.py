@@ -121,7 +121,7 @@ class Worker:
             cfg=cfg, num_classes=info.num_classes, in_channels=info.input.channels,
             image_size=info.input.size, device=device, rank=rank, world_size=world,
             steps_per_epoch=info.steps_per_epoch, num_train=info.counts.get("train", 0),
-            num_trusted=info.counts.get("trusted", 0), iter_split=streams.split_pass, sample_store=store,
+            num_trusted=info.counts.get("trusted", 0), iter_split=streams.method_pass, sample_store=store,
             services=services,
         )  # fmt: skip
         method = get_method_class(cfg.method.name, cfg.method.module)(ctx)

@@ -25,7 +25,8 @@ def check(cfg: Config) -> None:
     validate(cfg)
     check_data(cfg)
     source = get_source(cfg.data.dataset)
-    models.check_config(cfg, cfg.data.image_size or source.image_size or 0)
+    size = cfg.data.max_tokens if source.transform == "text" else cfg.data.image_size or source.image_size
+    models.check_config(cfg, size or 0, "text" if source.transform == "text" else "image")
     methods.check_config(cfg)
     _check_output_writable(user_path(cfg.run.output, "run.output"))  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ from raynoisy.data.shards import ShardSet, write_shards
 from raynoisy.data.sources import get_source, load_catalog, resolve_root
 from raynoisy.errors import ConfigError
 from raynoisy.methods import get_method_class
+from raynoisy.models.text_encoder import resolve_pretrained
 
 
 @dataclass
@@ -61,6 +62,10 @@ def prepare(cfg: Config, log=print) -> Prepared:
 
 def input_spec(cfg: Config) -> InputSpec:
     source = get_source(cfg.data.dataset)
+    if source.transform == "text":  # the encoder's own tokenizer, from where the encoder loads
+        assert cfg.model.pretrained is not None, "preflight refuses a text encoder without weights"
+        tokenizer = resolve_pretrained(cfg.model.pretrained)
+        return InputSpec("text", cfg.data.max_tokens, 0, tokenizer=tokenizer)
     return InputSpec(source.transform, cfg.data.image_size or source.image_size, source.channels)
 
 

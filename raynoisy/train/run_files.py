@@ -41,6 +41,8 @@ class RunInfo:
     fault_marker: str
     actual_noise_rate: float
     train_ids: Any  # ObjectRef of the sorted int64 sample ids of the training split
+    # Evaluation sets inside the test split (``Catalog.group``): name -> sorted sample ids; empty for one set.
+    test_sets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class LoopState:
     best_epoch: int = -1
     best_val_accuracy: float = float("nan")
     best_test_accuracy: float = float("nan")
+    best_test_metrics: dict[str, float] = field(default_factory=dict)  # every test_* of the best epoch
     stage_best_val_accuracy: float = float("nan")
     train_seconds: float = 0.0
     train_samples: int = 0

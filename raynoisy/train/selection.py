@@ -13,7 +13,7 @@ from torch import nn
 
 from raynoisy.meta.sync import all_reduce_mean_
 from raynoisy.methods.base import Method, Stage
-from raynoisy.train.evaluate import accuracy, count_correct
+from raynoisy.train.evaluate import accuracy, count_correct, count_hits
 from raynoisy.train.run_files import LoopState
 from raynoisy.train.streams import Streams
 
@@ -21,14 +21,22 @@ ModelState = dict[str, torch.Tensor]
 
 
 def evaluate(method: Method, streams: Streams, device: torch.device) -> dict[str, float]:
-    """Validation and test accuracy of ``method.eval_model()``, exact over all ranks."""
+    """Validation and test accuracy of ``method.eval_model()``, exact over all ranks: ``val_accuracy``,
+    ``test_accuracy`` and ``test_top5_accuracy`` over the whole test split, and per evaluation set of the
+    test split (``RunInfo.test_sets``) ``test_accuracy/<set>`` and ``test_top5_accuracy/<set>``."""
     net = method.eval_model()
     # BatchNorm running statistics drift apart on each rank's own batches (DDP only broadcasts them at the
     # next forward): average them so evaluation and the checkpoint see the global statistics.
     all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
     val = count_correct(net, streams.split_pass("val"), device)
-    test = count_correct(net, streams.split_pass("test"), device)
-    return {"val_accuracy": accuracy(*val), "test_accuracy": accuracy(*test)}
+    out = {"val_accuracy": accuracy(*val)}
+    for name, (top1, top5, total) in count_hits(
+        net, streams.split_pass("test"), device, streams.info.test_sets
+    ).items():
+        suffix = f"/{name}" if name else ""
+        out[f"test_accuracy{suffix}"] = accuracy(top1, total)
+        out[f"test_top5_accuracy{suffix}"] = accuracy(top5, total)
+    return out
 
 
 def _better(val: float, best: float) -> bool:
@@ -54,6 +62,7 @@ class Selection:
             state.best_epoch = int(metrics["epoch"])
             state.best_val_accuracy = val
             state.best_test_accuracy = metrics["test_accuracy"]
+            state.best_test_metrics = {k: v for k, v in metrics.items() if k.startswith("test_")}
             self.best = _snapshot(net)
 
     def next_stage(self, state: LoopState) -> ModelState | None:

@@ -8,6 +8,8 @@
 
 Every stream counts undecodable samples; ``check_bad_fraction`` fails the run when too many were skipped.
 The time spent waiting for the next batch is measured, so the log shows whether input is the bottleneck.
+What a training step or a method sees carries no true label (``Batch.without_truth``): true labels are
+read only by evaluation and by the label-quality tables, from ``labels.parquet``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from raynoisy.data.pipeline import (
     check_bad_fraction,
     cycle_batches,
     files_for_rank,
-    image_dataset,
     iter_batches,
+    sample_dataset,
     total_bytes,
 )
 from raynoisy.meta.sync import all_reduce_sum_
@@ -59,7 +61,7 @@ class Streams:
         cached = self._in_memory[split]
         if cached is not None:
             return cached.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
-        dataset = image_dataset(files, self.info.input, train=False)
+        dataset = sample_dataset(files, self.info.input, train=False)
         return iter_batches(
             dataset,
             batch_size=batch_size,
@@ -99,27 +101,35 @@ class Streams:
             if index >= skip:
                 yield pair
 
+    def method_pass(self, split: str) -> Iterator[Batch]:
+        """``split_pass`` as methods get it (``MethodContext.iter_split``): with the true labels hidden."""
+        return _without_truth(self.split_pass(split))
+
     def _trusted(self, epoch: int, size: int) -> Iterator[Batch] | None:
         if size == 0:
             return None
-        return cycle_batches(
-            self.info.files["trusted"],
-            self.info.input,
-            batch_size=size,
-            device=self.device,
-            seed=self.cfg.run.seed * 1000 + self.rank + 7919 * epoch,
-            counter=self.bad,
+        return _without_truth(
+            cycle_batches(
+                self.info.files["trusted"],
+                self.info.input,
+                batch_size=size,
+                device=self.device,
+                seed=self.cfg.run.seed * 1000 + self.rank + 7919 * epoch,
+                counter=self.bad,
+            )
         )
 
     def _train_batches(self) -> Iterator[Batch]:
-        return iter_batches(
-            ray.train.get_dataset_shard("train"),
-            batch_size=self.cfg.optim.batch_size // self.world_size,
-            family=self.info.input.family,
-            device=self.device,
-            counter=self.bad,
-            drop_last=True,
-            shuffle_rows=self.cfg.data.shuffle_buffer_rows,
+        return _without_truth(
+            iter_batches(
+                ray.train.get_dataset_shard("train"),
+                batch_size=self.cfg.optim.batch_size // self.world_size,
+                family=self.info.input.family,
+                device=self.device,
+                counter=self.bad,
+                drop_last=True,
+                shuffle_rows=self.cfg.data.shuffle_buffer_rows,
+            )
         )
 
     def _timed(self, pairs: Iterator[tuple[Batch, Batch | None]]) -> Iterator[tuple[Batch, Batch | None]]:
@@ -140,3 +150,7 @@ class Streams:
         bad, seen = int(counts[0]), int(counts[1])
         check_bad_fraction(bad, seen, self.cfg.data.max_bad_fraction)
         return bad
+
+
+def _without_truth(batches: Iterator[Batch]) -> Iterator[Batch]:
+    return (batch.without_truth() for batch in batches)

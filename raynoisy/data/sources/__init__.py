@@ -90,12 +90,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(
             "data.root", f"dataset {cfg.data.dataset!r} needs a data root", "pass --data-root PATH"
         )
-    if source.transform == "text":
-        raise ConfigError(
-            "data.dataset",
-            "training on text needs a text backbone, which this release does not ship",
-            "use `raynoisy shard` to prepare text data, or train on an image data set",
-        )
     noise = NoiseSpec.parse(cfg.noise.type, cfg.noise.rate)
     if noise.type == "matrix" and not (
         noise.matrix_path and user_path(noise.matrix_path, "noise.type").is_file()

@@ -2,8 +2,10 @@
 
 This is how a user with a noisy data set and a small trusted subset plugs in without writing a source:
 one row per image; a ``trusted`` flag column or a ``trusted_label`` column (a second, trusted annotator)
-marks the rows the clean-set methods may learn from. The list is a table like ``text-table`` reads,
-whose payload column holds paths instead of text, so both share one reader and one label coding.
+marks the rows the clean-set methods may learn from; a ``true_label_column`` holds evaluation-only true
+labels (a hand-checked copy: label quality is measured against it, nothing trains on it). The list is a
+table like ``text-table`` reads, whose payload column holds paths instead of text, so both share one
+reader and one label coding.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from raynoisy.data.sources.text_table import (
 )
 from raynoisy.errors import ConfigError
 
-_OPTIONS = ("path_column", "label_column", "trusted_column", "trusted_label_column", "split_column")
+_OPTIONS = (
+    "path_column",
+    "label_column",
+    "trusted_column",
+    "trusted_label_column",
+    "true_label_column",
+    "split_column",
+)
 _LIST_NAMES = ("labels.csv", "labels.tsv")
 _SPLITS = (ORIGIN_TRAIN, ORIGIN_VAL, ORIGIN_TEST)
 
@@ -54,6 +63,7 @@ def load(root: Path | None, options: dict) -> Catalog:
         origin=origin,
         read_payload=FilePayloads(list_path.parent, [path.strip() for path in paths]),
         trusted_label=labels.trusted_label,
+        eval_label=labels.eval_label,
         description={"list": str(list_path), "rows": len(table)},
     )
 

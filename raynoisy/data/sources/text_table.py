@@ -8,7 +8,9 @@ starts with a quotation mark keeps it; CSV follows RFC 4180 quoting.
 Label columns may hold class indices or class names. The label space is shared by every file of a
 source, so ``1`` in the test file means what it means in the train file. Rows whose label is trusted
 (a flag column, or a trusted annotator's label column) become the trusted set; val/test rows are
-scored against their labels, so those labels are their true labels.
+scored against their labels, so those labels are their true labels. A ``true_label_column`` holds
+evaluation-only true labels (``Catalog.eval_label``): label quality is measured against them, nothing
+trains on them. A row with an empty text is skipped and counted; a row with a field missing is an error.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _OPTIONS = (
     "label_column",
     "trusted_label_column",
     "trusted_column",
+    "true_label_column",
     "train",
     "val",
     "test",
@@ -197,11 +200,19 @@ class LabelSpace:
 
 @dataclass(frozen=True)
 class LabelColumns:
-    """A table's label columns, coded: ``trusted`` is the flag column, ``trusted_label`` -1 where absent."""
+    """A table's label columns, coded: ``trusted`` is the flag column, ``trusted_label`` and ``eval_label``
+    (the evaluation-only true label, ``Catalog.eval_label``) -1 where absent."""
 
     label: np.ndarray
     trusted: np.ndarray
     trusted_label: np.ndarray | None
+    eval_label: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> LabelColumns:
+        pick = lambda column: None if column is None else column[rows]  # noqa: E731
+        return LabelColumns(
+            self.label[rows], self.trusted[rows], pick(self.trusted_label), pick(self.eval_label)
+        )
 
     def origin_and_truth(self, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Origin (val/test from ``split``, else trusted by flag, else train) and the true label per row."""
@@ -212,25 +223,32 @@ class LabelColumns:
         return origin, truth.astype(np.int64)
 
 
+_EXTRA_LABEL_OPTIONS = ("trusted_label_column", "true_label_column")
+
+
 def label_cells(table: Table, options: dict, default_label: str | int) -> list[str]:
-    """Every label-like cell of a table (label and trusted label): what the label space is inferred from."""
+    """Every label-like cell of a table (label, trusted label, true label): what the label space is
+    inferred from."""
     cells = list(table.column("label_column", options.get("label_column", default_label)))
-    if options.get("trusted_label_column") is not None:
-        cells += table.column("trusted_label_column", options["trusted_label_column"])
+    for option in _EXTRA_LABEL_OPTIONS:
+        if options.get(option) is not None:
+            cells += table.column(option, options[option])
     return cells
 
 
 def read_label_columns(
     table: Table, options: dict, default_label: str | int, space: LabelSpace
 ) -> LabelColumns:
-    """Code the label, trusted-label and trusted-flag columns the options name; errors give file and line."""
+    """Code the label, trusted-label, true-label and trusted-flag columns the options name; errors give file
+    and line. An empty trusted-label or true-label cell means "none for this row"."""
     labels = table.column("label_column", options.get("label_column", default_label))
     label = np.empty(len(table), dtype=np.int64)
     trusted = np.zeros(len(table), dtype=bool)
-    trusted_label = None
-    if options.get("trusted_label_column") is not None:
-        trusted_label = np.full(len(table), UNKNOWN_LABEL, dtype=np.int64)
-        trusted_cells = table.column("trusted_label_column", options["trusted_label_column"])
+    extra = {
+        option: (table.column(option, options[option]), np.full(len(table), UNKNOWN_LABEL, dtype=np.int64))
+        for option in _EXTRA_LABEL_OPTIONS
+        if options.get(option) is not None
+    }
     flags = (
         table.column("trusted_column", options["trusted_column"]) if options.get("trusted_column") else None
     )
@@ -239,13 +257,69 @@ def read_label_columns(
             if not labels[row].strip():
                 raise ValueError("empty label")
             label[row] = space.code(labels[row])
-            if trusted_label is not None and trusted_cells[row].strip():
-                trusted_label[row] = space.code(trusted_cells[row])
+            for cells, coded in extra.values():
+                if cells[row].strip():
+                    coded[row] = space.code(cells[row])
             if flags is not None:
                 trusted[row] = parse_flag(flags[row])
         except ValueError as err:
             raise table.error(row, str(err)) from None
-    return LabelColumns(label, trusted, trusted_label)
+    coded = {option: column for option, (_, column) in extra.items()}
+    return LabelColumns(label, trusted, coded.get("trusted_label_column"), coded.get("true_label_column"))
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One file of a text source: its rows' origin, texts and coded labels."""
+
+    origin: str
+    table: Table
+    texts: list[str]
+    labels: LabelColumns
+
+
+def text_catalog(
+    name: str, class_names: list[str], parts: list[TextPart], *, labels_are_true: bool = False
+) -> Catalog:
+    """The catalog of a text source's files, in file order. A row whose text is empty (after stripping) has
+    nothing to learn from: it is skipped, and counted per file in the description.
+
+    ``labels_are_true``: the release's labels are its true labels (SST-2, AG News: benchmarks inject noise
+    into them); otherwise a training row's label is its given, possibly noisy, label.
+    """
+    texts: list[str] = []
+    kept: list[tuple[LabelColumns, np.ndarray]] = []
+    skipped: dict[str, int] = {}
+    for part in parts:
+        keep = np.flatnonzero([bool(text.strip()) for text in part.texts])
+        if len(keep) < len(part.texts):
+            skipped[str(part.table.path)] = len(part.texts) - len(keep)
+        texts.extend(part.texts[i] for i in keep)
+        labels = part.labels.take(keep)
+        kept.append((labels, np.full(len(keep), part.origin, dtype=object)))
+    columns = [labels.origin_and_truth(split) for labels, split in kept]
+    if labels_are_true:
+        columns = [(origin, labels.label) for (origin, _), (labels, _) in zip(columns, kept, strict=True)]
+
+    def joined(attribute: str) -> np.ndarray | None:
+        values = [getattr(labels, attribute) for labels, _ in kept]
+        return None if values[0] is None else np.concatenate(values)
+
+    return Catalog(
+        name=name,
+        modality="text",
+        class_names=class_names,
+        label=np.concatenate([labels.label for labels, _ in kept]),
+        true_label=np.concatenate([truth for _, truth in columns]),
+        origin=np.concatenate([origin for origin, _ in columns]),
+        read_payload=TextPayloads(texts),
+        trusted_label=joined("trusted_label"),
+        eval_label=joined("eval_label"),
+        description={
+            "files": {str(part.table.path): len(part.table) for part in parts},
+            "empty_texts_skipped": skipped,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -274,27 +348,16 @@ def load(root: Path | None, options: dict) -> Catalog:
         (cell for _, table in tables for cell in label_cells(table, options, default_label)),
         _class_names_option(options),
     )
-    texts: list[str] = []
-    parts: list[tuple[LabelColumns, np.ndarray]] = []
-    for origin, table in tables:
-        texts.extend(table.column("text_column", options.get("text_column", default_text)))
-        labels = read_label_columns(table, options, default_label, space)
-        parts.append((labels, np.full(len(table), origin, dtype=object)))
-    columns = [labels.origin_and_truth(split) for labels, split in parts]
-    trusted_labels = [labels.trusted_label for labels, _ in parts]
-    return Catalog(
-        name="text-table",
-        modality="text",
-        class_names=space.class_names,
-        label=np.concatenate([labels.label for labels, _ in parts]),
-        true_label=np.concatenate([truth for _, truth in columns]),
-        origin=np.concatenate([origin for origin, _ in columns]),
-        read_payload=TextPayloads(texts),
-        trusted_label=None if trusted_labels[0] is None else np.concatenate(trusted_labels),
-        description={
-            "files": {str(path): len(table) for (_, path), (_, table) in zip(files, tables, strict=True)}
-        },
-    )
+    parts = [
+        TextPart(
+            origin,
+            table,
+            table.column("text_column", options.get("text_column", default_text)),
+            read_label_columns(table, options, default_label, space),
+        )
+        for origin, table in tables
+    ]
+    return text_catalog("text-table", space.class_names, parts)
 
 
 def _split_files(root: Path, options: dict) -> list[tuple[str, Path]]:
