@@ -1,5 +1,6 @@
 """How the driver sizes Train workers next to the run's services and Ray Data (no cluster needed)."""
 
+import json
 import math
 import time
 
@@ -30,8 +31,10 @@ def test_workers_share_what_the_services_leave_with_ray_data(tmp_path, monkeypat
 
 
 def test_a_run_that_leaves_ray_data_no_cpu_is_refused(tmp_path, monkeypatch):
-    # 2 workers x 1 CPU on a 2-CPU cluster: Ray Data's read tasks could never be scheduled (the run hangs).
+    # 2 workers x 1 CPU on a fixed 2-CPU cluster: Ray Data's read tasks could never be scheduled (the run
+    # hangs).
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: None)
     with pytest.raises(ConfigError, match="read tasks") as info:
         _cpus_per_worker(_cfg(tmp_path, 2, cpus=1.0), service_cpus=0.0)
     assert info.value.field == "scaling.workers"
@@ -60,13 +63,23 @@ def test_a_run_bigger_than_the_autoscalers_maximum_is_refused(tmp_path, monkeypa
 
 @pytest.mark.ray
 def test_a_local_cluster_does_not_count_as_autoscaling(ray_cluster):
-    # Its monitor writes a status without an autoscaler report; once it has, the answer must still be None,
-    # or a run too big for a laptop would wait forever instead of being refused.
+    # Its monitor (Ray's read-only node provider) writes an autoscaler report once a request cannot be
+    # placed; the answer must still be None, or a run too big for a laptop would wait forever instead of
+    # being refused. The unplaceable request makes the monitor write that report.
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    deadline = time.monotonic() + 60
-    while _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is None and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
-    assert driver._autoscaling_cpus() is None
+    def report() -> dict | None:
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return json.loads(status).get("autoscaler_report") if status else None
+
+    too_big = placement_group([{"CPU": 64}])
+    try:
+        deadline = time.monotonic() + 60
+        while report() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert report() is not None
+        assert driver._autoscaling_cpus() is None
+    finally:
+        remove_placement_group(too_big)

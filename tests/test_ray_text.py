@@ -83,7 +83,10 @@ def test_mlc_on_a_text_table_on_two_workers_never_hands_true_labels_to_training(
         float((train["given_label"] == train["true_label"]).mean())
     )
     # ... and no step, trusted batch, pass or export of either rank ever saw one.
-    for rank in (0, 1):
-        seen = dict(line.split() for line in (out / f"truth-probe-rank{rank}.txt").read_text().splitlines())
-        assert {"train_step", "trusted", "export"} <= set(seen), seen
-        assert set(seen.values()) == {"-1"}, seen
+    # (The export reads each rank's shard files, so a rank without one exports nothing.)
+    seen = [
+        dict(line.split() for line in (out / f"truth-probe-rank{rank}.txt").read_text().splitlines())
+        for rank in (0, 1)
+    ]
+    assert all({"train_step", "trusted"} <= set(s) for s in seen) and any("export" in s for s in seen), seen
+    assert {value for s in seen for value in s.values()} == {"-1"}, seen

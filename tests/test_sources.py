@@ -424,6 +424,17 @@ def test_image_list_labels_trust_and_splits(tmp_path):
     assert catalog.read_payload(2) == b"c"
 
 
+def test_image_list_evaluation_only_true_labels_change_no_origin_or_truth(tmp_path):
+    """The same list with its ``checked`` column read as evaluation-only true labels instead of a trusted
+    annotator's: row c stays a training row with an unknown training truth, and carries eval_label dog."""
+    options = {"trusted_column": "trusted", "true_label_column": "checked", "split_column": "split"}
+    catalog = load_catalog("image-list", write_image_list(tmp_path), options)
+    assert catalog.origin.tolist() == ["train", "trusted", "train", "val", "test"]
+    assert catalog.trusted_label is None
+    assert catalog.true_label.tolist() == [-1, 2, -1, 0, 2]
+    assert catalog.eval_label.tolist() == [-1, -1, 2, -1, -1]
+
+
 def test_image_list_tsv_in_folder_with_integer_labels(tmp_path):
     rows = "".join(
         f"img/{letter}.jpg\t{label}\n" for letter, label in zip("abcde", [3, 0, 3, 1, 0], strict=True)

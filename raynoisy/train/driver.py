@@ -107,9 +107,15 @@ def _autoscaling_cpus() -> float | None:
         return float(maximum.get("CPU", 0))
     if is_autoscaler_v2(fetch_from_server=True):
         return math.inf
-    # Autoscaler v1 writes its status on every update; only a monitor with a node provider adds a report.
+    # Autoscaler v1 writes its status on every update, with an autoscaler report once it has acted. A local
+    # cluster's monitor (Ray's read-only node provider) reports too, once a request cannot be placed, but it
+    # names each node's type after the node itself and never launches one.
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    return math.inf if status and "autoscaler_report" in json.loads(status) else None
+    report = json.loads(status).get("autoscaler_report") if status else None
+    kinds = (report or {}).get("node_type_mapping") or {}
+    if not kinds or all(kind == f"node_{node}" for node, kind in kinds.items()):
+        return None
+    return math.inf
 
 
 def init_ray() -> None:
