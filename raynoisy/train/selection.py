@@ -13,7 +13,7 @@ from torch import nn
 
 from raynoisy.meta.sync import all_reduce_mean_
 from raynoisy.methods.base import Method, Stage
-from raynoisy.train.evaluate import accuracy, count_correct, count_hits
+from raynoisy.train.evaluate import accuracy, count_hits
 from raynoisy.train.run_files import LoopState
 from raynoisy.train.streams import Streams
 
@@ -28,8 +28,8 @@ def evaluate(method: Method, streams: Streams, device: torch.device) -> dict[str
     # BatchNorm running statistics drift apart on each rank's own batches (DDP only broadcasts them at the
     # next forward): average them so evaluation and the checkpoint see the global statistics.
     all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
-    val = count_correct(net, streams.split_pass("val"), device)
-    out = {"val_accuracy": accuracy(*val)}
+    val_top1, _, val_total = count_hits(net, streams.split_pass("val"), device, {})[""]
+    out = {"val_accuracy": accuracy(val_top1, val_total)}
     for name, (top1, top5, total) in count_hits(
         net, streams.split_pass("test"), device, streams.info.test_sets
     ).items():
