@@ -1,7 +1,8 @@
 """What the trusted-set meta methods (``mwnet``, ``mlc``, ``metalabelnet``) share.
 
-- ``TrustedMetaMethod``: the main model, the trusted stream, evaluation, the meta optimizer step, and
-  amortised meta updates (``MetaEveryParams.meta_every``: a meta update every k-th step, plain steps between).
+- ``TrustedMetaMethod``: the main model, the trusted stream, evaluation, the meta optimizer step,
+  amortised meta updates (``TrustedMetaParams.meta_every``: a meta update every k-th step, plain steps
+  between), and the collapse guard (``raynoisy.methods.collapse_guard``) read after every epoch.
 - ``lookahead_optimizer``: which update rule the one-step look-ahead follows; ``real_step_through_outputs``:
   the real step after a meta update, through the meta step's training forward; ``step_through_outputs``:
   a plain step between meta updates, with the meta model as it is.
@@ -20,12 +21,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raynoisy.errors import ConfigError
 from raynoisy.meta import OutputHypergradient, OutputLoss, logit_gradient, output_grads
 from raynoisy.meta.lookahead import Rule
 from raynoisy.methods.base import Batch, Method, MethodContext, Stage
+from raynoisy.methods.collapse_guard import CollapseGuard, GuardParams, GuardReading
 from raynoisy.methods.label_issues import detector_scores, ratio, true_labels_of
 from raynoisy.methods.supervised import MainModel
 
@@ -41,8 +44,9 @@ def check_param(ok: bool, name: str, problem: str, fix: str) -> None:
 
 
 @dataclass
-class MetaEveryParams:
-    """The parameter every trusted-set meta method shares (its ``Params`` derive from this).
+class TrustedMetaParams(GuardParams):
+    """The parameters every trusted-set meta method shares (its ``Params`` derive from this): the collapse
+    guard's limits (``GuardParams``) and ``meta_every``.
 
     ``meta_every`` = k: the meta network is updated (look-ahead, hypergradient, meta optimizer step, on a
     trusted batch) on steps 0, k, 2k, ... of the stage, counted from the stage's first step; the k - 1 steps
@@ -60,6 +64,13 @@ class MetaEveryParams:
             f"must be >= 1, got {self.meta_every}",
             "1 updates the meta network every step (the papers); k > 1 every k-th step",
         )
+        check_param(0 <= self.guard_min_kept <= 1, "guard_min_kept", "must be in [0, 1]", "e.g. 0.6")
+        check_param(
+            0 <= self.guard_max_class_excess <= 1, "guard_max_class_excess", "must be in [0, 1]", "e.g. 0.3"
+        )
+        check_param(
+            -1 <= self.guard_min_separation <= 1, "guard_min_separation", "must be in [-1, 1]", "e.g. 0.05"
+        )
 
 
 class TrustedMetaMethod(Method):
@@ -70,6 +81,10 @@ class TrustedMetaMethod(Method):
     names, a function of the step's place in the stage only: every rank takes the same decision, and a
     resumed run, whose loop state (epoch in stage, step in epoch) is checkpointed, keeps the same phase.
     The method itself counts nothing, so there is no second counter that could disagree with the loop's.
+
+    After every epoch the collapse guard reads the meta network on the trusted set (``guard_reading``);
+    while it reports a collapse, ``falling_back`` is true and the method's real steps train the main model
+    on the given labels (``given_label_loss``) instead of the meta network's targets or weights.
     """
 
     needs_trusted = True
@@ -79,6 +94,29 @@ class TrustedMetaMethod(Method):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.main = MainModel(ctx, ddp=self.plain_steps)
+        self.guard = CollapseGuard(self.name, self.params, ctx.rank)
+
+    @property
+    def falling_back(self) -> bool:
+        return self.guard.falling_back
+
+    @abstractmethod
+    def guard_reading(self) -> GuardReading | None:
+        """The meta network read on the trusted set (``collapse_guard.label_reading``/``weight_reading``),
+        or None where there is nothing to read yet (MetaLabelNet's warm-up)."""
+
+    def trusted_pass(self) -> Iterator[Batch]:
+        """An un-augmented pass over this rank's share of the trusted set (none without a split reader)."""
+        return iter(()) if self.ctx.iter_split is None else self.ctx.iter_split("trusted")
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        if not self.params.guard:
+            return {}
+        reading = self.guard_reading()
+        return {} if reading is None else self.guard.update(epoch, reading)
+
+    def final_metrics(self) -> dict[str, Any]:
+        return self.guard.summary()
 
     def eval_model(self) -> nn.Module:
         return self.main.net
@@ -167,6 +205,15 @@ def step_through_outputs(main: MainModel, x: Tensor, loss: OutputLoss) -> tuple[
     value, grad_logits = logit_gradient(loss, logits, features, create_graph=False)
     main.apply_grads(output_grads(main.net, logits, grad_logits))
     return value, logits.detach()
+
+
+def given_label_loss(labels: Tensor) -> OutputLoss:
+    """Plain cross-entropy on the given labels: the real step's loss while the collapse guard falls back."""
+
+    def loss(logits: Tensor, _features: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels)
+
+    return loss
 
 
 @contextmanager

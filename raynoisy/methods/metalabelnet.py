@@ -13,7 +13,8 @@ trusted batch as large as the noisy one:
    the hypergradient (second order, exact across ranks; computed in logit space by
    ``raynoisy.meta.output_hypergrad``, since the SLP reaches the model only through the KL of its logits);
 2. real step on KL(p‖ŷ') + (-mean_{B·C} p·log p) with ŷ' from the UPDATED SLP, no graph to it, through
-   the same forward as the meta step (the reference also reuses its step-1 output).
+   the same forward as the meta step (the reference also reuses its step-1 output); while the collapse
+   guard falls back (``raynoisy.methods.collapse_guard``), cross-entropy on the given labels instead.
    The two terms sum to -mean_{B·C} p·log ŷ': the entropy term cancels KL's own -H(p), so the update
    pulls p towards the one-hot at ŷ's mode rather than towards ŷ itself (entropy minimisation).
 
@@ -53,13 +54,15 @@ from raynoisy.errors import ConfigError
 from raynoisy.meta import OutputLoss, all_reduce_mean_, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext, Stage
+from raynoisy.methods.collapse_guard import GuardReading, label_reading
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
-    MetaEveryParams,
     TrustedMetaMethod,
+    TrustedMetaParams,
     check_param,
     corrected_label_columns,
     evaluating,
+    given_label_loss,
     lookahead_optimizer,
     real_step_through_outputs,
     step_through_outputs,
@@ -75,7 +78,7 @@ LOG_EPS = 1e-10
 
 
 @dataclass
-class MetaLabelNetParams(MetaEveryParams):
+class MetaLabelNetParams(TrustedMetaParams):
     """Reference CIFAR-10 defaults (β = 1e-2); Clothing1M uses β = 1e-3 and 1 warm-up epoch (its preset)."""
 
     meta_lr: float = 1e-2
@@ -241,14 +244,31 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
         with torch.no_grad():
             soft = self.soft_label_net(features)
-        loss = real_step_through_outputs(self.main, hyper, real_step_loss(soft))
+        loss = real_step_through_outputs(self.main, hyper, self._real_loss(soft, batch.y))
         return self._scalars(loss, hyper.logits.detach(), soft) | {"meta_loss": float(hyper.gold_loss_after)}
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
         with torch.no_grad():
             soft = self.soft_label_net(self._features(batch.x))
-        loss, logits = step_through_outputs(self.main, batch.x, real_step_loss(soft))
+        loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(soft, batch.y))
         return self._scalars(loss, logits, soft)
+
+    def _real_loss(self, soft: Tensor, labels: Tensor) -> OutputLoss:
+        """KL + entropy on the soft labels; cross-entropy on the given labels while the guard falls back."""
+        return given_label_loss(labels) if self.falling_back else real_step_loss(soft)
+
+    def _soft_labels(self, batch: Batch) -> Tensor:
+        assert self.encoder is not None, "the soft-label net exists only from the first stage-2 epoch on"
+        with evaluating(self.soft_label_net):
+            return self.soft_label_net(self._features(batch.x))
+
+    def guard_reading(self) -> GuardReading | None:
+        """The SLP's labels of the trusted samples (it never sees a label, so ``kept`` is its accuracy there);
+        nothing in the warm-up."""
+        if self.encoder is None:
+            return None
+        pairs = ((self._soft_labels(b), b.y) for b in self.trusted_pass())
+        return label_reading(pairs, self.ctx.num_classes, self.ctx.device)
 
     @staticmethod
     def _scalars(loss: Tensor, logits: Tensor, soft: Tensor) -> dict[str, float]:
@@ -259,10 +279,7 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         }
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
-        assert self.encoder is not None, "the soft-label net exists only from the first stage-2 epoch on"
-        with evaluating(self.soft_label_net):
-            soft = self.soft_label_net(self.encoder(batch.x)[1])
-        return corrected_label_columns(batch, soft)
+        return corrected_label_columns(batch, self._soft_labels(batch))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -270,12 +287,14 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
             "soft_label_net": self.soft_label_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "encoder": None if self.encoder is None else self.encoder.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.main.load_state_dict(state["main"])
         self.soft_label_net.load_state_dict(state["soft_label_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.guard.load_state_dict(state["guard"])
         self.encoder = None
         if state["encoder"] is not None:
             self.encoder = self._frozen_copy()

@@ -13,7 +13,10 @@ look-ahead step does well on trusted data. Per step, with a trusted batch as lar
    cost, and the training backward needs no graph;
 3. K-step accumulation with MLC's identity-Hessian discount (``MLCHypergradAccumulator``); the meta
    optimizer, Adam(amsgrad, eps 1e-8, no weight decay), steps every K-th step;
-4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient.
+4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient — except while
+   the collapse guard falls back (``raynoisy.methods.collapse_guard``): then it is the noisy batch's
+   cross-entropy on its given labels, back-propagated through the same forward (the clean half is left out
+   of that step; the corrector keeps its meta updates).
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps (and only they count towards the K
 of the accumulation); the steps between are plain steps on softCE(f(x), g(h, ỹ)) of the noisy batch alone
@@ -51,20 +54,23 @@ from raynoisy.meta import (
 )
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
+from raynoisy.methods.collapse_guard import GuardReading, label_reading
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
-    MetaEveryParams,
     TrustedMetaMethod,
+    TrustedMetaParams,
     check_param,
     corrected_label_columns,
     evaluating,
+    given_label_loss,
+    real_step_through_outputs,
     step_through_outputs,
 )
 from raynoisy.models.meta_nets import LabelCorrectionNet
 
 
 @dataclass
-class MLCParams(MetaEveryParams):
+class MLCParams(TrustedMetaParams):
     """Reference CIFAR defaults; Clothing1M uses meta_lr 3e-3, skip, gradient_steps 5 (see its preset)."""
 
     meta_lr: float = 3e-4
@@ -145,23 +151,35 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             gold_loss,
             meta_params,
             rest_loss=clean_loss,
+            keep_graph=self.falling_back,
             with_discount=self.accumulator.needs_discount,
         )
         meta = self.accumulator.accumulate(hyper.meta_grads, hyper.discount)
         if meta.step_now:
             self.meta_step(self.meta_optimizer, meta_params, meta.grads)
+        if self.falling_back:  # the guard's fallback: the given labels' CE, through the same forward
+            loss = real_step_through_outputs(self.main, hyper, given_label_loss(batch.y))
+            return {"loss": float(loss), "meta_loss": float(hyper.gold_loss_after)}
         self.main.apply_grads([hyper.train_grads.get(name) for name, _ in net.named_parameters()])
         return {"loss": float(hyper.train_loss), "meta_loss": float(hyper.gold_loss_after)}
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
-        loss, _ = step_through_outputs(self.main, batch.x, self._corrected_loss(batch.y, 1.0))
+        target = given_label_loss(batch.y) if self.falling_back else self._corrected_loss(batch.y, 1.0)
+        loss, _ = step_through_outputs(self.main, batch.x, target)
         return {"loss": float(loss)}
 
-    def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
+    def _soft_labels(self, batch: Batch) -> Tensor:
+        """g(h(x), ỹ) with both networks in eval mode, no graph."""
         with evaluating(self.main.net, self.corrector):
             _, features = self.main.net(batch.x)
-            soft = self.corrector(features, batch.y)
-        return corrected_label_columns(batch, soft)
+            return self.corrector(features, batch.y)
+
+    def guard_reading(self) -> GuardReading:
+        pairs = ((self._soft_labels(b), b.y) for b in self.trusted_pass())
+        return label_reading(pairs, self.ctx.num_classes, self.ctx.device)
+
+    def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
+        return corrected_label_columns(batch, self._soft_labels(batch))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +187,7 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             "corrector": self.corrector.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "accumulator": self.accumulator.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -176,3 +195,4 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         self.corrector.load_state_dict(state["corrector"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.accumulator.load_state_dict(state["accumulator"])
+        self.guard.load_state_dict(state["guard"])

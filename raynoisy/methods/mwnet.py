@@ -6,7 +6,9 @@ A weight net v(ℓ) maps each noisy sample's (detached) loss to a weight in (0, 
    reference), evaluate cross-entropy on the trusted batch at the fast weights, and update v by Adam
    (lr 1e-3, weight decay 1e-4) with the hypergradient;
 2. real step: weigh the same forward's losses with the UPDATED v (no graph to v) and take the real SGD
-   step on mean(v(ℓ)·ℓ), back-propagating through the meta step's forward instead of a second one.
+   step on mean(v(ℓ)·ℓ), back-propagating through the meta step's forward instead of a second one; while
+   the collapse guard falls back (``raynoisy.methods.collapse_guard``: the weights of right and wrong
+   labels of trusted samples do not separate), plain cross-entropy, every weight 1.
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps; the steps between are plain steps
 on mean(v(ℓ)·ℓ) with the current weight net (one forward, one backward, no trusted batch).
@@ -35,6 +37,7 @@ sample flags none. ``predicted_label`` is the main model's argmax; MW-Net has no
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +50,14 @@ from torch import Tensor
 from raynoisy.meta import OutputLoss, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
+from raynoisy.methods.collapse_guard import GuardReading, weight_reading, wrong_labels
 from raynoisy.methods.label_issues import detector_scores, true_labels_of
 from raynoisy.methods.meta_common import (
-    MetaEveryParams,
     TrustedMetaMethod,
+    TrustedMetaParams,
     check_param,
     evaluating,
+    given_label_loss,
     lookahead_optimizer,
     real_step_through_outputs,
     step_through_outputs,
@@ -65,7 +70,7 @@ DOWN_WEIGHT_THRESHOLD = 0.5
 
 
 @dataclass
-class MWNetParams(MetaEveryParams):
+class MWNetParams(TrustedMetaParams):
     """Reference defaults (CIFAR ResNet-32 setting); see the module docstring."""
 
     meta_lr: float = 1e-3
@@ -131,15 +136,19 @@ class MetaWeightNet(TrustedMetaMethod):
         self.meta_step(self.meta_optimizer, meta_params, hyper.meta_grads)
         with torch.no_grad():
             weights = self.weight_net(F.cross_entropy(hyper.logits.detach(), batch.y, reduction="none"))
-        loss = real_step_through_outputs(self.main, hyper, self._weighted_loss(batch.y))
+        loss = real_step_through_outputs(self.main, hyper, self._real_loss(batch.y))
         return {
             "loss": float(loss),
             "meta_loss": float(hyper.gold_loss_after),
             "mean_weight": float(weights.mean()),
         }
 
+    def _real_loss(self, labels: Tensor) -> OutputLoss:
+        """The weighted loss, or plain cross-entropy (every weight 1) while the collapse guard falls back."""
+        return given_label_loss(labels) if self.falling_back else self._weighted_loss(labels)
+
     def plain_step(self, batch: Batch) -> dict[str, float]:
-        loss, logits = step_through_outputs(self.main, batch.x, self._weighted_loss(batch.y))
+        loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(batch.y))
         with torch.no_grad():
             weights = self.weight_net(F.cross_entropy(logits, batch.y, reduction="none"))
         return {"loss": float(loss), "mean_weight": float(weights.mean())}
@@ -150,6 +159,18 @@ class MetaWeightNet(TrustedMetaMethod):
             logits = self.main.net(batch.x)[0]
             losses = F.cross_entropy(logits, batch.y, reduction="none")
             return logits, losses, self.weight_net(losses)
+
+    def guard_reading(self) -> GuardReading:
+        """Weights of each trusted sample's loss under its label and under another (``wrong_labels``)."""
+
+        def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+            for batch in self.trusted_pass():
+                logits, _, right = self._weigh(batch)
+                wrong = wrong_labels(batch.y, batch.sample_id, self.ctx.num_classes)
+                with evaluating(self.weight_net):
+                    yield right, self.weight_net(F.cross_entropy(logits, wrong, reduction="none"))
+
+        return weight_reading(pairs(), self.ctx.device)
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
         _, losses, weights = self._weigh(batch)
@@ -206,9 +227,11 @@ class MetaWeightNet(TrustedMetaMethod):
             "main": self.main.state_dict(),
             "weight_net": self.weight_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.main.load_state_dict(state["main"])
         self.weight_net.load_state_dict(state["weight_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.guard.load_state_dict(state["guard"])

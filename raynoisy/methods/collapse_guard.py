@@ -1,0 +1,174 @@
+"""Catching a meta network that has degenerated, from the trusted set alone, and falling back.
+
+A meta network can drive training into a collapse the main model never leaves: MetaLabelNet's soft labels
+moving every sample to one class (benchmarks/README.md, uniform 0.8), a label corrector that overrides
+correct labels, a weight net that weighs every sample the same or favours the wrong labels. Nothing in
+the training loss shows it — the main model fits whatever targets it is given — so after every epoch
+the guard reads the meta network on the trusted set, whose labels are right by construction:
+
+- label correctors (``mlc``, ``metalabelnet``): the corrected label of each trusted sample (fed its own
+  label, which is the given label there). ``kept``: the share whose corrected label is that label — on
+  the trusted set the given labels are 100% right, so this is the corrected labels' accuracy against
+  given labels that are right; ``class_excess``: how far the most over-represented corrected class exceeds
+  its share of the trusted labels (0 when the histograms match, 1 - 1/K when one class takes everything);
+- sample weights (``mwnet``): the weight of each trusted sample's loss under its label and under a wrong
+  label (another class, fixed per sample by its id). ``separation``: mean weight of the right labels minus
+  mean weight of the wrong ones; 0 when the weights are all equal, negative when inverted.
+
+A reading outside the limits (``GuardParams``) is a collapse: rank 0 logs a warning with the numbers, and
+the next epoch's real steps train the main model on the given labels (plain cross-entropy, weight 1 for
+MW-Net) while the meta network keeps its meta updates, so it can recover. Each epoch is read again;
+the method steers again after the first healthy reading. Every rank computes the same reading (the
+counts are summed over ranks), so all ranks take the same decision.
+
+What the guard cannot see: the noisy set's true labels. A corrector that keeps the trusted labels but
+copies the main model's systematic confusions on the noisy set passes it (benchmarks/README.md measures
+that case against the true labels).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from raynoisy.meta.sync import all_reduce_sum_
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GuardParams:
+    """Limits of a healthy meta network; ``guard=False`` turns the guard off (the papers' algorithms)."""
+
+    guard: bool = True
+    guard_min_kept: float = 0.6
+    guard_max_class_excess: float = 0.3
+    guard_min_separation: float = 0.05
+
+
+@dataclass
+class GuardReading:
+    """One epoch's numbers; the fields that do not apply to the method's kind are None."""
+
+    samples: int
+    kept: float | None = None
+    class_excess: float | None = None
+    separation: float | None = None
+
+    def problems(self, limits: GuardParams) -> list[str]:
+        out = []
+        if self.kept is not None and self.kept < limits.guard_min_kept:
+            out.append(
+                f"the corrected labels keep {self.kept:.1%} of the trusted labels "
+                f"(guard_min_kept {limits.guard_min_kept:.0%})"
+            )
+        if self.class_excess is not None and self.class_excess > limits.guard_max_class_excess:
+            out.append(
+                f"one corrected class exceeds its trusted share by {self.class_excess:.1%} "
+                f"(guard_max_class_excess {limits.guard_max_class_excess:.0%})"
+            )
+        if self.separation is not None and self.separation < limits.guard_min_separation:
+            out.append(
+                f"right labels weigh {self.separation:+.3f} more than wrong ones on average "
+                f"(guard_min_separation {limits.guard_min_separation})"
+            )
+        return out
+
+    def scalars(self) -> dict[str, float]:
+        named = {"kept": self.kept, "class_excess": self.class_excess, "separation": self.separation}
+        return {f"guard_{k}": v for k, v in named.items() if v is not None}
+
+
+def label_reading(
+    pairs: Iterable[tuple[Tensor, Tensor]], num_classes: int, device: torch.device
+) -> GuardReading:
+    """From (soft labels [B, C], trusted labels [B]) of this rank's trusted share, summed over ranks.
+
+    The counts live on ``device`` from the start: a rank without trusted batches still joins the all-reduce
+    with tensors on the device the collective backend expects.
+    """
+    kept = torch.zeros(1, dtype=torch.float64, device=device)
+    corrected_hist = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    label_hist = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for soft, labels in pairs:
+        corrected = soft.argmax(dim=1)
+        kept += (corrected == labels).sum()
+        corrected_hist += torch.bincount(corrected, minlength=num_classes)
+        label_hist += torch.bincount(labels, minlength=num_classes)
+    all_reduce_sum_([kept, corrected_hist, label_hist])
+    n = float(label_hist.sum())
+    if n == 0:
+        return GuardReading(samples=0)
+    excess = float(((corrected_hist - label_hist) / n).max())
+    return GuardReading(samples=int(n), kept=float(kept) / n, class_excess=excess)
+
+
+def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor:
+    """Another class per sample, fixed by its id: the same on every rank and in every epoch."""
+    offset = 1 + sample_ids.to(labels.device) % (num_classes - 1)
+    return (labels + offset) % num_classes
+
+
+def weight_reading(pairs: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> GuardReading:
+    """From (weights of the right labels [B], weights of wrong labels [B]) of this rank's trusted share."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for right, wrong in pairs:
+        sums[0] += right.double().sum()
+        sums[1] += wrong.double().sum()
+        sums[2] += len(right)
+    all_reduce_sum_([sums])
+    n = float(sums[2])
+    if n == 0:
+        return GuardReading(samples=0)
+    return GuardReading(samples=int(n), separation=float(sums[0] - sums[1]) / n)
+
+
+@dataclass
+class CollapseGuard:
+    """Reads, decides and remembers; ``falling_back`` is what the method's next epoch obeys."""
+
+    method: str
+    limits: GuardParams
+    rank: int
+    falling_back: bool = False
+    fired_epochs: list[int] = field(default_factory=list)
+
+    def update(self, epoch: int, reading: GuardReading) -> dict[str, float]:
+        """Decide for the epoch after ``epoch`` (0-based); returns the reading's scalars to log."""
+        if reading.samples == 0:  # nothing to read (no trusted data on any rank): keep the last decision
+            return {}
+        problems = reading.problems(self.limits)
+        if problems:
+            self.fired_epochs.append(epoch + 1)
+            self._warn(
+                f"[guard] {self.method} epoch {epoch + 1}: collapse — {'; '.join(problems)}. "
+                f"Epoch {epoch + 2} trains the main model on the given labels; "
+                "the meta network keeps learning."
+            )
+        elif self.falling_back:
+            self._warn(f"[guard] {self.method} epoch {epoch + 1}: healthy again ({self._numbers(reading)}).")
+        self.falling_back = bool(problems)
+        return reading.scalars() | {"guard_fallback": float(self.falling_back)}
+
+    def _warn(self, text: str) -> None:
+        if self.rank == 0:
+            logger.warning(text)
+
+    @staticmethod
+    def _numbers(reading: GuardReading) -> str:
+        return ", ".join(f"{k.removeprefix('guard_')} {v:.3f}" for k, v in reading.scalars().items())
+
+    def summary(self) -> dict[str, Any]:
+        return {"collapse_guard": {"enabled": self.limits.guard, "fired_epochs": list(self.fired_epochs)}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"falling_back": self.falling_back, "fired_epochs": list(self.fired_epochs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.falling_back = bool(state["falling_back"])
+        self.fired_epochs = list(state["fired_epochs"])

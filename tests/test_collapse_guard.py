@@ -1,0 +1,228 @@
+"""The collapse guard: readings by hand, and planted collapses that each meta method must catch and survive.
+
+A collapse is planted by setting the meta network's output layer (every label to class 0, or every weight
+equal), the guard is read as the loop reads it (``on_epoch_end`` over a trusted split), and the next step
+is compared with an independent cross-entropy step on the given labels from a copy of the same state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from test_methods_meta import BATCH, CLASSES, MLP, SIDE, rows, toy_batch
+
+from raynoisy.errors import ConfigError
+from raynoisy.methods.base import Method
+from raynoisy.methods.collapse_guard import (
+    CollapseGuard,
+    GuardParams,
+    GuardReading,
+    label_reading,
+    weight_reading,
+    wrong_labels,
+)
+from raynoisy.train.harness import build_method, method_context, start_stage
+from raynoisy.train.preflight import resolve_config
+
+CPU = torch.device("cpu")
+TRUSTED = toy_batch(128, noise=0.0, seed=7, first_id=10_000)
+NOISY = toy_batch(BATCH, noise=0.4, seed=8)
+
+
+def build(tmp_path: Path, name: str, **params: object) -> Method:
+    cfg = resolve_config(
+        "digits",
+        name,
+        flags={"run.output": str(tmp_path), "model.name": MLP, "optim.batch_size": BATCH, "optim.epochs": 3},
+        overrides=[f"method.params.{k}={v}" for k, v in params.items()],
+    )
+    trusted = [rows(TRUSTED, slice(i, i + BATCH)) for i in range(0, len(TRUSTED), BATCH)]
+    ctx = method_context(
+        cfg,
+        num_classes=CLASSES,
+        in_channels=1,
+        image_size=SIDE,
+        steps_per_epoch=4,
+        num_train=1024,
+        num_trusted=len(TRUSTED),
+        splits={"trusted": trusted},
+    )
+    method = build_method(ctx)
+    start_stage(method, method.stages(cfg)[-1].name)  # metalabelnet: the meta stage, encoder frozen
+    return method
+
+
+def last_layer(module: torch.nn.Module) -> torch.nn.Linear:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def plant_one_class(method: Method) -> None:
+    """Every corrected label -> class 0 (MLC: α -> 0 too, so the skip connection cannot keep the label)."""
+    net = method.corrector if method.name == "mlc" else method.soft_label_net
+    layer = last_layer(net)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        layer.bias[0] = 50.0
+        if method.name == "mlc" and method.params.skip:
+            layer.bias[CLASSES] = -50.0  # α = sigmoid(-50)
+
+
+def plant_equal_weights(method: Method) -> None:
+    layer = last_layer(method.weight_net)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()  # v(ℓ) = sigmoid(0) = 0.5 for every loss
+
+
+def same_params(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def step_matches_cross_entropy(method: Method) -> bool:
+    """Whether ``train_step`` moves the main model as one CE step on the given labels from the same state."""
+    reference = copy.deepcopy(method.main)
+    method.train_step(NOISY, rows(TRUSTED, slice(0, BATCH)))
+    reference.cross_entropy_step(NOISY.x, NOISY.y)
+    return same_params(method.main.net, reference.net)
+
+
+# ---- readings by hand ----------------------------------------------------------------------------------
+
+
+def test_label_reading_by_hand() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    corrected = torch.tensor([0, 0, 0, 1, 0, 2, 3, 0])  # 5 kept; class 0 has 5 of 8 against 2 of 8
+    soft = torch.nn.functional.one_hot(corrected, CLASSES).float()
+    # two batches, as a rank's trusted pass gives them
+    reading = label_reading([(soft[:3], labels[:3]), (soft[3:], labels[3:])], CLASSES, CPU)
+    assert reading.samples == 8
+    assert reading.kept == pytest.approx(5 / 8)
+    assert reading.class_excess == pytest.approx((5 - 2) / 8)
+    assert reading.separation is None
+
+
+def test_weight_reading_by_hand() -> None:
+    right, wrong = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.1, 0.2, 0.9])
+    reading = weight_reading([(right[:1], wrong[:1]), (right[1:], wrong[1:])], CPU)
+    assert reading.samples == 3
+    assert reading.separation == pytest.approx((2.4 - 1.2) / 3)
+
+
+def test_wrong_labels_are_another_class_fixed_by_the_sample() -> None:
+    labels = torch.arange(100) % CLASSES
+    ids = torch.arange(1000, 1100)
+    wrong = wrong_labels(labels, ids, CLASSES)
+    assert bool((wrong != labels).all())
+    assert bool(((wrong >= 0) & (wrong < CLASSES)).all())
+    assert torch.equal(wrong, wrong_labels(labels, ids, CLASSES))
+    assert len(set((wrong - labels).remainder(CLASSES).tolist())) == CLASSES - 1  # every other class is used
+
+
+def test_empty_reading_keeps_the_last_decision() -> None:
+    guard = CollapseGuard("mlc", GuardParams(), rank=0, falling_back=True)
+    assert guard.update(0, label_reading([], CLASSES, CPU)) == {}
+    assert guard.falling_back
+
+
+@pytest.mark.parametrize(
+    ("reading", "fires"),
+    [
+        (GuardReading(samples=10, kept=0.59, class_excess=0.0), True),
+        (GuardReading(samples=10, kept=0.61, class_excess=0.29), False),
+        (GuardReading(samples=10, kept=0.9, class_excess=0.31), True),
+        (GuardReading(samples=10, separation=0.04), True),
+        (GuardReading(samples=10, separation=-0.5), True),
+        (GuardReading(samples=10, separation=0.06), False),
+    ],
+)
+def test_limits(reading: GuardReading, fires: bool) -> None:
+    assert bool(reading.problems(GuardParams())) == fires
+
+
+# ---- planted collapses -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), [("mlc", {}), ("mlc", {"skip": "true"}), ("metalabelnet", {})])
+def test_label_collapse_is_caught_and_trains_on_the_given_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, params: dict[str, str]
+) -> None:
+    if name == "metalabelnet":
+        params = params | {"warmup_epochs": "0"}
+    method = build(tmp_path, name, **params)
+    assert not step_matches_cross_entropy(method)  # steering: the step is not plain CE
+    plant_one_class(method)
+    with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
+        scalars = method.on_epoch_end(0)
+    share_of_class_0 = float((TRUSTED.y == 0).float().mean())
+    assert scalars["guard_kept"] == pytest.approx(share_of_class_0)
+    assert scalars["guard_class_excess"] == pytest.approx(1 - share_of_class_0)
+    assert scalars["guard_fallback"] == 1.0
+    assert f"[guard] {name} epoch 1: collapse" in caplog.text
+    assert "Epoch 2 trains the main model on the given labels" in caplog.text
+    assert step_matches_cross_entropy(method)
+    assert method.final_metrics()["collapse_guard"]["fired_epochs"] == [1]
+
+
+def test_equal_weights_are_caught_and_train_with_weight_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    method = build(tmp_path, "mwnet")
+    assert not step_matches_cross_entropy(method)
+    plant_equal_weights(method)
+    with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
+        scalars = method.on_epoch_end(0)
+    assert scalars["guard_separation"] == pytest.approx(0.0, abs=1e-6)
+    assert scalars["guard_fallback"] == 1.0
+    assert "[guard] mwnet epoch 1: collapse" in caplog.text
+    assert step_matches_cross_entropy(method)
+
+
+def test_a_corrector_that_keeps_the_labels_is_healthy_and_ends_the_fallback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    method = build(tmp_path, "mlc", skip="true")
+    plant_one_class(method)
+    method.on_epoch_end(0)
+    with torch.no_grad():
+        last_layer(method.corrector).bias[CLASSES] = 50.0  # α = 1: the corrected label is the given one
+    with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
+        scalars = method.on_epoch_end(1)
+    assert scalars["guard_kept"] == pytest.approx(1.0)
+    assert scalars["guard_class_excess"] == pytest.approx(0.0)
+    assert scalars["guard_fallback"] == 0.0
+    assert "[guard] mlc epoch 2: healthy again" in caplog.text
+    assert not method.falling_back
+
+
+def test_the_decision_survives_a_resume(tmp_path: Path) -> None:
+    method = build(tmp_path, "mwnet")
+    plant_equal_weights(method)
+    method.on_epoch_end(0)
+    resumed = build(tmp_path, "mwnet")
+    resumed.load_state_dict(copy.deepcopy(method.state_dict()))
+    assert resumed.falling_back
+    assert resumed.final_metrics()["collapse_guard"]["fired_epochs"] == [1]
+
+
+def test_guard_off_reads_nothing(tmp_path: Path) -> None:
+    method = build(tmp_path, "mwnet", guard="false")
+    plant_equal_weights(method)
+    assert method.on_epoch_end(0) == {}
+    assert not method.falling_back
+
+
+def test_bad_limits_fail_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="guard_min_kept"):
+        build(tmp_path, "mlc", guard_min_kept=1.5)
+
+
+def test_no_trusted_split_reads_nothing(tmp_path: Path) -> None:
+    method = build(tmp_path, "mlc")
+    method.ctx.iter_split = lambda split: iter(())
+    plant_one_class(method)
+    assert method.on_epoch_end(0) == {}
