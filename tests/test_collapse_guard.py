@@ -196,7 +196,7 @@ def test_a_corrector_that_keeps_the_labels_is_healthy_and_ends_the_fallback(
     assert scalars["guard_class_excess"] == pytest.approx(0.0)
     assert scalars["guard_fallback"] == 0.0
     assert "[guard] mlc epoch 2: healthy again" in caplog.text
-    assert not method.falling_back
+    assert not method.on_given_labels
 
 
 def test_the_decision_survives_a_resume(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_the_decision_survives_a_resume(tmp_path: Path) -> None:
     method.on_epoch_end(0)
     resumed = build(tmp_path, "mwnet")
     resumed.load_state_dict(copy.deepcopy(method.state_dict()))
-    assert resumed.falling_back
+    assert resumed.on_given_labels
     assert resumed.final_metrics()["collapse_guard"]["fired_epochs"] == [1]
 
 
@@ -213,7 +213,7 @@ def test_guard_off_reads_nothing(tmp_path: Path) -> None:
     method = build(tmp_path, "mwnet", guard="false")
     plant_equal_weights(method)
     assert method.on_epoch_end(0) == {}
-    assert not method.falling_back
+    assert not method.on_given_labels
 
 
 def test_bad_limits_fail_before_training(tmp_path: Path) -> None:
@@ -226,3 +226,20 @@ def test_no_trusted_split_reads_nothing(tmp_path: Path) -> None:
     method.ctx.iter_split = lambda split: iter(())
     plant_one_class(method)
     assert method.on_epoch_end(0) == {}
+
+
+@pytest.mark.parametrize("name", ["mlc", "mwnet"])
+def test_warmup_epochs_train_on_the_given_labels_then_steer(tmp_path: Path, name: str) -> None:
+    method = build(tmp_path, name, warmup_epochs=2, guard="false")
+    for epoch in (0, 1):
+        method.on_epoch_start(epoch)
+        assert step_matches_cross_entropy(method)
+    method.on_epoch_start(2)
+    assert not step_matches_cross_entropy(method)
+
+
+def test_the_guard_decides_from_the_last_warmup_epoch_on(tmp_path: Path) -> None:
+    method = build(tmp_path, "mlc", warmup_epochs=2)
+    plant_one_class(method)
+    assert method.on_epoch_end(0) == {}  # epoch 2 warms up anyway: nothing to decide
+    assert method.on_epoch_end(1)["guard_fallback"] == 1.0  # decides epoch 3's steps

@@ -82,10 +82,15 @@ class TrustedMetaMethod(Method):
     resumed run, whose loop state (epoch in stage, step in epoch) is checkpointed, keeps the same phase.
     The method itself counts nothing, so there is no second counter that could disagree with the loop's.
 
-    After every epoch the collapse guard reads the meta network on the trusted set (``guard_reading``);
-    while it reports a collapse, ``falling_back`` is true and the method's real steps train the main model
-    on the given labels (``given_label_loss``) instead of the meta network's targets or weights.
+    The real steps train the main model on the given labels (``given_label_loss``) instead of the meta
+    network's targets or weights (``on_given_labels``) in the first ``warmup_epochs`` epochs, while the
+    meta network already learns (MLC, MW-Net: ``method.params.warmup_epochs``; MetaLabelNet's warm-up is a
+    stage without a meta network), and while the collapse guard, which reads the meta network on the
+    trusted set after every epoch (``guard_reading``), reports a collapse.
     """
+
+    # Epochs from the start whose real steps use the given labels; subclasses set it from their params.
+    warmup_epochs: int = 0
 
     needs_trusted = True
     # Whether some step is a plain DDP step (MetaLabelNet's warm-up); the meta steps synchronise by hand.
@@ -95,10 +100,15 @@ class TrustedMetaMethod(Method):
         super().__init__(ctx)
         self.main = MainModel(ctx, ddp=self.plain_steps)
         self.guard = CollapseGuard(self.name, self.params, ctx.rank)
+        self.epoch = 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @property
-    def falling_back(self) -> bool:
-        return self.guard.falling_back
+    def on_given_labels(self) -> bool:
+        """Whether this epoch's real steps use the given labels: a warm-up epoch, or the guard falls back."""
+        return self.epoch < self.warmup_epochs or self.guard.falling_back
 
     @abstractmethod
     def guard_reading(self) -> GuardReading | None:
@@ -110,7 +120,7 @@ class TrustedMetaMethod(Method):
         return iter(()) if self.ctx.iter_split is None else self.ctx.iter_split("trusted")
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        if not self.params.guard:
+        if not self.params.guard or epoch + 1 < self.warmup_epochs:  # the next epoch warms up anyway
             return {}
         reading = self.guard_reading()
         return {} if reading is None else self.guard.update(epoch, reading)

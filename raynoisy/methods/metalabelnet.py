@@ -255,7 +255,7 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
 
     def _real_loss(self, soft: Tensor, labels: Tensor) -> OutputLoss:
         """KL + entropy on the soft labels; cross-entropy on the given labels while the guard falls back."""
-        return given_label_loss(labels) if self.falling_back else real_step_loss(soft)
+        return given_label_loss(labels) if self.on_given_labels else real_step_loss(soft)
 
     def _soft_labels(self, batch: Batch) -> Tensor:
         assert self.encoder is not None, "the soft-label net exists only from the first stage-2 epoch on"

@@ -13,10 +13,11 @@ look-ahead step does well on trusted data. Per step, with a trusted batch as lar
    cost, and the training backward needs no graph;
 3. K-step accumulation with MLC's identity-Hessian discount (``MLCHypergradAccumulator``); the meta
    optimizer, Adam(amsgrad, eps 1e-8, no weight decay), steps every K-th step;
-4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient — except while
-   the collapse guard falls back (``raynoisy.methods.collapse_guard``): then it is the noisy batch's
-   cross-entropy on its given labels, back-propagated through the same forward (the clean half is left out
-   of that step; the corrector keeps its meta updates).
+4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient — except in
+   the first ``warmup_epochs`` epochs (default 0, the paper) and while the collapse guard falls back
+   (``raynoisy.methods.collapse_guard``): then it is the noisy batch's cross-entropy on its given labels,
+   back-propagated through the same forward (the clean half is left out of that step; the corrector keeps
+   its meta updates, so it has learned on the main model's features by the time it steers).
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps (and only they count towards the K
 of the accumulation); the steps between are plain steps on softCE(f(x), g(h, ỹ)) of the noisy batch alone
@@ -78,6 +79,7 @@ class MLCParams(TrustedMetaParams):
     hidden: int = 128
     skip: bool = False
     gradient_steps: int = 1
+    warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +92,7 @@ class MLCParams(TrustedMetaParams):
             f"must be >= 1, got {self.gradient_steps}",
             "1 is plain MLC",
         )
+        check_param(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "0 steers from the start")
 
 
 @register_method
@@ -117,6 +120,7 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             self.corrector.parameters(), lr=p.meta_lr, eps=1e-8, weight_decay=0.0, amsgrad=True
         )
         self.accumulator = MLCHypergradAccumulator(p.gradient_steps)
+        self.warmup_epochs = p.warmup_epochs
 
     def _corrected_loss(self, labels: Tensor, share: float) -> OutputLoss:
         """ℓ(logits, features) = share · softCE(logits, g(h, ỹ)), h the features (detached by the engine)."""
@@ -151,20 +155,20 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             gold_loss,
             meta_params,
             rest_loss=clean_loss,
-            keep_graph=self.falling_back,
+            keep_graph=self.on_given_labels,
             with_discount=self.accumulator.needs_discount,
         )
         meta = self.accumulator.accumulate(hyper.meta_grads, hyper.discount)
         if meta.step_now:
             self.meta_step(self.meta_optimizer, meta_params, meta.grads)
-        if self.falling_back:  # the guard's fallback: the given labels' CE, through the same forward
+        if self.on_given_labels:  # warm-up or the guard's fallback: the given labels' CE, same forward
             loss = real_step_through_outputs(self.main, hyper, given_label_loss(batch.y))
             return {"loss": float(loss), "meta_loss": float(hyper.gold_loss_after)}
         self.main.apply_grads([hyper.train_grads.get(name) for name, _ in net.named_parameters()])
         return {"loss": float(hyper.train_loss), "meta_loss": float(hyper.gold_loss_after)}
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
-        target = given_label_loss(batch.y) if self.falling_back else self._corrected_loss(batch.y, 1.0)
+        target = given_label_loss(batch.y) if self.on_given_labels else self._corrected_loss(batch.y, 1.0)
         loss, _ = step_through_outputs(self.main, batch.x, target)
         return {"loss": float(loss)}
 

@@ -8,7 +8,8 @@ A weight net v(ℓ) maps each noisy sample's (detached) loss to a weight in (0, 
 2. real step: weigh the same forward's losses with the UPDATED v (no graph to v) and take the real SGD
    step on mean(v(ℓ)·ℓ), back-propagating through the meta step's forward instead of a second one; while
    the collapse guard falls back (``raynoisy.methods.collapse_guard``: the weights of right and wrong
-   labels of trusted samples do not separate), plain cross-entropy, every weight 1.
+   labels of trusted samples do not separate) and in the first ``warmup_epochs`` epochs (default 0, the
+   paper), plain cross-entropy, every weight 1.
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps; the steps between are plain steps
 on mean(v(ℓ)·ℓ) with the current weight net (one forward, one backward, no trusted batch).
@@ -77,6 +78,7 @@ class MWNetParams(TrustedMetaParams):
     meta_weight_decay: float = 1e-4
     hidden: int = 100
     lookahead_rule: str = "sgd-plain"
+    warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +91,7 @@ class MWNetParams(TrustedMetaParams):
             f"unknown rule {self.lookahead_rule!r}",
             "use sgd-plain (the reference) or optimizer (the real SGD rule with momentum and weight decay)",
         )
+        check_param(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "0 weighs from the start")
 
 
 @register_method
@@ -107,6 +110,7 @@ class MetaWeightNet(TrustedMetaMethod):
         self.meta_optimizer = torch.optim.Adam(
             self.weight_net.parameters(), lr=self.params.meta_lr, weight_decay=self.params.meta_weight_decay
         )
+        self.warmup_epochs = self.params.warmup_epochs
 
     def _weighted_loss(self, labels: Tensor) -> OutputLoss:
         """ℓ(logits) = mean(v(ℓ_i)·ℓ_i), v fed detached losses: v's gradient comes only via the look-ahead."""
@@ -145,7 +149,7 @@ class MetaWeightNet(TrustedMetaMethod):
 
     def _real_loss(self, labels: Tensor) -> OutputLoss:
         """The weighted loss, or plain cross-entropy (every weight 1) while the collapse guard falls back."""
-        return given_label_loss(labels) if self.falling_back else self._weighted_loss(labels)
+        return given_label_loss(labels) if self.on_given_labels else self._weighted_loss(labels)
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
         loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(batch.y))
