@@ -1,18 +1,22 @@
 """Driving a method without Ray: build its context from in-memory batches and walk its stages.
 
-For tests, benchmarks and debugging a new method on a laptop: the same hooks in the same order as the Ray
-Train loop (``raynoisy.train.loop``), one process, no data pipeline. ``walk_stages`` is the loop's control
-flow without evaluation (so no ``on_evaluated``) and checkpoints; ``start_stage`` brings a fresh method to
-the first step of a named stage (e.g. to time GLC's phase-2 steps).
+For tests, benchmarks, the in-process backend (``raynoisy.train.in_process``) and debugging a new method on a
+laptop: the same hooks in the same order as the Ray Train loop (``raynoisy.train.loop``), one process, no
+data pipeline. ``walk_stages`` is the loop's control flow without checkpoints; given an ``Evaluation`` it
+also evaluates and selects where the loop does (each epoch's end, ``on_evaluated`` in between), so the hook
+order has one implementation outside the loop. ``start_stage`` brings a fresh method to the first step of a
+named stage (e.g. to time GLC's phase-2 steps).
 
-What differs from the loop, because there is no validation set: a stage starts from the model the previous
-stage ended with, where the loop hands ``on_stage_start`` the previous stage's best-validation model.
+Without an ``Evaluation`` there is no validation set, so a stage starts from the model the previous stage
+ended with, where the loop hands ``on_stage_start`` the previous stage's best-validation model.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -108,11 +112,33 @@ def start_stage(method: Method, name: str) -> Stage:
     raise ValueError(f"{method.name} has no stage {name!r}")
 
 
+class Evaluation(Protocol):
+    """Evaluation and best-validation selection for ``walk_stages``, asked where the loop evaluates.
+
+    After each epoch's ``on_epoch_end``: ``evaluate``, then the method's ``on_evaluated`` with its metrics,
+    then ``select``; at each stage's end ``stage_best``, which the next stage's ``on_stage_start`` gets.
+    """
+
+    def evaluate(self, method: Method, stage: Stage, epoch: int, log: dict[str, Any]) -> dict[str, Any]:
+        """The metrics ``on_evaluated`` gets for epoch ``epoch`` (0-based): its training ``log`` (as
+        ``walk_stages`` returns it) and the accuracies of ``method.eval_model()``."""
+        ...
+
+    def select(self, method: Method, stage: Stage, metrics: dict[str, Any]) -> None:
+        """Consider ``method.eval_model()``, evaluated as ``metrics`` say, for the best-validation model."""
+        ...
+
+    def stage_best(self) -> ModelState | None:
+        """The best-validation model of the stage that just ended; the next stage starts a best of its own."""
+        ...
+
+
 def walk_stages(
     method: Method,
     batches: Callable[[Stage, int], Iterable[Batch]],
     trusted: Callable[[int], Batch] | None = None,
-) -> list[dict[str, float | str]]:
+    evaluation: Evaluation | None = None,
+) -> list[dict[str, Any]]:
     """Train a freshly built ``method`` through every stage, with the loop's hooks in the loop's order.
 
     ``batches(stage, epoch)`` gives an epoch's noisy batches (``epoch`` counts over all stages, from 0) and
@@ -121,11 +147,13 @@ def walk_stages(
     or where ``method.takes_trusted_at`` declines the step, asked with epoch in stage x
     ``ctx.steps_per_epoch`` + step in epoch), and a stage that trains on ``trusted`` takes
     ``ctx.steps_per_epoch`` steps on trusted batches with None as the trusted batch (``batches`` is not
-    called for it). Each stage starts from the model the previous one ended with (see the module
-    docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of its steps (NaN without steps),
-    the scalars of ``on_stage_start`` (first epoch of a stage) and of ``on_epoch_end``.
+    called for it). With an ``evaluation``, each epoch is evaluated and selected as in the loop and a stage
+    starts from the previous stage's best-validation model; without one, from the model the previous stage
+    ended with (see the module docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of its
+    steps (NaN without steps), the ``seconds`` from ``on_epoch_start`` to the end of ``on_epoch_end``, the
+    scalars of ``on_stage_start`` (first epoch of a stage) and of ``on_epoch_end``.
     """
-    logs: list[dict[str, float | str]] = []
+    logs: list[dict[str, Any]] = []
     previous: ModelState | None = None
     epoch = 0
     for stage in method.stages(method.ctx.cfg):
@@ -138,20 +166,24 @@ def walk_stages(
                 f"stage {stage.name} of {method.name} takes trusted batches of {size}: pass trusted"
             )
         for epoch_in_stage in range(stage.epochs):
+            started = time.perf_counter()
             method.on_epoch_start(epoch)
             first = epoch_in_stage * method.ctx.steps_per_epoch
             losses = [
                 method.train_step(batch, pair).get("loss", float("nan"))
                 for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted)
             ]
-            logs.append(
-                {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
-                | scalars
-                | method.on_epoch_end(epoch)
-            )
+            log = {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
+            log |= scalars | method.on_epoch_end(epoch)
+            log["seconds"] = time.perf_counter() - started
+            if evaluation is not None:
+                metrics = evaluation.evaluate(method, stage, epoch, log)
+                method.on_evaluated(epoch, metrics)
+                evaluation.select(method, stage, metrics)
+            logs.append(log)
             scalars = {}
             epoch += 1
-        previous = _snapshot(method)
+        previous = _snapshot(method) if evaluation is None else evaluation.stage_best()
     return logs
 
 

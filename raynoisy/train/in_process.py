@@ -1,0 +1,359 @@
+"""Training a run in one process, without Ray: for grids of small runs on a CPU machine.
+
+A Ray run pays for the cluster's start (a minute or more) and, on a few cores, for the Ray Data pipeline
+that decodes every epoch's images beside the training step. For an image data set that fits in memory this
+backend trains the same method classes with the same config, label plan and model selection in the
+calling process: ``prepare`` plans the labels and writes (or reuses) the driver's shards, every split is
+read once and decoded by the pipeline's evaluation transform into tensors, and
+``raynoisy.train.harness.walk_stages`` drives the method with the loop's hooks in the loop's order,
+measuring validation and test accuracy after every epoch (``count_hits``) and selecting with the loop's
+``Selection``. The run's folder gets what the driver writes there (config.json, labels.parquet,
+metrics.json with the driver's keys, model.pt, the per-sample tables, computed as the driver's export step
+computes them) and history.json.
+
+What differs from a Ray run: one worker (``scaling.workers`` must be 1), on the CPU; the training set is
+reshuffled whole each epoch by a generator seeded with ``run.seed`` and the epoch, where Ray Data shuffles
+files, blocks and a local buffer; the trusted stream cycles on from the start of the run instead of
+restarting each epoch; evaluation happens at epoch ends only (``run.eval_every_steps`` is refused), over the
+test split as one set (no per-set metrics); an epoch's history logs the mean step loss but no other step
+scalar; and there are no checkpoints, so an interrupted run starts again. A family whose training transform
+augments (``cifar``, ``imagenet``) decodes and augments each training batch from the shard payloads with
+the pipeline's own transform; ``small`` (no augmentation) trains on the decoded tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raynoisy.config import Config
+from raynoisy.data.batch import Batch
+from raynoisy.data.pipeline import BadSampleCounter, InMemorySplit, InputSpec, check_bad_fraction
+from raynoisy.data.sources import get_source
+from raynoisy.errors import ConfigError, TrainingDivergedError
+from raynoisy.methods.base import Method, Stage
+from raynoisy.methods.label_issues import summarize_label_issues
+from raynoisy.train.evaluate import accuracy, count_hits
+from raynoisy.train.export import LABEL_ISSUES, per_sample_table, summary
+from raynoisy.train.harness import ModelState, build_method, method_context, walk_stages
+from raynoisy.train.preflight import check
+from raynoisy.train.prepare import Prepared, input_spec, prepare, steps_per_epoch
+from raynoisy.train.run_files import METRICS_FILE, LoopState, write_metrics
+from raynoisy.train.selection import Selection
+
+CPU = torch.device("cpu")
+HISTORY_FILE = "history.json"
+# Transform families whose training transform is the evaluation one (``raynoisy.data.transforms``: ``small``
+# is the identity), so that training batches can come from the tensors decoded once.
+UNAUGMENTED_FAMILIES = frozenset({"small"})
+# Rows decoded per call while a split is read into memory.
+DECODE_ROWS = 4096
+# Streams of ``run.seed``: the training set's order of each epoch, the trusted set's order of each pass.
+_TRAIN_ORDER, _TRUSTED_ORDER = 0, 1
+
+
+def train_in_process(cfg: Config, log: Callable[[str], None] = print, threads: int = 1) -> dict[str, Any]:
+    """Run one training job in this process; returns the metrics also written to ``<output>/metrics.json``.
+
+    ``threads``: torch's intra-op threads while the run trains (restored after), 1 by default so that a
+    grid can run one process per core side by side.
+    """
+    start = time.time()
+    check(cfg)
+    check_in_process(cfg)
+    output = Path(cfg.run.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, log)
+    labels = prepared.labels_table()
+    pq.write_table(labels, output / "labels.parquet")
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
+        method, record = _train(cfg, prepared, data, log)
+        # The driver's export step on the final method; per_sample_table reads only Streams.method_pass.
+        passes = SimpleNamespace(method_pass=method.ctx.iter_split)
+        tables = per_sample_table(method, passes, 0, 1, record.selection.best) or {}
+    finally:
+        torch.set_num_threads(previous_threads)
+    _write_outputs(output, tables, record.selection.best)
+    metrics = _metrics(cfg, prepared, labels, method, record.state, tables, time.time() - start)
+    write_metrics(output, metrics)
+    # metrics.json's history alone, as strict JSON as metrics.json is (a NaN accuracy is null).
+    history = json.loads((output / METRICS_FILE).read_text())["history"]
+    (output / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    log(
+        f"[in-process] test accuracy (best-val model, epoch {metrics['best_epoch']}): "
+        f"{metrics['test_accuracy']:.4f}; final-epoch test accuracy {metrics['final_test_accuracy']:.4f}; "
+        f"{metrics['wall_seconds']:.0f} s; outputs in {output}"
+    )
+    return metrics
+
+
+def check_in_process(cfg: Config) -> None:
+    """Refuse what this backend would not run as the Ray loop does: text, workers, step evaluations."""
+    if get_source(cfg.data.dataset).transform == "text":
+        raise ConfigError(
+            "data.dataset",
+            f"{cfg.data.dataset!r} is a text data set; the in-process backend trains image data sets only",
+            "run it through Ray (without --in-process)",
+        )
+    if cfg.scaling.workers != 1:
+        raise ConfigError(
+            "scaling.workers", "the in-process backend trains with one worker", "use --workers 1"
+        )
+    if cfg.run.eval_every_steps:
+        raise ConfigError(
+            "run.eval_every_steps",
+            "the in-process backend evaluates at epoch ends only",
+            "unset run.eval_every_steps, or run through Ray (without --in-process)",
+        )
+
+
+@dataclass
+class SplitInMemory:
+    """One split's shard rows in memory, and all of them decoded once by the evaluation transform."""
+
+    rows: InMemorySplit
+    decoded: Batch
+
+    def chunks(self, size: int) -> list[Batch]:
+        """The split in shard order, in batches of ``size`` (views of the decoded tensors)."""
+        return [_take(self.decoded, slice(lo, lo + size)) for lo in range(0, len(self.decoded), size)]
+
+    def shuffled(self, size: int, rng: np.random.Generator, augment: bool) -> Iterator[Batch]:
+        """One pass in ``rng``'s order in batches of ``size`` (the last one short), for training: decoded and
+        augmented by the pipeline's training transform if ``augment``, else taken from the decoded tensors."""
+        if augment:
+            yield from self.rows.batches(size, train=True, device=CPU, rng=rng)
+            return
+        order = torch.from_numpy(rng.permutation(len(self.decoded)))
+        for lo in range(0, len(order), size):
+            yield _take(self.decoded, order[lo : lo + size])
+
+
+@dataclass
+class InMemoryData:
+    """A prepared run's splits in memory (a split without rows is absent), and whether training augments."""
+
+    splits: dict[str, SplitInMemory]
+    augment: bool
+
+
+def load_splits(prepared: Prepared, spec: InputSpec, max_bad_fraction: float) -> InMemoryData:
+    """Read every split's shards into memory and decode them. A row that fails to decode is dropped and
+    counted (``raynoisy.data.pipeline.to_batch``); past ``max_bad_fraction`` the run fails, as in the loop."""
+    counter = BadSampleCounter()
+    splits = {}
+    for split in prepared.shards.manifest["files"]:
+        rows = InMemorySplit(prepared.shards.files(split), spec)
+        rng = np.random.default_rng(0)  # unused: evaluation neither shuffles nor augments
+        parts = list(rows.batches(DECODE_ROWS, train=False, device=CPU, rng=rng, counter=counter))
+        if parts:
+            splits[split] = SplitInMemory(rows, _cat(parts))
+    check_bad_fraction(counter.bad, counter.seen, max_bad_fraction)
+    return InMemoryData(splits, augment=spec.family not in UNAUGMENTED_FAMILIES)
+
+
+def _take(batch: Batch, index: slice | torch.Tensor) -> Batch:
+    return Batch(
+        x=batch.x[index], y=batch.y[index], sample_id=batch.sample_id[index], true_y=batch.true_y[index]
+    )
+
+
+def _cat(parts: list[Batch]) -> Batch:
+    return Batch(
+        x=torch.cat([p.x for p in parts]),
+        y=torch.cat([p.y for p in parts]),
+        sample_id=torch.cat([p.sample_id for p in parts]),
+        true_y=torch.cat([p.true_y for p in parts]),
+    )
+
+
+def _train(
+    cfg: Config, prepared: Prepared, data: InMemoryData, log: Callable[[str], None]
+) -> tuple[Method, EpochRecord]:
+    """Build the method on the in-memory splits and walk its stages with evaluation and selection."""
+    counts = prepared.shards.manifest["counts"]
+    steps = steps_per_epoch(cfg, counts.get("train", 0))
+    spec = input_spec(cfg)
+    # Whole-split passes as the loop's ``Streams.method_pass`` gives them: batches of at least 256, in shard
+    # order, with the true labels hidden. Evaluation reads the same batches: it counts hits on given labels,
+    # which outside the training split are the true ones.
+    pass_size = max(256, cfg.optim.batch_size)
+    passes = {
+        name: [batch.without_truth() for batch in split.chunks(pass_size)]
+        for name, split in data.splits.items()
+    }
+    ctx = method_context(
+        cfg,
+        num_classes=prepared.catalog.num_classes,
+        in_channels=spec.channels,
+        image_size=spec.size,
+        steps_per_epoch=steps,
+        num_train=counts.get("train", 0),
+        num_trusted=counts.get("trusted", 0),
+        splits=passes,
+        train_ids=data.splits["train"].decoded.sample_id.numpy(),
+    )
+    method = build_method(ctx)
+    record = EpochRecord(passes.get("val", []), passes.get("test", []), steps * cfg.optim.batch_size, log)
+    walk_stages(method, _epoch_batches(cfg, data, steps), _trusted_batches(cfg, data), record)
+    return method, record
+
+
+def _epoch_batches(cfg: Config, data: InMemoryData, steps: int) -> Callable[[Stage, int], Iterator[Batch]]:
+    """An epoch's ``steps`` full training batches, in an order seeded by ``run.seed`` and the epoch."""
+    train = data.splits["train"]
+
+    def batches(stage: Stage, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([cfg.run.seed, _TRAIN_ORDER, epoch])
+        shuffled = train.shuffled(cfg.optim.batch_size, rng, data.augment)
+        return (batch.without_truth() for batch in itertools.islice(shuffled, steps))
+
+    return batches
+
+
+def _trusted_batches(cfg: Config, data: InMemoryData) -> Callable[[int], Batch] | None:
+    """``trusted(size)`` for ``walk_stages``: per size, endless passes over the trusted set, each in a new
+    order (the last batch of a pass short, as the loop's ``cycle_batches`` gives them); None without one."""
+    trusted = data.splits.get("trusted")
+    if trusted is None:
+        return None
+    streams: dict[int, Iterator[Batch]] = {}
+
+    def cycle(size: int) -> Iterator[Batch]:
+        for index in itertools.count():
+            rng = np.random.default_rng([cfg.run.seed, _TRUSTED_ORDER, index])
+            yield from trusted.shuffled(size, rng, data.augment)
+
+    def draw(size: int) -> Batch:
+        stream = streams.setdefault(size, cycle(size))
+        return next(stream).without_truth()
+
+    return draw
+
+
+class EpochRecord:
+    """``walk_stages``'s evaluation: accuracies as the loop measures them, its selection, its history.
+
+    Each epoch's metrics have the loop's keys (``epoch`` 1-based, ``stage``, ``lr``, ``train_loss``,
+    ``train_seconds``, ``train_<scalar>`` of ``on_stage_start`` / ``on_epoch_end``, ``val_accuracy``,
+    ``test_accuracy``, ``test_top5_accuracy``, ``best_val_accuracy``) and ``eval_seconds``.
+    """
+
+    def __init__(
+        self, val: list[Batch], test: list[Batch], samples_per_epoch: int, log: Callable[[str], None]
+    ) -> None:
+        self.val, self.test = val, test
+        self.samples_per_epoch = samples_per_epoch
+        self.log = log
+        self.selection = Selection()
+        self.state = LoopState()
+
+    def evaluate(self, method: Method, stage: Stage, epoch: int, log: dict[str, Any]) -> dict[str, Any]:
+        if not math.isfinite(log["loss"]):
+            raise TrainingDivergedError(epoch + 1, method.ctx.steps_per_epoch, log["loss"])
+        started = time.perf_counter()
+        net = method.eval_model()
+        val_top1, _, val_total = count_hits(net, self.val, CPU, {})[""]
+        test_top1, test_top5, test_total = count_hits(net, self.test, CPU, {})[""]
+        return {f"train_{key}": value for key, value in log.items() if key != "stage"} | {
+            "val_accuracy": accuracy(val_top1, val_total),
+            "test_accuracy": accuracy(test_top1, test_total),
+            "test_top5_accuracy": accuracy(test_top5, test_total),
+            "epoch": epoch + 1,
+            "step": 0,
+            "stage": stage.name,
+            "lr": method.current_lr(),
+            "eval_seconds": time.perf_counter() - started,
+        }
+
+    def select(self, method: Method, stage: Stage, metrics: dict[str, Any]) -> None:
+        state = self.state
+        self.selection.consider(state, stage, metrics, method.eval_model())
+        metrics["best_val_accuracy"] = state.best_val_accuracy
+        state.history.append(metrics)
+        state.epoch += 1
+        state.train_seconds += metrics["train_seconds"]
+        state.train_samples += self.samples_per_epoch
+        self.log(
+            f"[in-process] epoch {metrics['epoch']} stage {stage.name} loss {metrics['train_loss']:.4f} "
+            f"val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f} "
+            f"({metrics['train_seconds'] + metrics['eval_seconds']:.1f}s)"
+        )
+
+    def stage_best(self) -> ModelState | None:
+        return self.selection.next_stage(self.state)
+
+
+def _write_outputs(output: Path, tables: dict[str, pa.Table], best: ModelState | None) -> None:
+    """The per-sample tables and model.pt (the best-validation weights), named as the driver names them."""
+    for name, table in tables.items():
+        pq.write_table(table, output / f"{name}.parquet")
+    if best is not None:
+        torch.save(best, output / "model.pt")
+
+
+def _metrics(
+    cfg: Config,
+    prepared: Prepared,
+    labels: pa.Table,
+    method: Method,
+    state: LoopState,
+    tables: dict[str, pa.Table],
+    wall: float,
+) -> dict[str, Any]:
+    """metrics.json as the driver fills it (``raynoisy.train.driver``), from the run's loop state."""
+    values = summary(state)
+    counts = prepared.shards.manifest["counts"]
+    noise = prepared.plan.noise.to_dict()
+    metrics = {
+        "method": cfg.method.name,
+        "dataset": cfg.data.dataset,
+        "backend": "in-process",
+        "noise": {"type": noise["type"], "rate": noise["rate"], "actual_rate": noise["actual_rate"]},
+        "clean_size": counts.get("trusted", 0),
+        "train_size": counts.get("train", 0),
+        "val_size": counts.get("val", 0),
+        "test_size": counts.get("test", 0),
+        "epochs": values["epochs"],
+        "best_epoch": values["best_epoch"],
+        "test_accuracy": values["test_accuracy"],
+        "test_top5_accuracy": values["test_metrics"].get("test_top5_accuracy", float("nan")),
+        "best_val_accuracy": values["best_val_accuracy"],
+        "final_test_accuracy": values["final_test_accuracy"],
+        "final_val_accuracy": values["final_val_accuracy"],
+        "model_selection": "test accuracy of the epoch with the best validation accuracy",
+        "wall_seconds": wall,
+        "train_samples_per_second": values["train_samples_per_second"],
+        "workers": 1,
+        "seed": cfg.run.seed,
+        "skipped_samples": len(prepared.shards.manifest["skipped"]),
+        "shards": prepared.shards.uri,
+        "num_classes": prepared.catalog.num_classes,
+        "class_names": list(prepared.catalog.class_names),
+        "steps_per_epoch": method.ctx.steps_per_epoch,
+        "noise_transition_injected": noise["transition"],
+        "noise_transition_empirical": noise["empirical"],
+        "label_issues": summarize_label_issues(tables[LABEL_ISSUES], labels),
+    }
+    if method.export_name is not None:
+        metrics.update(method.summarize_export(tables[method.export_name], labels))
+    # The method's own facts (GLC's corruption matrix); the keys above take precedence, as in the driver.
+    metrics |= {k: v for k, v in method.final_metrics().items() if k not in metrics}
+    metrics["history"] = values["history"]
+    return metrics

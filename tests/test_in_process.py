@@ -1,0 +1,178 @@
+"""The in-process backend (``raynoisy.train.in_process``): a run without Ray on sklearn's digits.
+
+It must train the method classes on the driver's data plan with the loop's hook order and model selection,
+hide true labels from what the method sees, and write what the driver writes. Each run here takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
+
+from raynoisy.config import Config, load_config
+from raynoisy.data.catalog import UNKNOWN_LABEL
+from raynoisy.data.plan import plan_labels
+from raynoisy.data.sources import load_catalog
+from raynoisy.errors import ConfigError
+from raynoisy.methods.ce import CrossEntropy
+from raynoisy.methods.glc import GoldLossCorrection as GLC
+from raynoisy.train.in_process import check_in_process, load_splits, train_in_process
+from raynoisy.train.preflight import resolve_config
+from raynoisy.train.prepare import input_spec, prepare
+
+BATCH = 64
+
+
+def _config(tmp_path: Path, method: str, epochs: int, *overrides: str) -> Config:
+    flags = {
+        "noise.type": "uniform",
+        "noise.rate": 0.3,
+        "optim.epochs": epochs,
+        "optim.batch_size": BATCH,
+        "run.output": str(tmp_path / method),
+        "run.seed": 5,
+    }
+    sets = [f"data.shard_root={tmp_path / 'shards'}", *overrides]
+    return resolve_config("digits", method, flags=flags, overrides=sets)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_ce_trains_hides_true_labels_and_writes_the_driver_files(tmp_path, monkeypatch):
+    seen: list[tuple[int, bool, int]] = []  # (batch size, trusted batch given, largest true label)
+    step = CrossEntropy.train_step
+
+    def recording(self: CrossEntropy, batch, trusted) -> dict[str, float]:
+        seen.append((len(batch), trusted is not None, int(batch.true_y.max())))
+        return step(self, batch, trusted)
+
+    monkeypatch.setattr(CrossEntropy, "train_step", recording)
+    lines: list[str] = []
+    cfg = _config(tmp_path, "ce", 2)
+    metrics = train_in_process(cfg, log=lines.append)
+
+    train_rows = metrics["train_size"]
+    assert seen == [(BATCH, False, UNKNOWN_LABEL)] * (2 * (train_rows // BATCH))
+    assert metrics["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert metrics["epochs"] == 2 and metrics["backend"] == "in-process"
+    out = Path(cfg.run.output)
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history == metrics["history"]
+    assert {"train_loss", "val_accuracy", "test_accuracy", "stage", "lr"} <= history[0].keys()
+    assert metrics["label_issues"]["samples"] == train_rows
+    assert all((out / name).exists() for name in ("labels.parquet", "label_issues.parquet", "model.pt"))
+    epoch_lines = [line for line in lines if line.startswith("[in-process] epoch")]
+    assert epoch_lines[0].startswith("[in-process] epoch 1 stage train loss ") and len(epoch_lines) == 2
+
+
+def test_data_is_the_driver_plan_decoded(tmp_path):
+    cfg = _config(tmp_path, "mlc", 1)
+    prepared = prepare(cfg, log=_quiet)
+    data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
+    catalog = load_catalog("digits", None)
+    plan = plan_labels(catalog, cfg, needs_trusted=True)
+    assert {name: len(split.decoded) for name, split in data.splits.items()} == {
+        name: count for name, count in plan.counts().items() if name != "unused" and count
+    }
+    for name, split in data.splits.items():
+        ids = split.decoded.sample_id.numpy()
+        assert (plan.split[ids] == name).all()
+        assert np.array_equal(split.decoded.y.numpy(), plan.given[ids])  # the noisy labels of this seed
+        assert np.array_equal(split.decoded.true_y.numpy(), plan.true[ids])
+    # The pipeline's evaluation transform of family "small": pixels scaled to [-1, 1], channel first.
+    train = data.splits["train"].decoded
+    pixels = np.rint(catalog_images()[train.sample_id.numpy()] * (255 / 16)) / 255
+    assert torch.allclose(train.x[:, 0], torch.from_numpy((pixels - 0.5) / 0.5).float(), atol=1e-6)
+    assert not data.augment
+
+
+def catalog_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
+
+
+def test_meta_method_reports_label_correction(tmp_path):
+    cfg = _config(tmp_path, "mlc", 1)
+    metrics = train_in_process(cfg, log=_quiet)
+    correction = metrics["label_correction"]
+    assert correction["samples"] == metrics["train_size"]
+    assert 0.0 <= correction["corrected_label_accuracy"] <= 1.0
+    assert correction["given_label_accuracy"] == pytest.approx(1 - metrics["noise"]["actual_rate"])
+    table = pq.read_table(Path(cfg.run.output) / "corrected_labels.parquet")
+    assert table.num_rows == metrics["train_size"]
+
+
+def test_best_validation_epoch_is_reported_and_handed_to_the_next_stage(tmp_path, monkeypatch):
+    models: list[dict[str, torch.Tensor]] = []  # eval_model() after each evaluation
+    handed: list[dict[str, torch.Tensor] | None] = []  # what each stage started from
+    evaluated, stage_start = GLC.on_evaluated, GLC.on_stage_start
+
+    def snapshot(self: GLC, epoch: int, metrics: dict[str, Any]) -> None:
+        models.append({k: v.clone() for k, v in self.eval_model().state_dict().items()})
+        evaluated(self, epoch, metrics)
+
+    def record_start(self: GLC, stage, best):
+        handed.append(best)
+        return stage_start(self, stage, best)
+
+    monkeypatch.setattr(GLC, "on_evaluated", snapshot)
+    monkeypatch.setattr(GLC, "on_stage_start", record_start)
+    cfg = _config(tmp_path, "glc", 3)  # two phases of three epochs; phase 1's models are not selectable
+    metrics = train_in_process(cfg, log=_quiet)
+
+    history = metrics["history"]
+    vals = [h["val_accuracy"] for h in history]
+    assert metrics["best_epoch"] == 4 + int(np.argmax(vals[3:]))  # the first of equal bests
+    best = history[metrics["best_epoch"] - 1]
+    assert metrics["test_accuracy"] == best["test_accuracy"]
+    assert metrics["best_val_accuracy"] == max(vals[3:])
+    assert metrics["final_test_accuracy"] == history[-1]["test_accuracy"]
+    saved = torch.load(Path(cfg.run.output) / "model.pt", weights_only=True)
+    assert _same(saved, models[metrics["best_epoch"] - 1])
+    # Phase 2 starts from phase 1's best-validation model, as in the loop.
+    assert handed[0] is None
+    assert _same(handed[1], models[int(np.argmax(vals[:3]))])
+
+
+def _same(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor]) -> bool:
+    return a is not None and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_what_the_loop_would_run_differently_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"scaling\.workers"):
+        check_in_process(_config(tmp_path, "ce", 1, "scaling.workers=2"))
+    with pytest.raises(ConfigError, match=r"run\.eval_every_steps"):
+        check_in_process(_config(tmp_path, "ce", 1, "run.eval_every_steps=5"))
+    text = load_config("sst2", "mlc", flags={"run.output": str(tmp_path), "data.root": str(tmp_path)})
+    with pytest.raises(ConfigError, match="image data sets only"):
+        check_in_process(text)
+
+
+def test_accuracy_benchmark_keeps_in_process_runs_apart(tmp_path, monkeypatch):
+    bench = load_benchmark("accuracy")
+    ray_runs: list[Config] = []
+    monkeypatch.setattr(bench, "train", lambda cfg: ray_runs.append(cfg))
+    argv = [
+        *("--dataset", "digits", "--methods", "ce", "--noise", "uniform:0.3", "--seeds", "0"),
+        *("--epochs", "1", "--clean-per-class", "10", "--output", str(tmp_path)),
+        *("--set", f"data.shard_root={tmp_path / 'shards'}", "--in-process"),
+    ]
+    args = bench.build_parser().parse_args(argv)
+    (run,) = bench.plan_runs(args)
+    assert run.output.name.endswith("-inproc")
+    first = bench.run_grid(args)
+    assert bench.run_grid(args) == first  # the second time from the cache
+    assert ray_runs == []
+    assert json.loads((run.output / "metrics.json").read_text())["backend"] == "in-process"
