@@ -36,7 +36,13 @@ grids side by side (one torch thread each) run at about 90% of that pace each.
 What differs: one worker on the CPU, the whole training set reshuffled each epoch instead of Ray Data's
 file, block and buffer shuffles, image data sets only; that module's docstring lists the rest. Its run
 directories end in ``-inproc``, so that a cached Ray run and an in-process run of the same config are never
-taken for one another.
+taken for one another. With ``--diagnose`` each epoch's history also scores the method's view of the
+training labels against the true ones (``diag_*``: corrected-label accuracy and its agreement with the
+main model's predictions, or MW-Net's mean weight of clean and mislabelled samples).
+
+``--part I/N``: train only runs I, I+N, I+2N, ... of the grid (0-based) and print no table, so that N
+processes share a grid (one per core); the same command without ``--part`` then reuses every cached run
+and prints the table.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import re
 import shlex
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from raynoisy.config import Config, parse_set_override
@@ -206,8 +213,10 @@ def run_grid(
 ) -> dict[tuple[str, str, str], list[dict]]:
     """(noise, method, variant) -> the metrics of each seed, training only the runs not cached."""
     results: dict[tuple[str, str, str], list[dict]] = {}
-    trainer = train_in_process if args.in_process else train
-    for run in plan_runs(args) if runs is None else runs:
+    trainer = partial(train_in_process, diagnose=args.diagnose) if args.in_process else train
+    runs = plan_runs(args) if runs is None else runs
+    index, count = args.part
+    for run in runs[index::count]:
         metrics = cached_metrics(run)
         reused = metrics is not None
         if metrics is None:
@@ -307,8 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train in this process without Ray (same methods, data plan and selection; see above)",
     )
+    parser.add_argument(
+        "--diagnose", action="store_true", help="with --in-process: per-epoch label quality in history"
+    )
+    parser.add_argument(
+        "--part", type=parse_part, default=(0, 1), metavar="I/N", help="train every N-th run from run I only"
+    )
     parser.add_argument("--output", required=True)
     return parser
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be in [0, N)")
+    return i, n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,7 +344,13 @@ def main(argv: list[str] | None = None) -> None:
         runs = plan_runs(args)
     except (ValueError, ConfigError) as exc:
         parser.error(str(exc))
-    text = table(run_grid(args, runs))
+    if args.diagnose and not args.in_process:
+        parser.error("--diagnose needs --in-process")
+    results = run_grid(args, runs)
+    if args.part != (0, 1):
+        print(f"[bench] part {args.part[0]}/{args.part[1]} done", flush=True)
+        return
+    text = table(results)
     print(text)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "table.md").write_text(text + "\n")

@@ -84,10 +84,16 @@ def same_params(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def step_matches_cross_entropy(method: Method) -> bool:
-    """Whether ``train_step`` moves the main model as one CE step on the given labels from the same state."""
+    """Whether ``train_step`` moves the main model as one CE step on the given labels from the same state.
+
+    MLC's loss also holds the trusted batch's second half (its clean half, CE on the trusted labels), with
+    weights B_s and B_c over B_s + B_c: the mean CE over the noisy batch and the clean half together.
+    """
     reference = copy.deepcopy(method.main)
-    method.train_step(NOISY, rows(TRUSTED, slice(0, BATCH)))
-    reference.cross_entropy_step(NOISY.x, NOISY.y)
+    trusted = rows(TRUSTED, slice(0, BATCH))
+    method.train_step(NOISY, trusted)
+    clean = rows(trusted, slice(BATCH // 2, BATCH)) if method.name == "mlc" else rows(NOISY, slice(0, 0))
+    reference.cross_entropy_step(torch.cat([NOISY.x, clean.x]), torch.cat([NOISY.y, clean.y]))
     return same_params(method.main.net, reference.net)
 
 

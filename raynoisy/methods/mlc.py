@@ -15,9 +15,10 @@ look-ahead step does well on trusted data. Per step, with a trusted batch as lar
    optimizer, Adam(amsgrad, eps 1e-8, no weight decay), steps every K-th step;
 4. the real step uses g_s itself (already averaged over ranks) as the main model's gradient — except in
    the first ``warmup_epochs`` epochs (default 0, the paper) and while the collapse guard falls back
-   (``raynoisy.methods.collapse_guard``): then it is the noisy batch's cross-entropy on its given labels,
-   back-propagated through the same forward (the clean half is left out of that step; the corrector keeps
-   its meta updates, so it has learned on the main model's features by the time it steers).
+   (``raynoisy.methods.collapse_guard``): then it is the gradient of L_s with the given labels in place of
+   the corrected ones (the clean half kept), through the same forward, and the corrector keeps its meta
+   updates, so it has learned on the main model's features by the time it steers. With ``warmup_epochs``
+   at least ``optim.epochs`` the run is the ablation "MLC's loss without its corrections".
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps (and only they count towards the K
 of the accumulation); the steps between are plain steps on softCE(f(x), g(h, ỹ)) of the noisy batch alone
@@ -49,8 +50,11 @@ from raynoisy.errors import ConfigError
 from raynoisy.meta import (
     BNPolicy,
     MLCHypergradAccumulator,
+    OutputHypergradient,
     OutputLoss,
     functional_forward,
+    logit_gradient,
+    output_grads,
     output_hypergrad,
 )
 from raynoisy.methods import register_method
@@ -64,7 +68,6 @@ from raynoisy.methods.meta_common import (
     corrected_label_columns,
     evaluating,
     given_label_loss,
-    real_step_through_outputs,
     step_through_outputs,
 )
 from raynoisy.models.meta_nets import LabelCorrectionNet
@@ -155,17 +158,35 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
             gold_loss,
             meta_params,
             rest_loss=clean_loss,
-            keep_graph=self.on_given_labels,
+            keep_graph=self.on_given_labels,  # for _given_label_step
             with_discount=self.accumulator.needs_discount,
         )
+        grads = [hyper.train_grads.get(name) for name, _ in net.named_parameters()]
+        loss = hyper.train_loss
+        if self.on_given_labels:  # warm-up or the guard's fallback; before g moves, as g_s was taken with it
+            loss, grads = self._given_label_step(batch, share, hyper, grads)
         meta = self.accumulator.accumulate(hyper.meta_grads, hyper.discount)
         if meta.step_now:
             self.meta_step(self.meta_optimizer, meta_params, meta.grads)
-        if self.on_given_labels:  # warm-up or the guard's fallback: the given labels' CE, same forward
-            loss = real_step_through_outputs(self.main, hyper, given_label_loss(batch.y))
-            return {"loss": float(loss), "meta_loss": float(hyper.gold_loss_after)}
-        self.main.apply_grads([hyper.train_grads.get(name) for name, _ in net.named_parameters()])
-        return {"loss": float(hyper.train_loss), "meta_loss": float(hyper.gold_loss_after)}
+        self.main.apply_grads(grads)
+        return {"loss": float(loss), "meta_loss": float(hyper.gold_loss_after)}
+
+    def _given_label_step(
+        self, batch: Batch, share: float, hyper: OutputHypergradient, grads: list[Tensor | None]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """L_s with the given labels in place of the corrected ones, the clean half kept: g_s plus J_zᵀ of
+        the difference of the two noisy parts' logit gradients, back through the kept forward graph."""
+        corrected, d_corrected = logit_gradient(
+            self._corrected_loss(batch.y, share), hyper.logits, hyper.features, create_graph=False
+        )
+
+        def given(logits: Tensor, _features: Tensor) -> Tensor:
+            return F.cross_entropy(logits, batch.y) * share
+
+        value, d_given = logit_gradient(given, hyper.logits, hyper.features, create_graph=False)
+        delta = output_grads(self.main.net, hyper.logits, d_given - d_corrected)
+        summed = [g if d is None else (d if g is None else g + d) for g, d in zip(grads, delta, strict=True)]
+        return hyper.train_loss - corrected + value, summed
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
         target = given_label_loss(batch.y) if self.on_given_labels else self._corrected_loss(batch.y, 1.0)

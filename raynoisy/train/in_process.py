@@ -6,10 +6,13 @@ backend trains the same method classes with the same config, label plan and mode
 calling process: ``prepare`` plans the labels and writes (or reuses) the driver's shards, every split is
 read once and decoded by the pipeline's evaluation transform into tensors, and
 ``raynoisy.train.harness.walk_stages`` drives the method with the loop's hooks in the loop's order,
-measuring validation and test accuracy after every epoch (``count_hits``) and selecting with the loop's
-``Selection``. The run's folder gets what the driver writes there (config.json, labels.parquet,
-metrics.json with the driver's keys, model.pt, the per-sample tables, computed as the driver's export step
-computes them) and history.json.
+measuring validation accuracy after every epoch (``count_hits``) and selecting with the loop's
+``Selection``; the test set is measured where the reported numbers need it — an epoch whose validation
+accuracy is a new best of a selectable stage, and the last epoch — so ``test_accuracy`` and
+``final_test_accuracy`` are the loop's, and the history's other epochs have no test accuracy (the test
+pass is most of an epoch's cost on a small training subset). The run's folder gets what the driver
+writes there (config.json, labels.parquet, metrics.json with the driver's keys, model.pt, the per-sample
+tables, computed as the driver's export step computes them) and history.json.
 
 What differs from a Ray run: one worker (``scaling.workers`` must be 1), on the CPU; the training set is
 reshuffled whole each epoch by a generator seeded with ``run.seed`` and the epoch, where Ray Data shuffles
@@ -64,11 +67,15 @@ DECODE_ROWS = 4096
 _TRAIN_ORDER, _TRUSTED_ORDER = 0, 1
 
 
-def train_in_process(cfg: Config, log: Callable[[str], None] = print, threads: int = 1) -> dict[str, Any]:
+def train_in_process(
+    cfg: Config, log: Callable[[str], None] = print, threads: int = 1, diagnose: bool = False
+) -> dict[str, Any]:
     """Run one training job in this process; returns the metrics also written to ``<output>/metrics.json``.
 
     ``threads``: torch's intra-op threads while the run trains (restored after), 1 by default so that a
-    grid can run one process per core side by side.
+    grid can run one process per core side by side. ``diagnose``: after every epoch, score the method's
+    per-sample outputs on the training split against its true labels (``label_quality``) into the
+    history's ``diag_*`` keys — for benchmarks; the method never sees them.
     """
     start = time.time()
     check(cfg)
@@ -83,7 +90,7 @@ def train_in_process(cfg: Config, log: Callable[[str], None] = print, threads: i
     torch.set_num_threads(threads)
     try:
         data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
-        method, record = _train(cfg, prepared, data, log)
+        method, record = _train(cfg, prepared, data, log, diagnose)
         # The driver's export step on the final method; per_sample_table reads only Streams.method_pass.
         passes = SimpleNamespace(method_pass=method.ctx.iter_split)
         tables = per_sample_table(method, passes, 0, 1, record.selection.best) or {}
@@ -184,7 +191,7 @@ def _cat(parts: list[Batch]) -> Batch:
 
 
 def _train(
-    cfg: Config, prepared: Prepared, data: InMemoryData, log: Callable[[str], None]
+    cfg: Config, prepared: Prepared, data: InMemoryData, log: Callable[[str], None], diagnose: bool
 ) -> tuple[Method, EpochRecord]:
     """Build the method on the in-memory splits and walk its stages with evaluation and selection."""
     counts = prepared.shards.manifest["counts"]
@@ -210,7 +217,14 @@ def _train(
         train_ids=data.splits["train"].decoded.sample_id.numpy(),
     )
     method = build_method(ctx)
-    record = EpochRecord(passes.get("val", []), passes.get("test", []), steps * cfg.optim.batch_size, log)
+    record = EpochRecord(
+        passes.get("val", []),
+        passes.get("test", []),
+        steps * cfg.optim.batch_size,
+        sum(stage.epochs for stage in method.stages(cfg)),
+        log,
+        data.splits["train"].chunks(pass_size) if diagnose else None,
+    )
     walk_stages(method, _epoch_batches(cfg, data, steps), _trusted_batches(cfg, data), record)
     return method, record
 
@@ -247,6 +261,49 @@ def _trusted_batches(cfg: Config, data: InMemoryData) -> Callable[[int], Batch] 
     return draw
 
 
+def label_quality(method: Method, train: list[Batch]) -> dict[str, float]:
+    """The method's view of the training labels scored against the true ones (``diag_*``), from the model
+    and meta network as they are after the epoch: corrected labels (their accuracy, the given labels', and
+    how often they agree with the main model's own prediction) or MW-Net's mean weight of clean and
+    mislabelled samples; the main model's accuracy on the training images either way."""
+    if method.export_name is None:
+        return {}
+    net = method.eval_model()
+    hits = agree = total = 0
+    sums: dict[str, float] = {}
+    for batch in train:
+        columns = method.per_sample_outputs(batch.without_truth())
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            predicted = net(batch.x)[0].argmax(dim=1).numpy()
+        net.train(was_training)
+        true, given = batch.true_y.numpy(), batch.y.numpy()
+        hits += int((predicted == true).sum())
+        total += len(true)
+        if "corrected_label" in columns:
+            corrected = columns["corrected_label"]
+            agree += int((corrected == predicted).sum())
+            for key, right in (("corrected", corrected == true), ("given", given == true)):
+                sums[key] = sums.get(key, 0.0) + float(right.sum())
+        elif "weight" in columns:
+            weight, wrong = columns["weight"], given != true
+            for key, part in (("clean", ~wrong), ("mislabelled", wrong)):
+                sums[f"weight_{key}"] = sums.get(f"weight_{key}", 0.0) + float(weight[part].sum())
+                sums[f"n_{key}"] = sums.get(f"n_{key}", 0.0) + float(part.sum())
+    out = {"diag_model_train_accuracy": hits / max(total, 1)}
+    if "corrected" in sums:
+        out |= {
+            "diag_corrected_accuracy": sums["corrected"] / total,
+            "diag_given_accuracy": sums["given"] / total,
+            "diag_corrected_agrees_with_model": agree / total,
+        }
+    if "weight_clean" in sums:
+        for key in ("clean", "mislabelled"):
+            out[f"diag_weight_{key}"] = sums[f"weight_{key}"] / max(sums[f"n_{key}"], 1.0)
+    return out
+
+
 class EpochRecord:
     """``walk_stages``'s evaluation: accuracies as the loop measures them, its selection, its history.
 
@@ -256,13 +313,27 @@ class EpochRecord:
     """
 
     def __init__(
-        self, val: list[Batch], test: list[Batch], samples_per_epoch: int, log: Callable[[str], None]
+        self,
+        val: list[Batch],
+        test: list[Batch],
+        samples_per_epoch: int,
+        epochs: int,
+        log: Callable[[str], None],
+        diagnose: list[Batch] | None = None,
     ) -> None:
         self.val, self.test = val, test
         self.samples_per_epoch = samples_per_epoch
+        self.epochs = epochs
         self.log = log
+        self.diagnose = diagnose
         self.selection = Selection()
         self.state = LoopState()
+
+    def _needs_test(self, stage: Stage, epoch: int, val: float) -> bool:
+        """The last epoch, or one that ``Selection.consider`` will make the reported best."""
+        state = self.state
+        new_best = state.best_epoch < 0 or not (math.isfinite(val) and val <= state.best_val_accuracy)
+        return epoch + 1 == self.epochs or (stage.selectable and new_best)
 
     def evaluate(self, method: Method, stage: Stage, epoch: int, log: dict[str, Any]) -> dict[str, Any]:
         if not math.isfinite(log["loss"]):
@@ -270,17 +341,28 @@ class EpochRecord:
         started = time.perf_counter()
         net = method.eval_model()
         val_top1, _, val_total = count_hits(net, self.val, CPU, {})[""]
-        test_top1, test_top5, test_total = count_hits(net, self.test, CPU, {})[""]
-        return {f"train_{key}": value for key, value in log.items() if key != "stage"} | {
-            "val_accuracy": accuracy(val_top1, val_total),
-            "test_accuracy": accuracy(test_top1, test_total),
-            "test_top5_accuracy": accuracy(test_top5, test_total),
-            "epoch": epoch + 1,
-            "step": 0,
-            "stage": stage.name,
-            "lr": method.current_lr(),
-            "eval_seconds": time.perf_counter() - started,
-        }
+        val = accuracy(val_top1, val_total)
+        test = {"test_accuracy": float("nan"), "test_top5_accuracy": float("nan")}
+        if self._needs_test(stage, epoch, val):
+            test_top1, test_top5, test_total = count_hits(net, self.test, CPU, {})[""]
+            test = {
+                "test_accuracy": accuracy(test_top1, test_total),
+                "test_top5_accuracy": accuracy(test_top5, test_total),
+            }
+        diagnosis = {} if self.diagnose is None else label_quality(method, self.diagnose)
+        return (
+            {f"train_{key}": value for key, value in log.items() if key != "stage"}
+            | test
+            | diagnosis
+            | {
+                "val_accuracy": val,
+                "epoch": epoch + 1,
+                "step": 0,
+                "stage": stage.name,
+                "lr": method.current_lr(),
+                "eval_seconds": time.perf_counter() - started,
+            }
+        )
 
     def select(self, method: Method, stage: Stage, metrics: dict[str, Any]) -> None:
         state = self.state
@@ -290,9 +372,14 @@ class EpochRecord:
         state.epoch += 1
         state.train_seconds += metrics["train_seconds"]
         state.train_samples += self.samples_per_epoch
+        extra = "".join(
+            f"{k.removeprefix('diag_').removeprefix('train_')} {v:.3f} "
+            for k, v in metrics.items()
+            if k.startswith(("diag_", "train_guard_"))
+        )
         self.log(
             f"[in-process] epoch {metrics['epoch']} stage {stage.name} loss {metrics['train_loss']:.4f} "
-            f"val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f} "
+            f"val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f} {extra}"
             f"({metrics['train_seconds'] + metrics['eval_seconds']:.1f}s)"
         )
 

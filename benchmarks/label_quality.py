@@ -1,0 +1,72 @@
+r"""Per-epoch evidence of what a meta method's network learned, from runs of ``accuracy.py --diagnose``.
+
+For each run folder given (or each run folder under a grid's ``--output``), one markdown table: per epoch the
+validation accuracy, the main model's accuracy on the training images, and the method's view of the
+training labels scored against the true ones — corrected-label accuracy next to the given labels' and how
+often the corrected label equals the main model's own prediction (MLC, MetaLabelNet), or the mean weight
+of clean and of mislabelled samples (MW-Net) — plus the collapse guard's readings and decision.
+
+    python benchmarks/label_quality.py runs/i12-grid --match annotator --match seed0 --every 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = {
+    "val_accuracy": "val acc",
+    "diag_model_train_accuracy": "model acc on train images",
+    "diag_corrected_accuracy": "corrected-label acc",
+    "diag_given_accuracy": "given-label acc",
+    "diag_corrected_agrees_with_model": "corrected = model's prediction",
+    "diag_weight_clean": "mean weight, clean",
+    "diag_weight_mislabelled": "mean weight, mislabelled",
+    "train_guard_kept": "guard: trusted labels kept",
+    "train_guard_class_excess": "guard: class excess",
+    "train_guard_separation": "guard: weight separation",
+    "train_guard_fallback": "guard: next epoch on given labels",
+}
+
+
+def run_folders(paths: list[Path], match: list[str]) -> list[Path]:
+    found = []
+    for path in paths:
+        candidates = [path] if (path / "metrics.json").exists() else sorted(path.glob("*/metrics.json"))
+        found += [c if c.is_dir() else c.parent for c in candidates]
+    return [f for f in found if all(m in f.name for m in match)]
+
+
+def table(folder: Path, every: int) -> str:
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    shown = [k for k in COLUMNS if any(row.get(k) is not None for row in history)]
+    lines = [
+        f"`{folder.name}`",
+        "",
+        "| epoch | stage | " + " | ".join(COLUMNS[k] for k in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for row in history:
+        epoch = int(row["epoch"])
+        if epoch % every and epoch != len(history):
+            continue
+        cells = ["" if row.get(k) is None else f"{row[k]:.3f}" for k in shown]
+        lines.append(f"| {epoch} | {row.get('stage', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders, or grid folders holding them")
+    parser.add_argument("--match", action="append", default=[], help="keep run folders whose name has this")
+    parser.add_argument("--every", type=int, default=1, help="show every N-th epoch (and the last)")
+    args = parser.parse_args(argv)
+    folders = run_folders(args.paths, args.match)
+    if not folders:
+        parser.error("no run folder with a metrics.json matches")
+    print("\n\n".join(table(f, args.every) for f in folders))
+
+
+if __name__ == "__main__":
+    main()
