@@ -27,7 +27,7 @@ from raynoisy.errors import ConfigError
 from raynoisy.methods import get_method_class
 from raynoisy.train.loop import train_worker
 from raynoisy.train.preflight import check
-from raynoisy.train.prepare import Prepared, input_spec, prepare, steps_per_epoch
+from raynoisy.train.prepare import Prepared, input_spec, prepare_output, steps_per_epoch
 from raynoisy.train.run_files import BEST_MODEL_FILE, SUMMARY_FILE, RunInfo, write_metrics
 from raynoisy.train.services import recorded_error, running_services
 
@@ -139,12 +139,7 @@ def train(cfg: Config, log=print) -> dict:
 
     check(cfg)
     start = time.time()
-    output = Path(cfg.run.output).expanduser().resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(cfg, log)
-    labels = prepared.labels_table()
-    pq.write_table(labels, output / "labels.parquet")
-    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    output, prepared, labels = prepare_output(cfg, log)
     shards = prepared.shards
     spec = input_spec(cfg)
     # Named before the cluster fills in defaults, so a resubmission resumes even after autoscaling.

@@ -52,7 +52,7 @@ from raynoisy.train.evaluate import accuracy, count_hits
 from raynoisy.train.export import LABEL_ISSUES, per_sample_table, summary
 from raynoisy.train.harness import ModelState, build_method, method_context, walk_stages
 from raynoisy.train.preflight import check
-from raynoisy.train.prepare import Prepared, input_spec, prepare, steps_per_epoch
+from raynoisy.train.prepare import Prepared, input_spec, prepare_output, steps_per_epoch
 from raynoisy.train.run_files import METRICS_FILE, LoopState, write_metrics
 from raynoisy.train.selection import Selection
 
@@ -80,12 +80,7 @@ def train_in_process(
     start = time.time()
     check(cfg)
     check_in_process(cfg)
-    output = Path(cfg.run.output).expanduser().resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(cfg, log)
-    labels = prepared.labels_table()
-    pq.write_table(labels, output / "labels.parquet")
-    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    output, prepared, labels = prepare_output(cfg, log)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

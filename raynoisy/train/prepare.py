@@ -5,9 +5,13 @@ No Ray Train import: ``raynoisy shard`` and the driver share it, and the shard c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raynoisy.config import Config, default_shard_root
 from raynoisy.data.catalog import Catalog
@@ -58,6 +62,17 @@ def prepare(cfg: Config, log=print) -> Prepared:
         log=log,
     )
     return Prepared(catalog, plan, shards, root)
+
+
+def prepare_output(cfg: Config, log=print) -> tuple[Path, Prepared, pa.Table]:
+    """The run's folder with what every backend writes first (labels.parquet, config.json), and its data."""
+    output = Path(cfg.run.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, log)
+    labels = prepared.labels_table()
+    pq.write_table(labels, output / "labels.parquet")
+    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return output, prepared, labels
 
 
 def input_spec(cfg: Config) -> InputSpec:
