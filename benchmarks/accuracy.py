@@ -261,13 +261,31 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
+def _guard(runs: list[dict]) -> str:
+    """Epochs the collapse guard fired in, per seed; flags a run whose corrected labels end less accurate
+    than the given ones while the guard never fired (a collapse it missed)."""
+    guards = [r.get("collapse_guard") for r in runs]
+    if all(g is None for g in guards):
+        return ""
+    text = " / ".join("off" if g is None or not g["enabled"] else str(len(g["fired_epochs"])) for g in guards)
+    missed = sum(
+        1
+        for r, g in zip(runs, guards, strict=True)
+        if (lc := r.get("label_correction", {})).get("corrected_label_accuracy") is not None
+        and lc["corrected_label_accuracy"] < lc["given_label_accuracy"]
+        and not (g and g["fired_epochs"])
+    )
+    return text + (f" — {missed} run(s) with worse corrected labels and a silent guard" if missed else "")
+
+
 def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
     """Δ vs ce: against ce of the same noise and variant, else the ce row of that noise without a variant."""
     lines = [
         "| noise | method | variant | test acc, best-val epoch (mean ± std) | per seed "
         "| test acc, last epoch (mean ± std) | Δ vs ce "
-        "| corrected-label acc (given-label acc) or mean weight clean / mislabelled |",
-        "|---|---|---|---|---|---|---|---|",
+        "| corrected-label acc (given-label acc) or mean weight clean / mislabelled "
+        "| collapse guard: epochs fired per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (noise, method, variant), runs in results.items():
         accs = [r["test_accuracy"] for r in runs]
@@ -281,7 +299,8 @@ def table(results: dict[tuple[str, str, str], list[dict]]) -> str:
         seeds = " / ".join(f"{a:.4f}" for a in accs)
         lines.append(
             f"| {noise} | {method} | {variant} | {_mean_std(accs)} | {seeds} | "
-            f"{_mean_std(last) if len(last) == len(accs) else ''} | {delta} | {_label_quality(runs)} |"
+            f"{_mean_std(last) if len(last) == len(accs) else ''} | {delta} | {_label_quality(runs)} "
+            f"| {_guard(runs)} |"
         )
     return "\n".join(lines)
 

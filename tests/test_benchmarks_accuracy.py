@@ -189,6 +189,24 @@ def test_table_rows_deltas_and_label_quality() -> None:
             {
                 "test_accuracy": 0.87,
                 "label_correction": {"corrected_label_accuracy": 0.8, "given_label_accuracy": 0.6},
+                "collapse_guard": {"enabled": True, "fired_epochs": [1, 2]},
+            },
+        ],
+        ("flip:0.4", "metalabelnet", ""): [
+            {
+                "test_accuracy": 0.5,
+                "label_correction": {"corrected_label_accuracy": 0.3, "given_label_accuracy": 0.6},
+                "collapse_guard": {"enabled": True, "fired_epochs": []},
+            },
+            {
+                "test_accuracy": 0.5,
+                "label_correction": {"corrected_label_accuracy": 0.3, "given_label_accuracy": 0.6},
+                "collapse_guard": {"enabled": True, "fired_epochs": [3]},
+            },
+            {
+                "test_accuracy": 0.5,
+                "label_correction": {"corrected_label_accuracy": 0.3, "given_label_accuracy": 0.6},
+                "collapse_guard": {"enabled": False, "fired_epochs": []},
             },
         ],
         ("flip:0.4", "mwnet", "k5"): [
@@ -201,16 +219,18 @@ def test_table_rows_deltas_and_label_quality() -> None:
     }
     rows = bench.table(results).splitlines()[2:]
     assert rows[0] == (
-        "| flip:0.4 | ce |  | 0.8200 ± 0.0283 | 0.8000 / 0.8400 | 0.7900 ± 0.0141 | +0.0000 |  |"
+        "| flip:0.4 | ce |  | 0.8200 ± 0.0283 | 0.8000 / 0.8400 | 0.7900 ± 0.0141 | +0.0000 |  |  |"
     )
     assert "| 0.8600 ± 0.0141 |" in rows[1] and "| +0.0400 |" in rows[1]
     assert "| 0.8500 / 0.8700 |  | +0.0400 |" in rows[1]  # no last-epoch figure in these metrics
-    assert rows[1].endswith("| 0.8500 (0.6000) |")
+    assert rows[1].endswith("| 0.8500 (0.6000) | off / 2 |")  # the first run has no guard record
+    # worse corrected labels: seed 0's guard stayed silent (flagged), seed 1's fired, seed 2 ran unguarded
+    assert rows[2].endswith("| 0 / 1 / off — 2 run(s) with worse corrected labels and a silent guard |")
     # a variant row without its own ce baseline is compared with the plain ce row
-    assert rows[2].startswith(
+    assert rows[3].startswith(
         "| flip:0.4 | mwnet | k5 | 0.8300 ± 0.0000 | 0.8300 | 0.8100 ± 0.0000 | +0.0100 |"
     )
-    assert rows[2].endswith("| weights 0.90 / 0.10 |")
+    assert rows[3].endswith("| weights 0.90 / 0.10 |  |")
 
 
 @pytest.mark.parametrize(
