@@ -176,3 +176,25 @@ def test_accuracy_benchmark_keeps_in_process_runs_apart(tmp_path, monkeypatch):
     assert bench.run_grid(args) == first  # the second time from the cache
     assert ray_runs == []
     assert json.loads((run.output / "metrics.json").read_text())["backend"] == "in-process"
+
+
+def test_diagnosis_scores_the_final_labels_as_the_export_does(tmp_path):
+    cfg = _config(tmp_path, "metalabelnet", 2, "method.params.warmup_epochs=1")
+    metrics = train_in_process(cfg, log=_quiet, diagnose=True)
+    warmup, meta = metrics["history"]
+    assert not any(key.startswith("diag_") for key in warmup)  # no soft-label net in the warm-up yet
+    # the last epoch's diagnosis and the driver's export summary read the same final networks
+    correction = metrics["label_correction"]
+    assert meta["diag_corrected_accuracy"] == pytest.approx(correction["corrected_label_accuracy"])
+    assert meta["diag_given_accuracy"] == pytest.approx(correction["given_label_accuracy"])
+    assert 0.0 <= meta["diag_corrected_agrees_with_model"] <= 1.0
+
+
+def test_the_test_set_is_measured_where_the_reported_numbers_need_it(tmp_path):
+    metrics = train_in_process(_config(tmp_path, "ce", 4), log=_quiet)
+    best = -1.0
+    for row in metrics["history"]:
+        new_best = row["val_accuracy"] > best
+        best = max(best, row["val_accuracy"])
+        measured = row["test_accuracy"] is not None and not np.isnan(row["test_accuracy"])
+        assert measured == (new_best or row is metrics["history"][-1])

@@ -344,7 +344,9 @@ class EpochRecord:
                 "test_accuracy": accuracy(test_top1, test_total),
                 "test_top5_accuracy": accuracy(test_top5, test_total),
             }
-        diagnosis = {} if self.diagnose is None else label_quality(method, self.diagnose)
+        # A stage that cannot be selected is a warm-up without the method's view of the labels (MetaLabelNet).
+        diagnose = self.diagnose is not None and stage.selectable
+        diagnosis = label_quality(method, self.diagnose) if diagnose else {}
         return (
             {f"train_{key}": value for key, value in log.items() if key != "stage"}
             | test
