@@ -57,7 +57,9 @@ def table(folder: Path, every: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, or grid folders holding them")
     parser.add_argument("--match", action="append", default=[], help="keep run folders whose name has this")
     parser.add_argument("--every", type=int, default=1, help="show every N-th epoch (and the last)")

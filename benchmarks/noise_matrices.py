@@ -58,11 +58,16 @@ def sparse_matrix(seed: int = 12, low: float = 0.25, high: float = 0.55) -> np.n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", type=Path)
     folder = parser.parse_args().folder
     folder.mkdir(parents=True, exist_ok=True)
     for name, t in (("annotator", annotator_matrix()), ("sparse", sparse_matrix())):
+        t = np.round(t, 6)
+        t[np.diag_indices(NUM_CLASSES)] = 0.0
+        t[np.diag_indices(NUM_CLASSES)] = 1.0 - t.sum(axis=1)  # rows sum to 1 at the written precision
         path = folder / f"fashion-mnist-{name}.csv"
         np.savetxt(path, t, fmt="%.6f", delimiter=",")
         print(f"{path}: mean noise rate {1 - np.trace(t) / NUM_CLASSES:.3f}")

@@ -264,6 +264,16 @@ def test_malformed_matrix_files_name_the_file(
     assert problem in str(err.value)
 
 
+def test_a_csv_rounded_to_six_decimals_is_accepted_and_renormalised(tmp_path: Path) -> None:
+    t = np.full((K, K), 0.4 / (K - 1)) + np.eye(K) * (0.6 - 0.4 / (K - 1))
+    path = tmp_path / "rounded.csv"
+    np.savetxt(path, t, fmt="%.6f", delimiter=",")  # 0.044444 x 9 + 0.600000: rows sum to 0.999996
+    assert abs(np.loadtxt(path, delimiter=",").sum(axis=1) - 1).max() > 1e-6
+    loaded = transition_matrix(NoiseSpec("matrix", matrix_path=str(path)), K)
+    np.testing.assert_allclose(loaded.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(loaded, t, atol=1e-5)
+
+
 def test_missing_matrix_file_names_the_file(tmp_path: Path, true10: np.ndarray) -> None:
     path = tmp_path / "absent.npy"
     with pytest.raises(ConfigError, match=f"matrix file {path}: cannot be read"):
