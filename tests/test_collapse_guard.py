@@ -25,6 +25,8 @@ from raynoisy.methods.collapse_guard import (
     weight_reading,
     wrong_labels,
 )
+from raynoisy.methods.label_issues import CONFIDENT_LEARNING, detector_of
+from raynoisy.train.export import LABEL_ISSUES, per_sample_table
 from raynoisy.train.harness import build_method, method_context, start_stage
 from raynoisy.train.preflight import resolve_config
 
@@ -249,3 +251,26 @@ def test_the_guard_decides_from_the_last_warmup_epoch_on(tmp_path: Path) -> None
     plant_one_class(method)
     assert method.on_epoch_end(0) == {}  # epoch 2 warms up anyway: nothing to decide
     assert method.on_epoch_end(1)["guard_fallback"] == 1.0  # decides epoch 3's steps
+
+
+class _TrainPass:
+    """The one part of ``Streams`` the export reads: an un-augmented pass over the training split."""
+
+    def method_pass(self, split: str):
+        assert split == "train"
+        return iter([NOISY.without_truth()])
+
+
+@pytest.mark.parametrize(("name", "plant"), [("mlc", plant_one_class), ("mwnet", plant_equal_weights)])
+def test_a_run_that_ends_falling_back_flags_label_issues_from_the_model(
+    tmp_path: Path, name: str, plant: object
+) -> None:
+    method = build(tmp_path, name)
+    steering = per_sample_table(method, _TrainPass(), rank=0, world_size=1)[LABEL_ISSUES]
+    assert detector_of(steering) == method.label_issue_rule  # the method's own view
+    plant(method)  # type: ignore[operator]
+    method.on_epoch_end(0)
+    table = per_sample_table(method, _TrainPass(), rank=0, world_size=1)[LABEL_ISSUES]
+    assert detector_of(table) == CONFIDENT_LEARNING  # not the collapsed meta network's
+    assert table.column("corrected_label").null_count == table.num_rows
+    assert table.num_rows == len(NOISY)

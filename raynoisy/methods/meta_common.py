@@ -285,7 +285,9 @@ class CorrectedLabelExport:
 
     Their label issues come from the same corrected labels: ``corrected_label`` = argmax of the meta
     network's soft label, ``is_label_issue`` = corrected != given, ``label_score`` = the soft label's
-    probability of the given label; ``predicted_label`` is the argmax of ``eval_model()``.
+    probability of the given label; ``predicted_label`` is the argmax of ``eval_model()``. A run that ends
+    with the collapse guard falling back flags from the best-validation model's predictions instead (the
+    model-prediction path): its corrector's labels were judged worse than the given ones.
     """
 
     export_name = "corrected_labels"
@@ -298,7 +300,9 @@ class CorrectedLabelExport:
     def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
         return summarize_corrected_labels(table, labels)
 
-    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray]:
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
+        if isinstance(self, TrustedMetaMethod) and self.guard.falling_back:  # the corrector ended collapsed
+            return None
         own = self.per_sample_outputs(batch)  # type: ignore[attr-defined]  # the method's corrected labels
         model = self.eval_model()  # type: ignore[attr-defined]  # the classifier the run reports
         with evaluating(model):

@@ -185,7 +185,9 @@ class MetaWeightNet(TrustedMetaMethod):
             "weight": weights.float().cpu().numpy(),
         }
 
-    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray]:
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
+        if self.guard.falling_back:  # weights judged inverted or flat: the model-prediction path instead
+            return None
         logits, _, weights = self._weigh(batch)
         weights = weights.float().cpu().numpy()
         return {

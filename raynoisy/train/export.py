@@ -40,8 +40,14 @@ def per_sample_table(
     world_size: int,
     best_model_state: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, pa.Table] | None:
-    """The run's per-sample tables over the whole training split by file stem, on rank 0 (None elsewhere)."""
-    predictor = _predictor(method, best_model_state) if method.label_issue_rule is None else None
+    """The run's per-sample tables over the whole training split by file stem, on rank 0 (None elsewhere).
+
+    Label issues come from the method's own columns, or — where ``label_issue_columns`` returns None: a
+    method without a view of its own, or a meta method whose collapse guard ended the run falling back —
+    from the best-validation model's predictions (confident learning), and the table says which.
+    """
+    predictor: nn.Module | None = None
+    rule = method.label_issue_rule
     own: dict[str, list[np.ndarray]] = {}
     issues: dict[str, list[np.ndarray]] = {}
     for batch in streams.method_pass("train"):
@@ -49,17 +55,15 @@ def per_sample_table(
             _append(own, method.per_sample_outputs(batch))
         columns = method.label_issue_columns(batch)
         if columns is None:
-            if predictor is None:
-                raise RuntimeError(
-                    f"{method.name} sets label_issue_rule but its label_issue_columns returned None"
-                )
+            predictor = predictor or _predictor(method, best_model_state)
+            rule = None
             columns = prediction_columns(predictor, batch)
         _append(issues, columns)
     merged = _gather([_concat(own), _concat(issues)], rank, world_size)
     if merged is None:
         return None
     own_all, issues_all = merged
-    tables = {LABEL_ISSUES: build_label_issues(issues_all, method.label_issue_rule)}
+    tables = {LABEL_ISSUES: build_label_issues(issues_all, rule)}
     if method.export_name is not None and own_all:
         tables[method.export_name] = pa.table(
             {k: list(v) if v.ndim > 1 else v for k, v in own_all.items()}
