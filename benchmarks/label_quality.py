@@ -7,6 +7,12 @@ often the corrected label equals the main model's own prediction (MLC, MetaLabel
 of clean and of mislabelled samples (MW-Net) — plus the collapse guard's readings and decision.
 
     python benchmarks/label_quality.py runs/i12-grid --match annotator --match seed0 --every 3
+
+``--guard-check``: instead of the tables, how well the collapse guard's trusted-set reading tracks the truth
+over every epoch of every matching run of a label-correcting method: the mean gap between the share of
+trusted labels the corrected labels keep and the corrected labels' accuracy on the noisy training set, and
+how often the guard fired in the epochs whose corrected labels were worse than the given ones and in the
+others.
 """
 
 from __future__ import annotations
@@ -56,6 +62,35 @@ def table(folder: Path, every: int) -> str:
     return "\n".join(lines)
 
 
+def guard_check(folders: list[Path]) -> str:
+    pairs = []  # (kept on the trusted set, corrected-label acc, given-label acc, fired) per guarded epoch
+    for folder in folders:
+        for row in json.loads((folder / "metrics.json").read_text())["history"]:
+            if row.get("train_guard_kept") is not None and row.get("diag_corrected_accuracy") is not None:
+                pairs.append(
+                    (
+                        row["train_guard_kept"],
+                        row["diag_corrected_accuracy"],
+                        row["diag_given_accuracy"],
+                        row["train_guard_fallback"] > 0,
+                    )
+                )
+    if not pairs:
+        return "no guarded epoch of a label-correcting method with --diagnose figures"
+    gaps = [abs(kept - acc) for kept, acc, _, _ in pairs]
+    worse = [fired for _, acc, given, fired in pairs if acc < given]
+    better = [fired for _, acc, given, fired in pairs if acc >= given]
+    return "\n".join(
+        [
+            "| guarded epochs | mean abs(kept on trusted - corrected-label acc) | max | "
+            "guard fired: epochs with corrected < given | guard fired: epochs with corrected >= given |",
+            "|---|---|---|---|---|",
+            f"| {len(pairs)} | {sum(gaps) / len(gaps):.3f} | {max(gaps):.3f} | "
+            f"{sum(worse)} of {len(worse)} | {sum(better)} of {len(better)} |",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,10 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, or grid folders holding them")
     parser.add_argument("--match", action="append", default=[], help="keep run folders whose name has this")
     parser.add_argument("--every", type=int, default=1, help="show every N-th epoch (and the last)")
+    parser.add_argument("--guard-check", action="store_true", help="the guard's reading against the truth")
     args = parser.parse_args(argv)
     folders = run_folders(args.paths, args.match)
     if not folders:
         parser.error("no run folder with a metrics.json matches")
+    if args.guard_check:
+        print(guard_check(folders))
+        return
     print("\n\n".join(table(f, args.every) for f in folders))
 
 

@@ -238,3 +238,21 @@ def test_table_rows_deltas_and_label_quality() -> None:
 )
 def test_parse_noise(text: str, expected: tuple[str, float]) -> None:
     assert load_benchmark("accuracy").parse_noise(text) == expected
+
+
+def test_label_quality_guard_check_by_hand(tmp_path: Path) -> None:
+    quality = load_benchmark("label_quality")
+    history = [  # kept on trusted, corrected acc, given acc, fired
+        {"train_guard_kept": 0.30, "diag_corrected_accuracy": 0.40, "diag_given_accuracy": 0.6},
+        {"train_guard_kept": 0.70, "diag_corrected_accuracy": 0.50, "diag_given_accuracy": 0.6},
+        {"train_guard_kept": 0.80, "diag_corrected_accuracy": 0.75, "diag_given_accuracy": 0.6},
+        {"diag_corrected_accuracy": 0.9, "diag_given_accuracy": 0.6},  # unguarded epoch: left out
+    ]
+    for row, fired in zip(history, (1.0, 0.0, 1.0), strict=False):
+        row["train_guard_fallback"] = fired
+    run = tmp_path / "mlc-run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"history": history}))
+    lines = quality.guard_check(quality.run_folders([tmp_path], [])).splitlines()
+    # gaps 0.10, 0.20, 0.05; worse epochs: 1 (fired) and 2 (silent); the better one fired
+    assert lines[2] == "| 3 | 0.117 | 0.200 | 1 of 2 | 1 of 1 |"
