@@ -58,7 +58,7 @@ from raynoisy.data.pipeline import (
     sample_dataset,
     to_batch,
 )
-from raynoisy.train.driver import input_spec, prepare
+from raynoisy.train.prepare import input_spec, prepare
 
 DATALOADER = "dataloader"
 RAY_DATA = "ray-data"

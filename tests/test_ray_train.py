@@ -15,8 +15,9 @@ import torch
 from raynoisy.cli import run
 from raynoisy.data.sample_store import SampleStore
 from raynoisy.errors import TrainingDivergedError
-from raynoisy.train.driver import prepare, run_name, steps_per_epoch
+from raynoisy.train.driver import run_name
 from raynoisy.train.preflight import resolve_config
+from raynoisy.train.prepare import prepare, steps_per_epoch
 from raynoisy.train.run_files import STATE_FILE
 from raynoisy.train.services import namespace_of
 
