@@ -218,7 +218,7 @@ def step_through_outputs(main: MainModel, x: Tensor, loss: OutputLoss) -> tuple[
 
 
 def given_label_loss(labels: Tensor) -> OutputLoss:
-    """Plain cross-entropy on the given labels: the real step's loss while the collapse guard falls back."""
+    """Plain cross-entropy on the given labels: the real step's loss while ``on_given_labels``."""
 
     def loss(logits: Tensor, _features: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels)

@@ -148,7 +148,7 @@ class MetaWeightNet(TrustedMetaMethod):
         }
 
     def _real_loss(self, labels: Tensor) -> OutputLoss:
-        """The weighted loss, or plain cross-entropy (every weight 1) while the collapse guard falls back."""
+        """The weighted loss; plain cross-entropy (every weight 1) while ``on_given_labels``."""
         return given_label_loss(labels) if self.on_given_labels else self._weighted_loss(labels)
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
