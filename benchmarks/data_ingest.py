@@ -129,7 +129,7 @@ class ParquetImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, files: list[str], spec: InputSpec) -> None:
-        self.rows = InMemorySplit(files, spec).rows
+        self.rows = InMemorySplit.read(files, spec).rows
         self.transform = spec.transform(train=True)
         self.shape = (spec.size, spec.size, spec.channels)
         self._rng: np.random.Generator | None = None  # created in each worker process, after the fork
@@ -394,7 +394,7 @@ def ray_data_knobs(footer_actors: int | None, bin_mib: int | None) -> Iterator[s
 def run(args: argparse.Namespace, workdir: Path) -> Report:
     files, spec, cfg = build_shards(workdir, args.images_per_class, args.image_size, args.rows_per_shard)
     batch_size = args.batch_size or cfg.optim.batch_size
-    expected = np.sort(InMemorySplit(files, spec).rows["sample_id"].astype(np.int64))
+    expected = np.sort(InMemorySplit.read(files, spec).rows["sample_id"].astype(np.int64))
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)

@@ -23,6 +23,7 @@ from raynoisy.data.sources import load_catalog
 from raynoisy.errors import ConfigError
 from raynoisy.methods.ce import CrossEntropy
 from raynoisy.methods.glc import GoldLossCorrection as GLC
+from raynoisy.train import in_process
 from raynoisy.train.in_process import check_in_process, load_splits, train_in_process
 from raynoisy.train.preflight import resolve_config
 from raynoisy.train.prepare import input_spec, prepare
@@ -198,3 +199,53 @@ def test_the_test_set_is_measured_where_the_reported_numbers_need_it(tmp_path):
         best = max(best, row["val_accuracy"])
         measured = row["test_accuracy"] is not None and not np.isnan(row["test_accuracy"])
         assert measured == (new_best or row is metrics["history"][-1])
+
+
+def test_cross_fitting_predicts_each_sample_with_a_model_that_never_trained_on_it(tmp_path, monkeypatch):
+    folds, epochs = 3, 2
+    fits: list[set[int]] = []  # the training ids each fold's run was given
+    models: list[torch.nn.Module] = []  # the model each fold predicted its held-out samples with
+    steps: list[int] = []
+    train = in_process._train
+    predictor = in_process.best_predictor
+
+    def recording_train(cfg, prepared, data, log, diagnose, num_train=None):
+        fits.append(set(data.splits["train"].decoded.sample_id.tolist()))
+        method, record = train(cfg, prepared, data, log, diagnose, num_train)
+        steps.append(method.ctx.steps_per_epoch)
+        return method, record
+
+    def recording_predictor(method, best):
+        models.append(predictor(method, best))
+        return models[-1]
+
+    monkeypatch.setattr(in_process, "_train", recording_train)
+    monkeypatch.setattr(in_process, "best_predictor", recording_predictor)
+    cfg = _config(tmp_path, "ce", epochs)
+    columns = in_process.cross_fitted_probabilities(cfg, folds, log=_quiet)
+
+    prepared = prepare(cfg, _quiet)
+    data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction).splits["train"].decoded
+    all_ids = set(data.sample_id.tolist())
+    assert columns["sample_id"].tolist() == sorted(all_ids)  # every training sample once, sorted
+    assert np.array_equal(columns["given_label"], data.y.numpy()[np.argsort(data.sample_id.numpy())])
+    assert len(fits) == len(models) == folds
+    held_outs = [all_ids - fit for fit in fits]
+    assert set().union(*held_outs) == all_ids and sum(map(len, held_outs)) == len(all_ids)  # a partition
+    assert max(map(len, held_outs)) - min(map(len, held_outs)) <= folds  # stratified folds of equal size
+    assert steps == [len(fit) // BATCH for fit in fits]  # each fold's epochs follow its own training set
+    # each sample's probabilities are those of the one fold model that did not train on it
+    position = {sid: i for i, sid in enumerate(data.sample_id.tolist())}
+    for held, model in zip(held_outs, models, strict=True):
+        ids = sorted(held)
+        model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(model(data.x[[position[i] for i in ids]])[0], dim=1).numpy()
+        rows = np.searchsorted(columns["sample_id"], ids)
+        np.testing.assert_allclose(columns["pred_probs"][rows], probs, atol=1e-6)
+    assert not (tmp_path / "ce" / "metrics.json").exists()  # the run's folder gets no outputs
+
+
+def test_cross_fitting_needs_two_folds(tmp_path):
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        in_process.cross_fitted_probabilities(_config(tmp_path, "ce", 1), 1, log=_quiet)

@@ -142,14 +142,23 @@ def iter_batches(
 class InMemorySplit:
     """A small split's rows held as payload bytes on the worker; decoded and augmented on demand."""
 
-    def __init__(self, files: list[str], spec: InputSpec) -> None:
+    def __init__(self, rows: dict[str, np.ndarray], spec: InputSpec) -> None:
+        self.rows = rows
+        self.spec = spec
+
+    @classmethod
+    def read(cls, files: list[str], spec: InputSpec) -> InMemorySplit:
+        """The rows of the shard ``files``, in file order."""
         tables = [_read_table(f) for f in files]
         table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in _COLUMNS})
-        self.spec = spec
-        self.rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
+        return cls({c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}, spec)
 
     def __len__(self) -> int:
         return len(self.rows["sample_id"])
+
+    def take(self, index: np.ndarray) -> InMemorySplit:
+        """The rows at ``index`` (positions or a boolean mask), in that order: a fold of the split."""
+        return InMemorySplit({c: v[index] for c, v in self.rows.items()}, self.spec)
 
     def batches(
         self,
@@ -197,7 +206,7 @@ def cycle_batches(
     counter: BadSampleCounter | None = None,
 ) -> Iterator[Batch]:
     """Endless augmented batches from a small split (the trusted set); a new shuffle each pass."""
-    small = InMemorySplit(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
+    small = InMemorySplit.read(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
     ds = None if small is not None else sample_dataset(files, spec, train=True)
     for cycle in itertools.count():
         rng = np.random.default_rng([seed, cycle])

@@ -55,7 +55,7 @@ def per_sample_table(
             _append(own, method.per_sample_outputs(batch))
         columns = method.label_issue_columns(batch)
         if columns is None:
-            predictor = predictor or _predictor(method, best_model_state)
+            predictor = predictor or best_predictor(method, best_model_state)
             rule = None
             columns = prediction_columns(predictor, batch)
         _append(issues, columns)
@@ -95,7 +95,7 @@ def _gather(parts: list[Columns], rank: int, world_size: int) -> list[Columns] |
     return merged
 
 
-def _predictor(method: Method, best_model_state: dict[str, torch.Tensor] | None) -> nn.Module:
+def best_predictor(method: Method, best_model_state: dict[str, torch.Tensor] | None) -> nn.Module:
     """A copy of ``eval_model()`` with the best-validation weights; ``eval_model()`` without them."""
     if best_model_state is None:
         return method.eval_model()

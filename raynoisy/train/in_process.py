@@ -47,12 +47,12 @@ from raynoisy.data.pipeline import BadSampleCounter, InMemorySplit, InputSpec, c
 from raynoisy.data.sources import get_source
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.methods.base import Method, Stage
-from raynoisy.methods.label_issues import summarize_label_issues
+from raynoisy.methods.label_issues import prediction_columns, summarize_label_issues
 from raynoisy.train.evaluate import accuracy, count_hits
-from raynoisy.train.export import LABEL_ISSUES, per_sample_table, summary
+from raynoisy.train.export import LABEL_ISSUES, best_predictor, per_sample_table, summary
 from raynoisy.train.harness import ModelState, build_method, method_context, walk_stages
 from raynoisy.train.preflight import check
-from raynoisy.train.prepare import Prepared, input_spec, prepare_output, steps_per_epoch
+from raynoisy.train.prepare import Prepared, input_spec, prepare, prepare_output, steps_per_epoch
 from raynoisy.train.run_files import METRICS_FILE, LoopState, write_metrics
 from raynoisy.train.selection import Selection
 
@@ -63,8 +63,9 @@ HISTORY_FILE = "history.json"
 UNAUGMENTED_FAMILIES = frozenset({"small"})
 # Rows decoded per call while a split is read into memory.
 DECODE_ROWS = 4096
-# Streams of ``run.seed``: the training set's order of each epoch, the trusted set's order of each pass.
-_TRAIN_ORDER, _TRUSTED_ORDER = 0, 1
+# Streams of ``run.seed``: the training set's order of each epoch, the trusted set's order of each pass,
+# the cross-fitting folds.
+_TRAIN_ORDER, _TRUSTED_ORDER, _FOLDS = 0, 1, 2
 
 
 def train_in_process(
@@ -105,6 +106,53 @@ def train_in_process(
     return metrics
 
 
+def cross_fitted_probabilities(
+    cfg: Config, folds: int = 5, log: Callable[[str], None] = print, threads: int = 1
+) -> dict[str, np.ndarray]:
+    """Out-of-sample predicted probabilities for every training sample, by K-fold cross-fitting.
+
+    Confident learning wants each sample's class probabilities from a model that did not train on it; a
+    run's own model has trained on every label it is asked about, so its predictions understate how
+    unlikely a memorised wrong label is (``raynoisy.methods.label_issues``). Here the training split is cut
+    into ``folds`` folds, stratified by the given label and seeded by ``run.seed``; ``cfg``'s method trains
+    ``folds`` times in this process, each time on the other folds with ``cfg``'s trusted, validation and
+    test splits, schedule and best-validation selection (the steps per epoch follow the smaller training
+    set), and its best-validation model predicts the fold it did not see. Costs ``folds`` trainings.
+
+    Returns ``sample_id``, ``given_label`` and ``pred_probs`` (N x K softmax) sorted by sample_id: the
+    model-prediction columns ``build_label_issues`` takes. Writes nothing into ``run.output``.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2:
+        raise ConfigError("folds", f"cross-fitting needs at least 2 folds, got {folds}", "use --folds 5")
+    check(cfg)
+    check_in_process(cfg)
+    prepared = prepare(cfg, log)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    parts: list[dict[str, np.ndarray]] = []
+    try:
+        data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
+        train = data.splits["train"]
+        given = train.decoded.y.numpy()
+        seed = int(np.random.default_rng([cfg.run.seed, _FOLDS]).integers(2**31))
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for fold, (fit, held_out) in enumerate(splitter.split(np.zeros(len(given)), given)):
+            log(f"[cross-fit] fold {fold + 1}/{folds}: training on {len(fit)}, predicting {len(held_out)}")
+            fold_data = InMemoryData({**data.splits, "train": train.take(fit)}, data.augment)
+            method, record = _train(cfg, prepared, fold_data, log, diagnose=False, num_train=len(fit))
+            model = best_predictor(method, record.selection.best)
+            held = train.take(held_out)
+            pass_size = max(256, cfg.optim.batch_size)
+            parts.extend(prediction_columns(model, batch.without_truth()) for batch in held.chunks(pass_size))
+    finally:
+        torch.set_num_threads(previous_threads)
+    columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    order = np.argsort(columns["sample_id"], kind="stable")
+    return {key: values[order] for key, values in columns.items()}
+
+
 def check_in_process(cfg: Config) -> None:
     """Refuse what this backend would not run as the Ray loop does: text, workers, step evaluations."""
     if get_source(cfg.data.dataset).transform == "text":
@@ -131,6 +179,13 @@ class SplitInMemory:
 
     rows: InMemorySplit
     decoded: Batch
+
+    def take(self, index: np.ndarray) -> SplitInMemory:
+        """The decoded samples at ``index`` (positions into ``decoded``) and their shard rows (a row that
+        failed to decode is in neither)."""
+        decoded = _take(self.decoded, torch.from_numpy(np.asarray(index)))
+        kept = np.isin(self.rows.rows["sample_id"], decoded.sample_id.numpy())
+        return SplitInMemory(self.rows.take(kept), decoded)
 
     def chunks(self, size: int) -> list[Batch]:
         """The split in shard order, in batches of ``size`` (views of the decoded tensors)."""
@@ -161,7 +216,7 @@ def load_splits(prepared: Prepared, spec: InputSpec, max_bad_fraction: float) ->
     counter = BadSampleCounter()
     splits = {}
     for split in prepared.shards.manifest["files"]:
-        rows = InMemorySplit(prepared.shards.files(split), spec)
+        rows = InMemorySplit.read(prepared.shards.files(split), spec)
         rng = np.random.default_rng(0)  # unused: evaluation neither shuffles nor augments
         parts = list(rows.batches(DECODE_ROWS, train=False, device=CPU, rng=rng, counter=counter))
         if parts:
@@ -186,11 +241,18 @@ def _cat(parts: list[Batch]) -> Batch:
 
 
 def _train(
-    cfg: Config, prepared: Prepared, data: InMemoryData, log: Callable[[str], None], diagnose: bool
+    cfg: Config,
+    prepared: Prepared,
+    data: InMemoryData,
+    log: Callable[[str], None],
+    diagnose: bool,
+    num_train: int | None = None,
 ) -> tuple[Method, EpochRecord]:
-    """Build the method on the in-memory splits and walk its stages with evaluation and selection."""
+    """Build the method on the in-memory splits and walk its stages with evaluation and selection.
+    ``num_train``: the training rows the steps per epoch follow (default: the shards' count)."""
     counts = prepared.shards.manifest["counts"]
-    steps = steps_per_epoch(cfg, counts.get("train", 0))
+    num_train = counts.get("train", 0) if num_train is None else num_train
+    steps = steps_per_epoch(cfg, num_train)
     spec = input_spec(cfg)
     # Whole-split passes as the loop's ``Streams.method_pass`` gives them: batches of at least 256, in shard
     # order, with the true labels hidden. Evaluation reads the same batches: it counts hits on given labels,
@@ -206,7 +268,7 @@ def _train(
         in_channels=spec.channels,
         image_size=spec.size,
         steps_per_epoch=steps,
-        num_train=counts.get("train", 0),
+        num_train=num_train,
         num_trusted=counts.get("trusted", 0),
         splits=passes,
         train_ids=data.splits["train"].decoded.sample_id.numpy(),

@@ -57,7 +57,7 @@ class Streams:
             return iter(())
         if split not in self._in_memory:
             small = split != "train" and total_bytes(files) <= IN_MEMORY_BYTES
-            self._in_memory[split] = InMemorySplit(files, self.info.input) if small else None
+            self._in_memory[split] = InMemorySplit.read(files, self.info.input) if small else None
         cached = self._in_memory[split]
         if cached is not None:
             return cached.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
