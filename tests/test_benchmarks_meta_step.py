@@ -1,16 +1,25 @@
 """The meta-step benchmark runs at CI size and produces a sane row per method.
 
 No timing thresholds here: CI machines are shared and a 2-core step at batch 8 says nothing about the
-3.0x target, which the benchmark itself checks at full size (its exit status). What the test guards is that
-the benchmark keeps building every registered method the way the trainer does and keeps measuring it.
+targets, which the benchmark itself checks at full size (its exit status). What the tests guard is that
+the benchmark keeps building every registered method the way the trainer does and keeps measuring it, and
+that the pass counts its floors are priced from are the passes the steps really make.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from benchmark_scripts import load_benchmark
+from torch.autograd import forward_ad
+
+from raynoisy.data.sources import get_source
+from raynoisy.meta.lookahead import unwrap_model
 
 
 def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,7 +98,92 @@ def test_amortised_rows_are_named_method_at_k() -> None:
     assert bench.variant("mlnt-first-order")[0] == "mlnt"
     assert bench.target_of("mlc@k5") == bench.target_of("mlc@k10") == 1.5
     assert bench.target_of("mlc@k2") is None and bench.target_of("mlc") == bench.TARGETS["mlc"]
-    for bad in ("ce@k2", "mwnet@k0", "mwnet@kx"):
+    for bad in ("ce@k2", "mwnet@k0", "mwnet@kx", "mwnet@t0", "mwnet@", "mlc@t4k2"):
         with pytest.raises(ValueError, match="METHOD@kK"):
             bench.variant(bad)
+    assert bench.variant("mlc@t32") == ("mlc", {"trusted_batch_size": 32}, 1)
+    assert bench.variant("mlc@k5t32") == ("mlc", {"meta_every": 5, "trusted_batch_size": 32}, 5)
+    assert bench.target_of("mlc@t32") == bench.TARGETS["mlc"] and bench.target_of("mlc@k5t32") == 1.5
     assert bench.with_amortised_rows(["ce", "mlc", "glc"], [2, 5]) == ["ce", "mlc", "mlc@k2", "mlc@k5", "glc"]
+
+
+def test_a_smaller_trusted_batch_prices_its_gold_passes_by_its_size(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--trusted-batch N adds METHOD@tN rows; their floor takes N / batch of the trusted passes."""
+    bench = load_benchmark("meta_step")
+    passes = {"F": 3.0, "B": 5.0, "J": 7.0, "E": 11.0}
+    full = bench.floor_seconds("mwnet", passes, 8)
+    assert full == 2 * 3.0 + 3 * 5.0 + 7.0
+    assert bench.floor_seconds("mwnet@t2", passes, 8) == pytest.approx(full - 0.75 * (3.0 + 5.0))
+    amortised = bench.floor_seconds("mlc@k2t4", passes, 8)
+    assert amortised == pytest.approx((2 * 3.0 + 2 * 5.0 + 7.0 - 0.5 * 8.0 + 8.0) / 2)
+
+    argv = [
+        "--small",
+        "--models",
+        "small-cnn",
+        "--device",
+        "cpu",
+        "--methods",
+        "mwnet",
+        "mlc",
+        "--trusted-batch",
+        "4",
+    ]
+    report = bench.main(argv)
+    rows = {row.method: row for row in report.rows}
+    assert list(rows) == ["ce", "mwnet", "mwnet@t4", "mlc", "mlc@t4"]
+    for name in ("mwnet", "mlc"):
+        assert rows[f"{name}@t4"].finite and rows[f"{name}@t4"].floor_ratio < rows[name].floor_ratio
+
+
+def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
+    """The network passes one step (an amortised row: its whole cycle, divided by K) really makes, counted by
+    hooks on the main network and MetaLabelNet's frozen encoder, in units of the noisy batch: a forward with
+    a tangent is J; one in eval mode or without grad is E; any other is F, and every backward through its
+    logits (a hook on them) is B."""
+    counts: Counter[str] = Counter()
+
+    def on_forward(module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
+        logits, share = output[0], inputs[0].shape[0] / batch_size
+        if forward_ad.unpack_dual(logits).tangent is not None:
+            counts["J"] += share
+        elif not module.training or not torch.is_grad_enabled():
+            counts["E"] += share
+        else:
+            counts["F"] += share
+            logits.register_hook(lambda grad: counts.update({"B": share}))
+
+    method = run.method
+    encoder = getattr(method, "encoder", None)
+    nets = [unwrap_model(method.main.net)] + ([encoder] if encoder is not None else [])
+    handles = [net.register_forward_hook(on_forward) for net in nets]
+    try:
+        for takes_trusted in run.cycle:
+            method.train_step(batch, run.trusted if takes_trusted else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: n / len(run.cycle) for kind, n in counts.items() if n}
+
+
+@pytest.mark.parametrize(
+    "row",
+    ["ce", "mwnet", "mlc", "metalabelnet", "mwnet@t4", "mlc@t4", "metalabelnet@t2", "mlc@k3", "mwnet@k2t4"],
+)
+def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
+    """``PASSES`` (and what the trusted-batch and amortised rows derive from it) against hook counts."""
+    bench = load_benchmark("meta_step")
+    spec, batch_size = bench.MODELS["small-cnn"], 8
+    source = get_source(spec.dataset)
+    batch = bench.synthetic_batch(
+        batch_size, spec, source.channels, source.image_size, torch.device("cpu"), 0
+    )
+    pool = bench.synthetic_batch(
+        4 * batch_size, spec, source.channels, source.image_size, torch.device("cpu"), 1
+    )
+    run = bench.build_run(row, spec, batch_size, torch.device("cpu"), str(tmp_path), pool, [])
+    expected = bench.pass_counts(row, batch_size)
+    counted = _counted_passes(run, batch, batch_size)
+    assert counted == pytest.approx({kind: n for kind, n in expected.items() if n})

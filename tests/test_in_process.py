@@ -249,3 +249,45 @@ def test_cross_fitting_predicts_each_sample_with_a_model_that_never_trained_on_i
 def test_cross_fitting_needs_two_folds(tmp_path):
     with pytest.raises(ConfigError, match="at least 2 folds"):
         in_process.cross_fitted_probabilities(_config(tmp_path, "ce", 1), 1, log=_quiet)
+
+
+@pytest.mark.parametrize("method", ["mwnet", "mlc", "metalabelnet"])
+def test_the_trusted_batch_has_its_own_size(tmp_path, monkeypatch, method):
+    """``method.params.trusted_batch_size`` sets the trusted batch of every meta update (the loop's harness
+    asks the method); 0 keeps the noisy batch's size."""
+    from raynoisy.methods import get_method_class
+
+    cls = get_method_class(method)
+    sizes: list[int] = []
+    step = cls.meta_update_step
+
+    def recording(self, batch, trusted):
+        sizes.append(len(trusted))
+        return step(self, batch, trusted)
+
+    monkeypatch.setattr(cls, "meta_update_step", recording)
+    extra = ["method.params.warmup_epochs=1"] if method == "metalabelnet" else []
+    train_in_process(_config(tmp_path, method, 2, "method.params.trusted_batch_size=10", *extra), log=_quiet)
+    assert max(sizes) == 10 and sizes.count(10) >= len(sizes) - 1  # a pass's last batch may be short
+    sizes.clear()
+    train_in_process(_config(tmp_path / "default", method, 2, *extra), log=_quiet)
+    assert max(sizes) == BATCH
+
+
+@pytest.mark.parametrize(
+    ("method", "size", "workers", "refused"),
+    [
+        ("mlc", 1, 1, True),
+        ("mlc", 3, 2, True),
+        ("mlc", 4, 2, False),
+        ("mwnet", 1, 1, False),
+        ("mwnet", 1, 2, True),
+    ],
+)
+def test_a_trusted_batch_too_small_for_the_workers_is_refused(tmp_path, method, size, workers, refused):
+    overrides = [f"method.params.trusted_batch_size={size}", f"scaling.workers={workers}"]
+    if refused:
+        with pytest.raises(ConfigError, match=r"method\.params\.trusted_batch_size"):
+            _config(tmp_path, method, 1, *overrides)
+    else:
+        _config(tmp_path, method, 1, *overrides)

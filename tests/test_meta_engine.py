@@ -666,3 +666,32 @@ def test_output_grads_reuse_the_training_forward(model_cls: type) -> None:
         torch.testing.assert_close(
             g, torch.autograd.grad(fresh, p, retain_graph=True)[0], rtol=1e-12, atol=1e-14
         )
+
+
+@pytest.mark.parametrize("meta_kind", ["weight", "label"])
+def test_meta_gradient_is_the_mean_over_equal_parts_of_the_trusted_batch(meta_kind: str) -> None:
+    """Why a smaller trusted batch (``method.params.trusted_batch_size``) is unbiased: the hypergradient is
+    linear in the trusted loss's gradient, so the full batch's meta-gradient is the mean of its equal parts'.
+    (Exact for a network without batch statistics; with BatchNorm in train mode each part normalises by its
+    own statistics.)"""
+    problem = make_problem(MLP, meta_kind, nesterov=False)
+    x, y = problem.batches[0]
+    gold_x, gold_y = problem.gold
+    meta_params = list(problem.meta.parameters())
+
+    def with_gold(rows: slice) -> list[Tensor]:
+        def gold(params: dict[str, Tensor]) -> Tensor:
+            return gold_loss(
+                lambda inputs: functional_forward(problem.model, params, inputs), gold_x[rows], gold_y[rows]
+            )
+
+        result = output_hypergrad(
+            problem.model, problem.optimizer, x, _output_loss(problem, x, y), gold, meta_params
+        )
+        return result.meta_grads
+
+    quarter = BATCH // 4
+    parts = [with_gold(slice(i * quarter, (i + 1) * quarter)) for i in range(4)]
+    mean = [torch.stack(grads).mean(dim=0) for grads in zip(*parts, strict=True)]
+    assert rel_err(mean, with_gold(slice(0, 4 * quarter))) < 1e-12
+    assert rel_err(parts[0], parts[1]) > 1e-3  # each part alone is a different (noisier) estimate

@@ -155,6 +155,7 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         warmup = cls.warmup_epochs_for(cfg)
         if warmup >= cfg.optim.epochs:
             raise ConfigError(
@@ -208,7 +209,7 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
 
     def trusted_batch_size(self, stage: Stage) -> int:
         """No trusted batches in the warm-up."""
-        return 0 if stage.name == "warmup" else self.ctx.local_batch_size
+        return 0 if stage.name == "warmup" else super().trusted_batch_size(stage)
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         """The warm-up's cross-entropy step until the encoder is frozen, then a meta or a plain step."""

@@ -45,8 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raynoisy.config import Config
-from raynoisy.errors import ConfigError
 from raynoisy.meta import (
     BNPolicy,
     MLCHypergradAccumulator,
@@ -102,16 +100,7 @@ class MLCParams(TrustedMetaParams):
 class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
     name = "mlc"
     Params = MLCParams
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        local = cfg.optim.batch_size // cfg.scaling.workers
-        if local < 2:
-            raise ConfigError(
-                "optim.batch_size",
-                f"mlc splits each worker's trusted batch ({local}) into gold and clean halves",
-                f"use at least 2 samples per worker: --batch-size {2 * cfg.scaling.workers} or more",
-            )
+    min_trusted_per_worker = 2  # a gold half and a clean half
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
