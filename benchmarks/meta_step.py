@@ -102,6 +102,7 @@ from torch import nn
 from raynoisy.config import load_config
 from raynoisy.data.batch import Batch
 from raynoisy.data.sources import get_source
+from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method
@@ -158,6 +159,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"start_iter": 0, "mid_iter": 0, "synthetic_sets": MLNT_SETS, "second_order": True},
     ),
     "mixnn": ("mixnn", {"mixup_epochs": 0, "neighbors": "global"}),
+    "metalabelnet-uncached": ("metalabelnet", {"cache_features": False}),
 }
 
 
@@ -183,7 +185,7 @@ def target_of(row: str) -> float | None:
     """The ratio to CE a row must stay under: its method's step target, or the amortised bar from K = 5."""
     method, _, k = variant(row)
     if k == 1:
-        return TARGETS.get(row.partition("@")[0] if method in AMORTISED else row)
+        return TARGETS.get(method if method in AMORTISED else row)
     return AMORTISED_TARGET if k >= AMORTISED_TARGET_FROM else None
 
 
@@ -408,6 +410,13 @@ def registered_methods(names: Sequence[str]) -> tuple[list[str], dict[str, str]]
     return ok, skipped
 
 
+def split_of(row: str, mixnn_split: Sequence[Batch], batch: Batch) -> Sequence[Batch]:
+    """The training split a row's method is built with: MixNN's refresh split; MetaLabelNet's the timed batch,
+    whose encoder features its stage start caches (where it caches); none for the others."""
+    method = variant(row)[0]
+    return mixnn_split if method == "mixnn" else [batch] if method == "metalabelnet" else ()
+
+
 def build_run(
     name: str,
     spec: ModelSpec,
@@ -420,7 +429,7 @@ def build_run(
 ) -> MethodRun:
     """Build ``name`` as the training loop does for one rank and bring it to the stage that is timed.
 
-    ``train_split``: the batches of ``ctx.iter_split("train")`` (MixNN's refresh); when given, its samples
+    ``train_split``: the batches of ``ctx.iter_split("train")`` (``split_of``); when given, its samples
     are the training split (the per-sample store's ids) instead of the data set's nominal size.
     """
     method_name, params, meta_every = variant(name)
@@ -562,25 +571,28 @@ def pass_times(net: nn.Module, batch: Batch, repeats: int, device: torch.device)
     return {"F": median["F"], "B": max(0.0, median["FB"] - median["F"]), "J": median["J"], "E": median["E"]}
 
 
-def pass_counts(row: str, batch_size: int) -> dict[str, float] | None:
+def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float] | None:
     """The passes one step of ``row`` makes by its algorithm (``PASSES``), None without a count. A row with a
     trusted batch of N takes N / ``batch_size`` of its ``TRUSTED_PASSES``; an amortised row's step is the
-    mean over its cycle, (its meta step + (K - 1) ``PLAIN_PASSES``) / K."""
+    mean over its cycle, (its meta step + (K - 1) ``PLAIN_PASSES``) / K. MetaLabelNet reads its encoder's
+    features from its cache instead of an E pass where training does not augment (``unaugmented``) and
+    ``cache_features`` is on."""
     method, params, k = variant(row)
     if method not in AMORTISED:
         return dict(PASSES[row]) if row in PASSES else None
-    meta = dict(PASSES[method])
+    meta, plain = dict(PASSES[method]), dict(PLAIN_PASSES[method])
     if params.get("trusted_batch_size"):
         for kind, n in TRUSTED_PASSES[method].items():
             meta[kind] -= (1 - params["trusted_batch_size"] / batch_size) * n
-    plain = PLAIN_PASSES[method]
+    if method == "metalabelnet" and unaugmented and params.get("cache_features", True):
+        meta["E"] = plain["E"] = 0
     kinds = meta.keys() | plain.keys()
     return {kind: (meta.get(kind, 0) + (k - 1) * plain.get(kind, 0)) / k for kind in kinds}
 
 
-def floor_seconds(row: str, passes: dict[str, float], batch_size: int) -> float | None:
+def floor_seconds(row: str, passes: dict[str, float], batch_size: int, unaugmented: bool) -> float | None:
     """The step's floor: its ``pass_counts`` priced at the measured pass times; None without a count."""
-    counts = pass_counts(row, batch_size)
+    counts = pass_counts(row, batch_size, unaugmented)
     return None if counts is None else sum(n * passes[kind] for kind, n in counts.items())
 
 
@@ -672,7 +684,7 @@ def measure_model(
         else []
     )
     runs = [
-        build_run(n, spec, batch_size, device, root, trusted_pool, notes, train_split if n == "mixnn" else ())
+        build_run(n, spec, batch_size, device, root, trusted_pool, notes, split_of(n, train_split, batch))
         for n in names
     ]
     for _ in range(args.warmup):
@@ -702,7 +714,8 @@ def measure_model(
             run.peak_bytes = cpu_step_peak(run, batch)
         run.held_bytes = held_bytes(run.method.state_dict())
     passes = pass_times(copy.deepcopy(runs[0].method.eval_model()), batch, args.repeats, device)
-    base_floor = floor_seconds(BASELINE, passes, batch.x.shape[0])
+    unaugmented = source.transform in UNAUGMENTED_FAMILIES
+    base_floor = floor_seconds(BASELINE, passes, batch_size, unaugmented)
     assert base_floor is not None
     print(
         f"[meta_step] {spec.name} passes (median ms): "
@@ -714,7 +727,7 @@ def measure_model(
     base_median = statistics.median(base.times)
     rows = []
     for run in runs:
-        floor = floor_seconds(run.name, passes, batch.x.shape[0])
+        floor = floor_seconds(run.name, passes, batch_size, unaugmented)
         q1, median, q3 = quartiles(run.times)
         per_round = [t / b for t, b in zip(run.times, base.times, strict=True)]
         r1, _, r3 = quartiles(per_round)

@@ -19,6 +19,7 @@ from benchmark_scripts import load_benchmark
 from torch.autograd import forward_ad
 
 from raynoisy.data.sources import get_source
+from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.meta.lookahead import unwrap_model
 
 
@@ -113,10 +114,10 @@ def test_a_smaller_trusted_batch_prices_its_gold_passes_by_its_size(
     """--trusted-batch N adds METHOD@tN rows; their floor takes N / batch of the trusted passes."""
     bench = load_benchmark("meta_step")
     passes = {"F": 3.0, "B": 5.0, "J": 7.0, "E": 11.0}
-    full = bench.floor_seconds("mwnet", passes, 8)
+    full = bench.floor_seconds("mwnet", passes, 8, True)
     assert full == 2 * 3.0 + 3 * 5.0 + 7.0
-    assert bench.floor_seconds("mwnet@t2", passes, 8) == pytest.approx(full - 0.75 * (3.0 + 5.0))
-    amortised = bench.floor_seconds("mlc@k2t4", passes, 8)
+    assert bench.floor_seconds("mwnet@t2", passes, 8, True) == pytest.approx(full - 0.75 * (3.0 + 5.0))
+    amortised = bench.floor_seconds("mlc@k2t4", passes, 8, True)
     assert amortised == pytest.approx((2 * 3.0 + 2 * 5.0 + 7.0 - 0.5 * 8.0 + 8.0) / 2)
 
     argv = [
@@ -170,7 +171,18 @@ def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "row",
-    ["ce", "mwnet", "mlc", "metalabelnet", "mwnet@t4", "mlc@t4", "metalabelnet@t2", "mlc@k3", "mwnet@k2t4"],
+    [
+        "ce",
+        "mwnet",
+        "mlc",
+        "metalabelnet",
+        "mwnet@t4",
+        "mlc@t4",
+        "metalabelnet@t2",
+        "mlc@k3",
+        "mwnet@k2t4",
+        "metalabelnet-uncached",
+    ],
 )
 def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
     """``PASSES`` (and what the trusted-batch and amortised rows derive from it) against hook counts."""
@@ -183,7 +195,8 @@ def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
     pool = bench.synthetic_batch(
         4 * batch_size, spec, source.channels, source.image_size, torch.device("cpu"), 1
     )
-    run = bench.build_run(row, spec, batch_size, torch.device("cpu"), str(tmp_path), pool, [])
-    expected = bench.pass_counts(row, batch_size)
+    split = bench.split_of(row, (), batch)
+    run = bench.build_run(row, spec, batch_size, torch.device("cpu"), str(tmp_path), pool, [], split)
+    expected = bench.pass_counts(row, batch_size, source.transform in UNAUGMENTED_FAMILIES)
     counted = _counted_passes(run, batch, batch_size)
     assert counted == pytest.approx({kind: n for kind, n in expected.items() if n})

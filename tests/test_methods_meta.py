@@ -644,3 +644,71 @@ def test_a_step_moves_batchnorm_statistics_once_per_training_forward(
     assert [int(m.num_batches_tracked) - b for m, b in zip(tracked, before, strict=True)] == [
         2 * forwards
     ] * len(tracked)
+
+
+# ---- MetaLabelNet's cached encoder features ------------------------------------------------------------
+
+
+def _metalabelnet_with_split(tmp_path: Path, noisy: Batch, seen: int | None = None, **params: Any) -> Method:
+    """MetaLabelNet at its meta stage on the training set ``noisy``, of which the split pass that its stage
+    start reads holds the first ``seen`` samples (all by default)."""
+    flags = {
+        "run.output": str(tmp_path),
+        "model.name": "small-cnn",
+        "optim.batch_size": BATCH,
+        "optim.epochs": 2,
+    }
+    sets = [f"method.params.{k}={v}" for k, v in {"warmup_epochs": 1, **params}.items()]
+    cfg = resolve_config("digits", "metalabelnet", flags=flags, overrides=sets)
+    ctx = method_context(
+        cfg,
+        num_classes=CLASSES,
+        in_channels=1,
+        image_size=SIDE,
+        steps_per_epoch=4,
+        num_train=len(noisy),
+        num_trusted=64,
+        splits={
+            "train": [
+                rows(noisy, slice(lo, min(lo + 50, seen or len(noisy))))
+                for lo in range(0, seen or len(noisy), 50)
+            ]
+        },
+        train_ids=noisy.sample_id.numpy(),
+    )
+    method = build_method(ctx)
+    start_stage(method, "meta")
+    return method
+
+
+def test_metalabelnet_reads_cached_encoder_features_instead_of_running_the_encoder(tmp_path: Path) -> None:
+    noisy, trusted = toy_batch(128, noise=0.4, seed=1), toy_batch(BATCH, noise=0.0, seed=2, first_id=5000)
+    cached = _metalabelnet_with_split(tmp_path, noisy)
+    uncached = _metalabelnet_with_split(tmp_path, noisy, cache_features=False)
+    assert cached.store is not None and uncached.store is None
+    batch = rows(noisy, torch.arange(40, 40 + BATCH))  # another composition than the split pass's batches
+    torch.testing.assert_close(
+        cached._training_features(batch), uncached._features(batch.x), rtol=0, atol=1e-5
+    )
+    encoder_runs = {}
+    for name, method in (("cached", cached), ("uncached", uncached)):
+        runs: list[int] = []
+        handle = method.encoder.register_forward_hook(lambda *_, runs=runs: runs.append(1))
+        method.train_step(batch, trusted)
+        handle.remove()
+        encoder_runs[name] = len(runs)
+    assert encoder_runs == {"cached": 0, "uncached": 1}
+    # Both take the same steps (float tolerance: the batched encoder's sums in another order).
+    for a, b in zip(cached.eval_model().parameters(), uncached.eval_model().parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_metalabelnet_runs_the_encoder_for_unseen_samples_and_where_training_augments(tmp_path: Path) -> None:
+    noisy = toy_batch(128, noise=0.4, seed=1)
+    method = _metalabelnet_with_split(tmp_path, noisy, seen=64)  # the split pass sees half
+    unseen = rows(noisy, slice(60, 60 + 8))
+    torch.testing.assert_close(method._training_features(unseen), method._features(unseen.x))
+    cifar = resolve_config(
+        "cifar10", "metalabelnet", flags={"run.output": str(tmp_path), "data.root": str(tmp_path)}
+    )
+    assert build_method(context(cifar)).store is None  # random crops and flips: features change every epoch

@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Transform families whose training transform is the evaluation one (text is tokenised, never augmented): a
+# training sample is the same input every epoch, so whatever a frozen network computes from it can be kept.
+UNAUGMENTED_FAMILIES = frozenset({"small", "text"})
+
 _MEAN_STD = {
     "small": ((0.5,), (0.5,)),
     "cifar": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),

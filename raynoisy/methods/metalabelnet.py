@@ -18,6 +18,14 @@ trusted batch as large as the noisy one:
    The two terms sum to -mean_{B·C} p·log ŷ': the entropy term cancels KL's own -H(p), so the update
    pulls p towards the one-hot at ŷ's mode rather than towards ŷ itself (entropy minimisation).
 
+Encoder features: the encoder is frozen and in eval mode, so a training sample's features only change if its
+input does. Where the training transform does not augment (``raynoisy.data.transforms.UNAUGMENTED_FAMILIES``:
+the ``small`` images, text) and ``cache_features`` is on (the default), the start of stage 2 runs the encoder
+once over the training split and keeps every sample's features in the per-sample store (``ENCODER_FEATURES``,
+float32, replicated on every rank and checkpointed with it); the steps read them by sample_id instead of
+running the encoder (the E pass of ``benchmarks/meta_step.py``); a batch with a sample the pass did not see
+runs the encoder. Where training augments, every step runs it.
+
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... of stage 2 (counted from its first step) are such meta
 steps; the steps between are plain steps on KL(p‖ŷ) + (-mean p·log p) with the current SLP's soft labels
 (the encoder's no-grad forward, one forward and one backward of the main network, no trusted batch).
@@ -50,6 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raynoisy.config import Config
+from raynoisy.data.sample_store import SampleStore
+from raynoisy.data.sources import get_source
+from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.errors import ConfigError
 from raynoisy.meta import OutputLoss, all_reduce_mean_, functional_forward, output_hypergrad
 from raynoisy.methods import register_method
@@ -75,6 +86,10 @@ DEFAULT_WARMUP_FRACTION = 44 / 120
 SLP_INITS = ("encoder", "random")
 # Added inside log(ŷ) as the reference does, so a soft label that underflows to 0 gives a finite loss.
 LOG_EPS = 1e-10
+# The per-sample store columns of the frozen encoder's features (``cache_features``) and of which samples
+# have them.
+ENCODER_FEATURES = "metalabelnet_encoder_features"
+ENCODER_CACHED = "metalabelnet_encoder_cached"
 
 
 @dataclass
@@ -86,6 +101,7 @@ class MetaLabelNetParams(TrustedMetaParams):
     inner_lr: float = 1.0
     warmup_epochs: int | None = None
     slp_init: str = "encoder"
+    cache_features: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,6 +190,11 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
             self.soft_label_net.parameters(), lr=p.meta_lr, weight_decay=p.meta_weight_decay
         )
         self.encoder: nn.Module | None = None  # the frozen stage-1 network, from the first stage-2 epoch on
+        family = get_source(ctx.cfg.data.dataset).transform
+        self.store = ctx.sample_store if p.cache_features and family in UNAUGMENTED_FAMILIES else None
+        if self.store is not None:
+            self.store.add_dense(ENCODER_FEATURES, int(self.main.net.feature_dim), torch.float32)
+            self.store.add_dense(ENCODER_CACHED, 1, torch.uint8)
 
     def _frozen_copy(self) -> nn.Module:
         encoder = copy.deepcopy(self.main.net).eval().requires_grad_(False)
@@ -205,7 +226,23 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         all_reduce_mean_([b for b in self.encoder.buffers() if b.is_floating_point()])
         if self.params.slp_init == "encoder":
             self.soft_label_net.start_from(classifier_of(self.encoder))
+        if self.store is not None:
+            self._cache_features(self.store)
         return {}
+
+    @torch.no_grad()
+    def _cache_features(self, store: SampleStore) -> None:
+        """The encoder's features of every training sample into the store: this rank's share of the split,
+        one collective write (every rank's rows reach every replica)."""
+        assert self.encoder is not None and self.ctx.iter_split is not None
+        ids, features = [], []
+        for batch in self.ctx.iter_split("train"):
+            ids.append(batch.sample_id.cpu())
+            features.append(self.encoder(batch.x.to(self.ctx.device))[1].float().cpu())
+        dim = int(self.main.net.feature_dim)
+        rows = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+        store.scatter(ENCODER_FEATURES, rows, torch.cat(features) if features else torch.zeros(0, dim))
+        store.scatter(ENCODER_CACHED, rows, torch.ones(len(rows), 1, dtype=torch.uint8))
 
     def trusted_batch_size(self, stage: Stage) -> int:
         """No trusted batches in the warm-up."""
@@ -222,9 +259,19 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         with torch.no_grad():
             return self.encoder(x)[1]
 
+    def _training_features(self, batch: Batch) -> Tensor:
+        """A training batch's encoder features: from the store where all of its samples are cached, else the
+        encoder's (a sample the stage's split pass did not see, e.g. in a test without one)."""
+        if self.store is None:
+            return self._features(batch.x)
+        ids = batch.sample_id.cpu()
+        if not bool(self.store.gather(ENCODER_CACHED, ids).all()):
+            return self._features(batch.x)
+        return self.store.gather(ENCODER_FEATURES, ids, self.ctx.device)
+
     def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
         net = self.main.net
-        features = self._features(batch.x)
+        features = self._training_features(batch)
 
         def inner(logits: Tensor, _features: Tensor) -> Tensor:
             return kl_to_soft_labels(logits, self.soft_label_net(features))
@@ -250,7 +297,7 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
         with torch.no_grad():
-            soft = self.soft_label_net(self._features(batch.x))
+            soft = self.soft_label_net(self._training_features(batch))
         loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(soft, batch.y))
         return self._scalars(loss, logits, soft)
 

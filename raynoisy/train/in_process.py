@@ -45,6 +45,7 @@ from raynoisy.config import Config
 from raynoisy.data.batch import Batch
 from raynoisy.data.pipeline import BadSampleCounter, InMemorySplit, InputSpec, check_bad_fraction
 from raynoisy.data.sources import get_source
+from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.methods.base import Method, Stage
 from raynoisy.methods.label_issues import prediction_columns, summarize_label_issues
@@ -58,9 +59,6 @@ from raynoisy.train.selection import Selection
 
 CPU = torch.device("cpu")
 HISTORY_FILE = "history.json"
-# Transform families whose training transform is the evaluation one (``raynoisy.data.transforms``: ``small``
-# is the identity), so that training batches can come from the tensors decoded once.
-UNAUGMENTED_FAMILIES = frozenset({"small"})
 # Rows decoded per call while a split is read into memory.
 DECODE_ROWS = 4096
 # Streams of ``run.seed``: the training set's order of each epoch, the trusted set's order of each pass,
@@ -222,7 +220,7 @@ def load_splits(prepared: Prepared, spec: InputSpec, max_bad_fraction: float) ->
         if parts:
             splits[split] = SplitInMemory(rows, _cat(parts))
     check_bad_fraction(counter.bad, counter.seen, max_bad_fraction)
-    return InMemoryData(splits, augment=spec.family not in UNAUGMENTED_FAMILIES)
+    return InMemoryData(splits, augment=spec.family not in UNAUGMENTED_FAMILIES)  # decode once, reuse
 
 
 def _take(batch: Batch, index: slice | torch.Tensor) -> Batch:
