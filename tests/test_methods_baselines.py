@@ -1,12 +1,14 @@
-"""CE, clean-only CE and GLC driven directly, without Ray: the method contract and GLC's two stages.
+"""The baselines (ce, ce-clean, ce-all, glc) driven directly, without Ray: the method contract, GLC's stages.
 
 Methods are built and driven with ``raynoisy.train.harness``, the hooks in the Ray Train loop's order.
 """
 
+import copy
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raynoisy.data.batch import Batch
 from raynoisy.methods import get_method_class
@@ -182,3 +184,30 @@ def test_glc_walks_its_stages_like_the_loop(tmp_path):
     assert ["glc_estimated_flip_rate" in log for log in logs] == [False, False, True, False]
     assert 0.15 < logs[2]["glc_estimated_flip_rate"] < 0.55
     assert glc.corruption is not None
+
+
+def test_ce_all_takes_one_cross_entropy_step_on_the_noisy_and_trusted_batches(tmp_path):
+    """ce-all: a trusted share in proportion to the set sizes beside every noisy batch, and its step is the
+    cross-entropy step of an independent copy of the model on the two batches concatenated."""
+    cls = get_method_class("ce-all")
+    assert cls.needs_trusted
+    ctx = _context(tmp_path, "ce-all")
+    method = build_method(ctx)
+    (stage,) = method.stages(ctx.cfg)
+    expected_share = round(ctx.local_batch_size * 60 / (1280 + 60))
+    assert method.trusted_batch_size(stage) == expected_share == ctx.proportional_trusted_batch >= 1
+    noisy, trusted = _batch(ctx.local_batch_size, seed=1, flip=0.4), _batch(expected_share, seed=2)
+    reference = copy.deepcopy(method.main.net)
+    optimizer = torch.optim.SGD(
+        reference.parameters(),
+        lr=ctx.cfg.optim.lr,
+        momentum=ctx.cfg.optim.momentum,
+        weight_decay=ctx.cfg.optim.weight_decay,
+    )
+    loss = F.cross_entropy(reference(torch.cat([noisy.x, trusted.x]))[0], torch.cat([noisy.y, trusted.y]))
+    loss.backward()
+    optimizer.step()
+    logged = method.train_step(noisy, trusted)
+    assert logged["loss"] == pytest.approx(float(loss), rel=1e-6)
+    for mine, theirs in zip(method.main.net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

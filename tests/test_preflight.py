@@ -133,7 +133,7 @@ def test_mlc_needs_two_samples_per_worker(no_ray, tmp_path, capsys):
     assert info.value.field == "optim.batch_size"
 
 
-TRUSTED_METHODS = ("ce-clean", "glc", "mwnet", "mlc", "metalabelnet")
+TRUSTED_METHODS = ("ce-clean", "ce-all", "glc", "mwnet", "mlc", "metalabelnet")
 
 
 def test_no_trusted_set_refuses_the_methods_that_need_one_before_ray(no_ray, tmp_path, capsys):

@@ -96,6 +96,13 @@ class MethodContext:
     def local_batch_size(self) -> int:
         return self.cfg.optim.batch_size // self.world_size
 
+    @property
+    def proportional_trusted_batch(self) -> int:
+        """Trusted samples per rank and step in proportion to the two sets' sizes (at least one), so that an
+        epoch of noisy batches also passes over the trusted set about once: GLC's gold + silver loader."""
+        share = self.num_trusted / max(1, self.num_train + self.num_trusted)
+        return max(1, round(self.local_batch_size * share))
+
     def build_backbone(self) -> nn.Module:
         from raynoisy.models import build_model
 

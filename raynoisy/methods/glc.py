@@ -53,10 +53,7 @@ class GoldLossCorrection(Method):
 
     def trusted_batch_size(self, stage: Stage) -> int:
         """Phase 2: trusted samples per step in proportion to the set sizes, like GLC's gold+silver loader."""
-        if stage.name == "noisy":
-            return 0
-        share = self.ctx.num_trusted / max(1, self.ctx.num_train + self.ctx.num_trusted)
-        return max(1, round(self.ctx.local_batch_size * share))
+        return 0 if stage.name == "noisy" else self.ctx.proportional_trusted_batch
 
     def on_stage_start(
         self, stage: Stage, best_model_state: dict[str, torch.Tensor] | None

@@ -155,12 +155,14 @@ class TrustedMetaMethod(Method):
         size = cls.parse_params(cfg.method.params).trusted_batch_size or cfg.optim.batch_size
         if size // cfg.scaling.workers < cls.min_trusted_per_worker:
             least = cls.min_trusted_per_worker * cfg.scaling.workers
-            field = "method.params.trusted_batch_size" if size != cfg.optim.batch_size else "optim.batch_size"
+            own = size != cfg.optim.batch_size
             raise ConfigError(
-                field,
+                "method.params.trusted_batch_size" if own else "optim.batch_size",
                 f"a trusted batch of {size} gives each of {cfg.scaling.workers} worker(s) "
                 f"{size // cfg.scaling.workers} sample(s); {cls.name} needs {cls.min_trusted_per_worker}",
-                f"use a trusted batch of at least {least}",
+                f"set method.params.trusted_batch_size={least} or more"
+                if own
+                else f"use --batch-size {least} or more (the trusted batch is as large by default)",
             )
 
     def trusted_batch_size(self, stage: Stage) -> int:
