@@ -12,8 +12,8 @@ cross-fitted probabilities are cached per seed under ``--output`` (``crossfitK-<
 Needs a ``ce`` row and ``--in-process``.
 
     python benchmarks/label_issues.py --in-process --data-root ../shared/data/fashion-mnist \
-        --methods ce,ce-clean,glc,mwnet,mlc,metalabelnet,mixnn,mlnt --noise flip:0.4 --seeds 0,1,2 \
-        --epochs 15 --clean-per-class 50 --set split.train_subset=3000 --output runs/i12-grid
+        --methods ce,ce-clean,ce-all,glc,mwnet,mlc,metalabelnet,mixnn,mlnt --noise flip:0.4 --seeds 0,1,2 \
+        --epochs 15 --clean-per-class 50 --set split.train_subset=3000 --output runs/label-issues
 """
 
 from __future__ import annotations
