@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def table(
         "| noise | method | variant | flagged share | precision | recall | F1 | F1 vs cleanlab reference |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    detectors: dict[str, str] = {}
+    detectors: dict[str, Counter[str]] = {}
     for noise, rows in reference.items():
         ref_f1 = statistics.mean(r["f1"] or 0.0 for r in rows)
         lines.append(
@@ -111,10 +112,12 @@ def table(
                 f"| {noise} | {method} | {variant} | {_mean_std(shares)} | {_mean_std(precision)} "
                 f"| {_mean_std(recall)} | {_mean_std(f1s)} | {versus} |"
             )
-            for b in blocks:
-                detectors.setdefault(f"{method}@{variant}" if variant else method, b["detector"])
-    lines += ["", "| method | detector (how is_label_issue is set) |", "|---|---|"]
-    lines += [f"| {name} | {text} |" for name, text in detectors.items()]
+            rules = detectors.setdefault(f"{method}@{variant}" if variant else method, Counter())
+            rules.update(b["detector"] for b in blocks)
+    lines += ["", "| method | detector (how is_label_issue is set), in how many runs |", "|---|---|"]
+    for name, rules in detectors.items():
+        total = sum(rules.values())
+        lines += [f"| {name} | {text} ({count} of {total}) |" for text, count in rules.most_common()]
     return "\n".join(lines)
 
 
