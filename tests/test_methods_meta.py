@@ -93,18 +93,18 @@ def build(
     return build_method(context(cfg, rank=rank, world=world))
 
 
-def context(cfg: Config, *, rank: int = 0, world: int = 1) -> MethodContext:
-    """The context of every method here: the toy data's shape, 20 steps per epoch, no split passes."""
+def context(cfg: Config, *, rank: int = 0, world: int = 1, **fields: Any) -> MethodContext:
+    """The context of every method here: the toy data's shape, 20 steps per epoch, no split passes unless
+    ``fields`` (``method_context``'s keywords) say otherwise."""
+    defaults: dict[str, Any] = {"steps_per_epoch": 20, "num_train": 1024, "num_trusted": 128}
     return method_context(
         cfg,
         num_classes=CLASSES,
         in_channels=1,
         image_size=SIDE,
-        steps_per_epoch=20,
-        num_train=1024,
-        num_trusted=128,
         rank=rank,
         world_size=world,
+        **(defaults | fields),
     )
 
 
@@ -660,23 +660,11 @@ def _metalabelnet_with_split(tmp_path: Path, noisy: Batch, seen: int | None = No
     }
     sets = [f"method.params.{k}={v}" for k, v in {"warmup_epochs": 1, **params}.items()]
     cfg = resolve_config("digits", "metalabelnet", flags=flags, overrides=sets)
-    ctx = method_context(
-        cfg,
-        num_classes=CLASSES,
-        in_channels=1,
-        image_size=SIDE,
-        steps_per_epoch=4,
-        num_train=len(noisy),
-        num_trusted=64,
-        splits={
-            "train": [
-                rows(noisy, slice(lo, min(lo + 50, seen or len(noisy))))
-                for lo in range(0, seen or len(noisy), 50)
-            ]
-        },
-        train_ids=noisy.sample_id.numpy(),
+    seen = seen or len(noisy)
+    split = [rows(noisy, slice(lo, min(lo + 50, seen))) for lo in range(0, seen, 50)]
+    method = build_method(
+        context(cfg, num_train=len(noisy), splits={"train": split}, train_ids=noisy.sample_id.numpy())
     )
-    method = build_method(ctx)
     start_stage(method, "meta")
     return method
 
