@@ -34,7 +34,7 @@ def test_a_run_that_leaves_ray_data_no_cpu_is_refused(tmp_path, monkeypatch):
     # 2 workers x 1 CPU on a fixed 2-CPU cluster: Ray Data's read tasks could never be scheduled (the run
     # hangs).
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: None)
+    monkeypatch.setattr(driver, "autoscaling_cpus", lambda: None)
     with pytest.raises(ConfigError, match="read tasks") as info:
         _cpus_per_worker(_cfg(tmp_path, 2, cpus=1.0), service_cpus=0.0)
     assert info.value.field == "scaling.workers"
@@ -46,7 +46,7 @@ def test_an_autoscaling_cluster_too_small_now_is_left_to_its_autoscaler(tmp_path
     # A launcher cluster starts with a 0-CPU head (no "CPU" resource at all) and no workers: only growth
     # can fit a run.
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 2.0**30})
-    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: math.inf)
+    monkeypatch.setattr(driver, "autoscaling_cpus", lambda: math.inf)
     said: list[str] = []
     assert _cpus_per_worker(_cfg(tmp_path, 2, cpus=1.5), service_cpus=0.0, log=said.append) == 1.5
     assert "autoscaler" in said[0]
@@ -56,7 +56,7 @@ def test_an_autoscaling_cluster_too_small_now_is_left_to_its_autoscaler(tmp_path
 
 def test_a_run_bigger_than_the_autoscalers_maximum_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 2.0**30})
-    monkeypatch.setattr(driver, "_autoscaling_cpus", lambda: 4.0)
+    monkeypatch.setattr(driver, "autoscaling_cpus", lambda: 4.0)
     with pytest.raises(ConfigError, match="cluster's 0, or the 4 its autoscaler may grow it to"):
         _cpus_per_worker(_cfg(tmp_path, 2, cpus=2.0), service_cpus=0.0)
 
@@ -80,6 +80,6 @@ def test_a_local_cluster_does_not_count_as_autoscaling(ray_cluster):
         while report() is None and time.monotonic() < deadline:
             time.sleep(1)
         assert report() is not None
-        assert driver._autoscaling_cpus() is None
+        assert driver.autoscaling_cpus() is None
     finally:
         remove_placement_group(too_big)

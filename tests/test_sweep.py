@@ -18,7 +18,7 @@ from raynoisy.cli import run
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.report.sweep_files import RESULT_COLUMNS, TrialKey, write_sweep_manifest
 from raynoisy.tune.plan import plan_sweep
-from raynoisy.tune.resources import size_trials
+from raynoisy.tune.resources import size_for_cluster, size_trials
 
 METHODS = ["ce", "glc"]
 RATES = [0.0, 0.4]
@@ -259,3 +259,23 @@ def test_shard_prints_progress_with_rate_and_eta(tmp_path, capsys):
     # 1238 training samples in shards of 500: a line per shard, each with the rate and the ETA.
     assert len(lines) == 3 and all(" samples/s, eta " in line for line in lines), lines
     assert lines[-1].startswith("[shard] train: 1238/1238 written")
+
+
+def test_an_autoscaling_cluster_is_sized_for_what_it_may_grow_to(tmp_path):
+    """A 0-CPU head (clusters/aws.yaml): refused as it is, sized against the autoscaler's ceiling instead;
+    a cluster nothing can grow is still refused."""
+    lines: list[str] = []
+    cfgs = _cfgs(tmp_path, 2)
+    with pytest.raises(ConfigError):
+        size_for_cluster(cfgs, 0.0, 0.0, None, lines.append)
+    cfgs = _cfgs(tmp_path, 2)
+    # 8 CPUs at most: a trial of 2 workers x 1 CPU + 0.25 + one read task = 3.25 CPUs, so 2 at once.
+    assert size_for_cluster(cfgs, 0.0, 0.0, 8.0, lines.append) == 2
+    assert {c.scaling.cpus_per_worker for c in cfgs} == {1.0}  # not the share the 0-CPU attempt computed
+    assert "0 CPU(s) now" in lines[-1] and "8 CPUs its autoscaler may grow it to" in lines[-1]
+    # No ceiling reported: every trial at once, 1 CPU per worker.
+    cfgs = _cfgs(tmp_path, 2)
+    assert size_for_cluster(cfgs, 0.0, 0.0, math.inf, lines.append) == len(cfgs)
+    assert {c.scaling.cpus_per_worker for c in cfgs} == {1.0}
+    # A cluster that fits a trial now is sized as it is, whatever the autoscaler could add.
+    assert size_for_cluster(_cfgs(tmp_path, 2), 16.0, 0.0, math.inf, lines.append) == 2

@@ -65,7 +65,7 @@ def _cpus_per_worker(cfg: Config, service_cpus: float, log=print) -> float:
         share = min(8.0, half, math.floor(4 * (free - READ_TASK_CPUS) / workers) / 4)
     if _leaves_read_task_cpu(total, service_cpus, share, workers):
         return share
-    capacity = _autoscaling_cpus()
+    capacity = autoscaling_cpus()
     if capacity is not None:
         if cfg.scaling.cpus_per_worker is None:
             share = AUTOSCALING_CPUS_PER_WORKER
@@ -88,7 +88,7 @@ def _leaves_read_task_cpu(cpus: float, service_cpus: float, share: float, worker
     return share > 0 and cpus - service_cpus - share * workers >= READ_TASK_CPUS
 
 
-def _autoscaling_cpus() -> float | None:
+def autoscaling_cpus() -> float | None:
     """The most CPUs Ray's autoscaler may grow the connected cluster to: the maximum of the cluster config
     where the GCS holds one, unbounded where an autoscaler with worker node types runs without reporting a
     maximum (the cluster launcher's and the fake multi-node provider's monitor, KubeRay's autoscaler v2),

@@ -10,6 +10,7 @@ runs only as many trials at once as fit whole; a grid whose single trial does no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
@@ -34,7 +35,7 @@ def size_trials(cfgs: list[Config], total_cpus: float, total_gpus: float) -> int
         fixed = TRIAL_DRIVER_CPUS + service_cpus + READ_TASK_CPUS
         workers = cfg.scaling.workers
         if cfg.scaling.cpus_per_worker is None:
-            fitting = _quarters((total_cpus - fixed) / workers)
+            fitting = math.inf if math.isinf(total_cpus) else _quarters((total_cpus - fixed) / workers)
             cfg.scaling.cpus_per_worker = min(DEFAULT_CPUS_PER_WORKER, fitting)
         share = cfg.scaling.cpus_per_worker
         cpus = fixed + workers * share
@@ -54,7 +55,35 @@ def size_trials(cfgs: list[Config], total_cpus: float, total_gpus: float) -> int
                 "use --gpus-per-worker 0 (CPU) or a cluster with GPUs",
             )
         cpus_needed, gpus_needed = max(cpus_needed, cpus), max(gpus_needed, gpus)
-    concurrency = math.floor(total_cpus / cpus_needed + 1e-9)
+    concurrency = len(cfgs) if math.isinf(total_cpus) else math.floor(total_cpus / cpus_needed + 1e-9)
     if gpus_needed > 0:
         concurrency = min(concurrency, math.floor(total_gpus / gpus_needed + 1e-9))
     return max(1, min(concurrency, len(cfgs)))
+
+
+def size_for_cluster(
+    cfgs: list[Config],
+    total_cpus: float,
+    total_gpus: float,
+    autoscaling_cpus: float | None,
+    log: Callable[[str], None],
+) -> int:
+    """``size_trials`` against the cluster as it is; where not even one trial fits and Ray's autoscaler may
+    grow the cluster (``autoscaling_cpus``: its CPU ceiling, ``math.inf`` where it reports none, None where
+    nothing adds nodes), against that ceiling instead, as ``raynoisy train`` does: an autoscaling cluster
+    often starts as a 0-CPU head, and the trials' own resource requests make it grow. GPUs are checked
+    against the cluster as it is."""
+    chosen = [cfg.scaling.cpus_per_worker for cfg in cfgs]
+    try:
+        return size_trials(cfgs, total_cpus, total_gpus)
+    except ConfigError:
+        if autoscaling_cpus is None or autoscaling_cpus <= total_cpus:
+            raise
+    for cfg, share in zip(cfgs, chosen, strict=True):  # the failed attempt sized them for the cluster now
+        cfg.scaling.cpus_per_worker = share
+    concurrency = size_trials(cfgs, autoscaling_cpus, total_gpus)
+    log(
+        f"[sweep] the cluster has {total_cpus:g} CPU(s) now, too few for one trial; sizing for the "
+        f"{autoscaling_cpus:g} CPUs its autoscaler may grow it to ({concurrency} trial(s) at a time)"
+    )
+    return concurrency

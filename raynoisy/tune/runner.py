@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raynoisy.report.sweep_files import METRICS, has_outcome, write_error, write_sweep_manifest
-from raynoisy.train.driver import init_ray
+from raynoisy.train.driver import autoscaling_cpus, init_ray
 from raynoisy.train.prepare import prepare
 from raynoisy.tune.plan import SweepPlan, Trial
 from raynoisy.tune.progress import SweepProgress, say
-from raynoisy.tune.resources import TRIAL_DRIVER_CPUS, size_trials
+from raynoisy.tune.resources import TRIAL_DRIVER_CPUS, size_for_cluster
 from raynoisy.tune.trial import TRIAL, error_line, run_trial
 
 TUNE_DIR = "tune"  # DIR/tune: Tune's own records of each trial (params, result.json, error.txt)
@@ -59,9 +59,8 @@ def _size(pending: list[Trial]) -> int:
 
     init_ray()
     resources = ray.cluster_resources()
-    return size_trials(
-        [t.cfg for t in pending], float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    )
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    return size_for_cluster([t.cfg for t in pending], cpus, gpus, autoscaling_cpus(), say)
 
 
 def prepare_shards(trials: list[Trial], log: Callable[[str], None] = say) -> None:
