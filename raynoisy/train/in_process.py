@@ -56,6 +56,7 @@ from raynoisy.train.preflight import check
 from raynoisy.train.prepare import Prepared, input_spec, prepare, prepare_output, steps_per_epoch
 from raynoisy.train.run_files import METRICS_FILE, LoopState, write_metrics
 from raynoisy.train.selection import Selection
+from raynoisy.train.streams import pass_batch_size
 
 CPU = torch.device("cpu")
 HISTORY_FILE = "history.json"
@@ -142,8 +143,8 @@ def cross_fitted_probabilities(
             method, record = _train(cfg, prepared, fold_data, log, diagnose=False, num_train=len(fit))
             model = best_predictor(method, record.selection.best)
             held = train.take(held_out)
-            pass_size = max(256, cfg.optim.batch_size)
-            parts.extend(prediction_columns(model, batch.without_truth()) for batch in held.chunks(pass_size))
+            held_batches = held.chunks(pass_batch_size(cfg))
+            parts.extend(prediction_columns(model, batch.without_truth()) for batch in held_batches)
     finally:
         torch.set_num_threads(previous_threads)
     columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -255,9 +256,8 @@ def _train(
     # Whole-split passes as the loop's ``Streams.method_pass`` gives them: batches of at least 256, in shard
     # order, with the true labels hidden. Evaluation reads the same batches: it counts hits on given labels,
     # which outside the training split are the true ones.
-    pass_size = max(256, cfg.optim.batch_size)
     passes = {
-        name: [batch.without_truth() for batch in split.chunks(pass_size)]
+        name: [batch.without_truth() for batch in split.chunks(pass_batch_size(cfg))]
         for name, split in data.splits.items()
     }
     ctx = method_context(
@@ -278,7 +278,7 @@ def _train(
         steps * cfg.optim.batch_size,
         sum(stage.epochs for stage in method.stages(cfg)),
         log,
-        data.splits["train"].chunks(pass_size) if diagnose else None,
+        data.splits["train"].chunks(pass_batch_size(cfg)) if diagnose else None,
     )
     walk_stages(method, _epoch_batches(cfg, data, steps), _trusted_batches(cfg, data), record)
     return method, record

@@ -39,6 +39,12 @@ from raynoisy.methods.base import Stage
 from raynoisy.train.run_files import RunInfo
 
 
+def pass_batch_size(cfg: Config) -> int:
+    """Batch size of a whole-split pass (evaluation, ``MethodContext.iter_split``): at least 256, since a
+    pass has no optimizer step to keep small, and the training batch where that is larger."""
+    return max(256, cfg.optim.batch_size)
+
+
 class Streams:
     """One rank's data access."""
 
@@ -52,7 +58,7 @@ class Streams:
     def split_pass(self, split: str) -> Iterator[Batch]:
         """This rank's share of ``split`` once, un-augmented; small splits other than train stay in memory."""
         files = files_for_rank(self.info.files.get(split, []), self.rank, self.world_size)
-        batch_size = max(256, self.cfg.optim.batch_size)
+        batch_size = pass_batch_size(self.cfg)
         if not files:
             return iter(())
         if split not in self._in_memory:
