@@ -32,6 +32,7 @@ from torch.func import functional_call, linearize
 
 from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.models.registry import build_model
+from raynoisy.train.in_process import torch_threads
 
 Saved = dict[nn.Module, tuple[Tensor, Tensor]]
 
@@ -160,12 +161,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         rows = measure(args.batch_size, args.repeats)
-    finally:
-        torch.set_num_threads(previous)
     jvp_ms = rows[1][1]
     print(f"[tangent_pass] small-cnn 28x28, batch {args.batch_size}, {args.threads} torch thread(s)")
     print("| pass | median ms | vs jvp |\n|---|---|---|")

@@ -31,6 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,16 +82,12 @@ def train_in_process(
     check(cfg)
     check_in_process(cfg)
     output, prepared, labels = prepare_output(cfg, log)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
         method, record = _train(cfg, prepared, data, log, diagnose)
         # The driver's export step on the final method; per_sample_table reads only Streams.method_pass.
         passes = SimpleNamespace(method_pass=method.ctx.iter_split)
         tables = per_sample_table(method, passes, 0, 1, record.selection.best) or {}
-    finally:
-        torch.set_num_threads(previous_threads)
     _write_outputs(output, tables, record.selection.best)
     metrics = _metrics(cfg, prepared, labels, method, record.state, tables, time.time() - start)
     write_metrics(output, metrics)
@@ -128,10 +125,8 @@ def cross_fitted_probabilities(
     check(cfg)
     check_in_process(cfg)
     prepared = prepare(cfg, log)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     parts: list[dict[str, np.ndarray]] = []
-    try:
+    with torch_threads(threads):
         data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
         train = data.splits["train"]
         given = train.decoded.y.numpy()
@@ -145,11 +140,21 @@ def cross_fitted_probabilities(
             held = train.take(held_out)
             held_batches = held.chunks(pass_batch_size(cfg))
             parts.extend(prediction_columns(model, batch.without_truth()) for batch in held_batches)
-    finally:
-        torch.set_num_threads(previous_threads)
     columns = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     order = np.argsort(columns["sample_id"], kind="stable")
     return {key: values[order] for key, values in columns.items()}
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block and restored after: the count is
+    process-wide, and a grid runs one such process per core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_in_process(cfg: Config) -> None:
