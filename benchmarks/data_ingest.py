@@ -1,37 +1,35 @@
-"""Images/s of the project's Ray Data pipeline against a torch DataLoader: same shards, same transforms.
+"""Images/s and CPU-seconds per image of the project's Ray Data pipeline against a torch DataLoader.
 
 Both pipelines read the very same JPEG Parquet shards (the ``train`` split that ``raynoisy.train.driver``
 writes for a Clothing1M-layout miniature), decode and augment every image with the same
 ``ImageTransform`` (resize, random crop, flip) and normalise it with the same ``to_batch``, so the only
 difference is the machinery that moves the work onto the CPUs:
 
-- ``ray-data``: ``sample_dataset`` (read_parquet -> map_batches) consumed by one ``iter_torch_batches`` loop,
-  exactly as a training worker consumes its shard (``iter_batches``, its local shuffle buffer);
+- ``ray-data``: ``sample_dataset`` (the shard reads planned once, read tasks that shuffle raw rows and
+  decode them) consumed by one ``iter_torch_batches`` loop, exactly as a training worker consumes its shard;
 - ``ray-data split x2``: the same Dataset through ``streaming_split(2, equal=True)``, two consumer threads,
   as Ray Train feeds two workers (each takes half the global batch);
 - ``dataloader``: a map-style ``torch.utils.data.Dataset`` over the same Parquet rows, decoding one sample
   at a time with ``ImageTransform.decode_one`` in ``num_workers`` worker processes, ``shuffle=True``.
 
-Ray gets as many CPUs as the DataLoader gets workers, so both may decode on the same number of cores;
-whether Ray Data does depends on how many read tasks ``read_parquet`` plans (Ray 2.60 packs up to 128 MiB
-of Parquet into one, and ``map_batches`` decodes one read block per task), and each epoch also starts
-a pool of Parquet footer-reader actors. The Ray Data operator lines printed under the table (tasks,
-blocks, seconds) show both; ``--bin-mib`` and ``--footer-actors`` set those knobs to see what they cost.
-Each pipeline runs one untimed warm-up epoch (worker start-up, page cache), then ``--epochs`` timed epochs;
-the pipelines take turns within every round, so that load from other processes hits them alike. The
-table reports the median epoch, and the ratio (Ray Data images/s / DataLoader images/s) is the number to
-read: absolute times on a shared machine mean little (DESIGN.md, principle 7). Every epoch of every pipeline
+Ray gets as many CPUs as the DataLoader gets workers, so both decode on the same number of cores. Each
+pipeline runs one untimed warm-up epoch (worker start-up, page cache), then ``--epochs`` timed epochs; the
+pipelines take turns within every round, so that load from other processes hits them alike. The table
+reports the median epoch's images/s and the CPU-seconds it cost per image: user + system time of this
+process and every process below it (DataLoader workers, and the Ray cluster when this script started it),
+read from /proc, so CPU time the pipeline burns without delivering images (start-up, scheduling,
+serialisation) counts against it. The ratio (Ray Data images/s / DataLoader images/s) is the number to read:
+absolute times on a shared machine mean little (DESIGN.md, principle 7). Every epoch of every pipeline
 must deliver the same sample ids, otherwise the benchmark fails instead of comparing different work.
 
-    python benchmarks/data_ingest.py                 # ~2,000 train images, 224 crops of 256 px JPEGs
-    python benchmarks/data_ingest.py --small         # CI size
-    python benchmarks/data_ingest.py --bin-mib 4 --footer-actors 1   # one read task per shard file
+    python benchmarks/data_ingest.py                          # ~2,000 train images, 224 crops of 256 px JPEGs
+    python benchmarks/data_ingest.py --images-per-class 2050  # ~20,000 train images
+    python benchmarks/data_ingest.py --small                  # CI size
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import tempfile
@@ -67,15 +65,9 @@ SPLIT_WAYS = 2
 
 # Full size: ~2,000 train images take seconds per epoch on 2 cores, long enough for timer and start-up
 # noise to matter little, and the JPEGs are generated in about a minute. --small: the smallest miniature
-# the clean-set minimums allow (308 train images) at 64 px, for CI; it also starts one Parquet footer
-# reader per epoch instead of Ray's pool of 32 processes (seconds to tens of seconds per epoch on 2 cores).
-FULL = {"images_per_class": 200, "image_size": 224, "epochs": 3, "footer_actors": None}
-SMALL = {"images_per_class": 60, "image_size": 64, "epochs": 1, "footer_actors": 1}
-
-# Ray Data (2.60) read_parquet knobs that decide the Ray path's fixed cost per epoch and its decode
-# parallelism. Unset, the benchmark measures what a training run gets (Ray's defaults).
-FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # actors started per execution to read footers
-BIN_BYTES_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"  # Parquet bytes packed into one read task (128 MiB)
+# the clean-set minimums allow (308 train images) at 64 px, for CI.
+FULL = {"images_per_class": 200, "image_size": 224, "epochs": 3}
+SMALL = {"images_per_class": 60, "image_size": 64, "epochs": 1}
 
 
 @dataclass
@@ -84,6 +76,7 @@ class Epoch:
 
     images: int
     seconds: float
+    cpu_seconds: float | None  # CPU time of this process tree over the epoch; None where /proc is missing
     ids: np.ndarray  # sorted sample ids of every delivered image, duplicates kept
 
 
@@ -105,6 +98,13 @@ class Measurement:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds
+
+    @property
+    def cpu_per_image(self) -> float | None:
+        """Median over the timed epochs of CPU-seconds per delivered image."""
+        if any(e.cpu_seconds is None for e in self.epochs):
+            return None
+        return statistics.median(e.cpu_seconds / e.images for e in self.epochs)
 
 
 @dataclass
@@ -170,14 +170,43 @@ def _consume(batches: Iterable[Batch], out: list[np.ndarray]) -> None:
         out.append(batch.sample_id.numpy())
 
 
+def tree_cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process and every live process below it, each with the time of the
+    children it has already reaped (the DataLoader's finished workers count through this process)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    children: dict[int, list[int]] = {}
+    times: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while listed
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: ppid
+        times[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime (clock ticks)
+    total, stack = 0, [os.getpid()]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def timed_epoch(run_epoch: Callable[[list[np.ndarray]], None]) -> Epoch:
     """Time ``run_epoch(out)`` from before its pipeline starts until its last batch is consumed."""
     out: list[np.ndarray] = []
+    cpu_start = tree_cpu_seconds()
     start = time.perf_counter()
     run_epoch(out)
     seconds = time.perf_counter() - start
+    cpu_end = tree_cpu_seconds()
+    cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
     ids = np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-    return Epoch(images=len(ids), seconds=seconds, ids=ids)
+    return Epoch(images=len(ids), seconds=seconds, cpu_seconds=cpu, ids=ids)
 
 
 @dataclass
@@ -188,12 +217,13 @@ class Bench:
     spec: InputSpec
     batch_size: int
     workers: int
-    shuffle_rows: int
+    read_task_rows: int
+    shuffle_rows: int | None
     split: bool
 
     def __post_init__(self) -> None:
         # Built once, like the driver builds the Dataset it hands to Ray Train; each epoch re-executes it.
-        self.dataset = sample_dataset(self.files, self.spec, train=True)
+        self.dataset = sample_dataset(self.files, self.spec, train=True, read_task_rows=self.read_task_rows)
         self.splits = self.dataset.streaming_split(SPLIT_WAYS, equal=True) if self.split else None
 
     def pipelines(self) -> dict[str, Callable[[list[np.ndarray]], None]]:
@@ -246,15 +276,14 @@ class Bench:
 
 
 def build_shards(
-    workdir: Path, images_per_class: int, image_size: int, rows_per_shard: int
+    workdir: Path, images_per_class: int, image_size: int, rows_per_shard: int | None
 ) -> tuple[list[str], InputSpec, Config]:
     """Generate the JPEG miniature and shard it through the driver's own ``prepare``.
 
     JPEGs are ``image_size * 8/7`` pixels (256 for 224), the side ``ImageTransform`` resizes to before it
-    crops, as Clothing1M training code does with ~256 px images. Shards are small (``rows_per_shard``)
-    because the real set has hundreds of them; with ``--bin-mib`` below the shard size Ray Data then gets
-    one read (and decode) task per shard, as it does at real scale. With Ray's default 128 MiB bins the
-    whole miniature is one read task whatever the shard size, which is what a training run gets today.
+    crops, as Clothing1M training code does with ~256 px images. Shards hold the preset's rows per file
+    unless ``rows_per_shard`` says otherwise; Ray Data's read tasks draw row groups, not files, so the
+    shard size does not set its decode parallelism.
     """
     jpeg_size = round(image_size * 8 / 7)
     root = build_miniature_clothing1m(
@@ -266,12 +295,12 @@ def build_shards(
         "clothing1m",
         "ce",
         flags={"data.root": str(root), "run.output": str(workdir / "run")},
-        # The shard fingerprint does not cover rows_per_shard, so it goes into the folder name.
+        # The shard fingerprint does not cover rows_per_shard: it goes into the folder name (0: preset's).
         overrides=[
-            f"data.shard_root={workdir / f'shards-r{rows_per_shard}'}",
+            f"data.shard_root={workdir / f'shards-r{rows_per_shard or 0}'}",
             f"data.image_size={image_size}",
-            f"data.rows_per_shard={rows_per_shard}",
-        ],
+        ]
+        + ([f"data.rows_per_shard={rows_per_shard}"] if rows_per_shard else []),
     )
     prepared = prepare(cfg, log=lambda _: None)
     return prepared.shards.files("train"), input_spec(cfg), cfg
@@ -299,25 +328,33 @@ def check_same_ids(report: Report) -> None:
 def operator_summary(dataset: ray.data.Dataset) -> list[str]:
     """One line per Ray Data operator of the last execution (tasks, blocks, wall time).
 
-    Printed under the table because it explains the ratio: how many decode tasks ran in parallel and
-    what a fixed per-epoch cost (file listing, footer reads) amounted to.
+    Printed under the table because it explains the ratio: how many read-and-decode tasks ran and how long
+    they took.
     """
     return [line.strip() for line in dataset.stats().splitlines() if line.startswith("Operator ")]
 
 
 def format_table(report: Report) -> str:
     lines = [
-        f"| {'pipeline':<18} | {'images':>6} | {'seconds':>7} | {'images/s':>8} | {'epochs (s)':<22} |",
-        f"|{'-' * 20}|{'-' * 8}|{'-' * 9}|{'-' * 10}|{'-' * 24}|",
+        f"| {'pipeline':<18} | {'images':>6} | {'seconds':>7} | {'images/s':>8} | {'CPU-s/image':>11} "
+        f"| {'epochs (s)':<22} |",
+        f"|{'-' * 20}|{'-' * 8}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 24}|",
     ]
     for m in report.results.values():
         spread = ", ".join(f"{e.seconds:.2f}" for e in m.epochs)
+        cpu = "n/a" if m.cpu_per_image is None else f"{m.cpu_per_image:.4f}"
         lines.append(
-            f"| {m.name:<18} | {m.images:>6} | {m.seconds:>7.2f} | {m.images_per_s:>8.1f} | {spread:<22} |"
+            f"| {m.name:<18} | {m.images:>6} | {m.seconds:>7.2f} | {m.images_per_s:>8.1f} | {cpu:>11} "
+            f"| {spread:<22} |"
         )
-    lines.append(f"ratio Ray Data / DataLoader (images/s): {report.ratio(RAY_DATA):.2f}x")
-    if RAY_SPLIT in report.results:
-        lines.append(f"ratio Ray Data split x2 / DataLoader (images/s): {report.ratio(RAY_SPLIT):.2f}x")
+    names = [RAY_DATA] + ([RAY_SPLIT] if RAY_SPLIT in report.results else [])
+    for name in names:
+        lines.append(f"ratio {name} / DataLoader (images/s): {report.ratio(name):.2f}x")
+    loader_cpu = report.results[DATALOADER].cpu_per_image
+    for name in names:
+        cpu = report.results[name].cpu_per_image
+        if cpu is not None and loader_cpu:
+            lines.append(f"ratio {name} / DataLoader (CPU-s per image): {cpu / loader_cpu:.2f}x")
     lines += [f"[ray-data, last epoch] {line}" for line in report.ray_operators]
     return "\n".join(lines)
 
@@ -338,57 +375,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = Ray CPUs (default 2)")
     parser.add_argument(
-        "--rows-per-shard", type=int, default=256, help="Parquet rows per shard file (default 256)"
+        "--rows-per-shard", type=int, help="Parquet rows per shard file (default: the clothing1m preset's)"
     )
     parser.add_argument("--workdir", type=Path, help="where the JPEGs and shards go (default: a temp dir)")
     parser.add_argument(
         "--no-split", action="store_true", help=f"skip the streaming_split x{SPLIT_WAYS} variant"
     )
-    parser.add_argument(
-        "--footer-actors",
-        type=int,
-        help=f"sets {FOOTER_ACTORS_ENV} for this run (default: Ray's, 32; --small: 1)",
-    )
-    parser.add_argument(
-        "--bin-mib",
-        type=int,
-        help=f"sets {BIN_BYTES_ENV} for this run, in MiB (default: Ray's, 128: the whole miniature "
-        "is then one read task and one decode task)",
-    )
-    parser.add_argument(
-        "--small", action="store_true", help="CI size: smallest miniature, 64 px, one epoch, 1 footer actor"
-    )
+    parser.add_argument("--small", action="store_true", help="CI size: smallest miniature, 64 px, one epoch")
     args = parser.parse_args(argv)
     sizes = SMALL if args.small else FULL
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.epochs, args.workers, args.footer_actors or 1, args.bin_mib or 1) < 1:
-        parser.error("--epochs, --workers, --footer-actors and --bin-mib must be >= 1")
+    if min(args.epochs, args.workers, args.rows_per_shard or 1) < 1:
+        parser.error("--epochs, --workers and --rows-per-shard must be >= 1")
     return args
-
-
-@contextlib.contextmanager
-def ray_data_knobs(footer_actors: int | None, bin_mib: int | None) -> Iterator[str]:
-    """Set the read_parquet knobs in this process for the duration of the run, then restore them.
-
-    Ray Data reads them on the driver when it builds and plans the read, so they need not reach the
-    cluster's workers, and restoring them keeps a pytest session's later Ray tests on Ray's defaults.
-    Yields a description for the header line, so the table always says which settings it measured.
-    """
-    wanted = {FOOTER_ACTORS_ENV: footer_actors, BIN_BYTES_ENV: bin_mib * 2**20 if bin_mib else None}
-    saved = {key: os.environ.get(key) for key in wanted}
-    for key, value in wanted.items():
-        if value is not None:
-            os.environ[key] = str(value)
-    try:
-        yield ", ".join(f"{key}={os.environ.get(key, 'default')}" for key in wanted)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Report:
@@ -404,8 +405,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
     # two decoding processes for the same two cores.
     torch.set_num_threads(1)
     try:
-        with ray_data_knobs(args.footer_actors, args.bin_mib) as knobs:
-            report = measure(args, files, spec, cfg, batch_size, expected, knobs)
+        report = measure(args, files, spec, cfg, batch_size, expected)
     finally:
         torch.set_num_threads(threads)
         if started_ray:
@@ -421,7 +421,6 @@ def measure(
     cfg: Config,
     batch_size: int,
     expected: np.ndarray,
-    knobs: str,
 ) -> Report:
     """Warm up every pipeline once, then time ``args.epochs`` rounds in rotating order."""
     cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -431,11 +430,18 @@ def measure(
         f"{round(spec.size * 8 / 7)} px -> {spec.size} px crop ({spec.family} transforms), "
         f"batch {batch_size}; "
         f"DataLoader num_workers={args.workers}, Ray cluster {cpus} CPUs, consumer on 1 torch thread; "
-        f"1 warm-up + {args.epochs} timed epochs each, median reported; {knobs}",
+        f"1 warm-up + {args.epochs} timed epochs each, median reported; "
+        f"Ray Data read tasks of {cfg.data.read_task_rows} rows",
         flush=True,
     )
     bench = Bench(
-        files, spec, batch_size, args.workers, cfg.data.shuffle_buffer_rows, split=not args.no_split
+        files,
+        spec,
+        batch_size,
+        args.workers,
+        cfg.data.read_task_rows,
+        cfg.data.shuffle_buffer_rows,
+        split=not args.no_split,
     )
     pipelines = bench.pipelines()
     results = {name: Measurement(name) for name in pipelines}

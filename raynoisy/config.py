@@ -37,7 +37,12 @@ class DataConfig:
     image_size: int | None = None  # network input side; None: the source's default
     max_tokens: int = 128  # text: tokens per sample after truncation (batches are padded to their longest)
     max_bad_fraction: float = 0.01  # unreadable samples tolerated before the run fails
-    shuffle_buffer_rows: int = 1024  # Ray Data local shuffle buffer per worker
+    # Rows one training read task reads (whole row groups, drawn at random from the split), shuffles as raw
+    # bytes and decodes: the unit of shuffling and of decode parallelism (raynoisy.data.shard_reads).
+    read_task_rows: int = 256
+    # A local shuffle buffer of decoded samples per worker on top of that (None: none). Decoded images are
+    # large: 1024 ImageNet-size crops hold 150 MB per worker and delay the first batch of every epoch.
+    shuffle_buffer_rows: int | None = None
 
 
 @dataclass
@@ -335,7 +340,7 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.split, name)
         if value is not None and value < 1:
             raise ConfigError(f"split.{name}", f"must be >= 1, got {value}", f"pass a positive --{name}")
-    for name in ("image_size", "rows_per_shard", "shuffle_buffer_rows"):
+    for name in ("image_size", "rows_per_shard", "read_task_rows", "shuffle_buffer_rows"):
         value = getattr(cfg.data, name)
         if value is not None and value < 1:
             raise ConfigError(f"data.{name}", f"must be >= 1, got {value}", f"set data.{name} to 1 or more")

@@ -34,6 +34,21 @@ def test_ray_data_and_dataloader_deliver_the_same_images_and_print_a_ratio(ray_c
         assert len(expected) - (bench.SPLIT_WAYS - 1) <= epoch.images <= len(expected)
         assert len(np.unique(epoch.ids)) == epoch.images and np.isin(epoch.ids, expected).all()
 
-    ratio_lines = [line for line in out.splitlines() if line.startswith("ratio Ray Data / DataLoader")]
-    assert len(ratio_lines) == 1 and ratio_lines[0].rstrip().endswith("x")
+    ratio_lines = [line for line in out.splitlines() if line.startswith("ratio ray-data / DataLoader")]
+    assert len(ratio_lines) == 2 and all(line.rstrip().endswith("x") for line in ratio_lines)
     assert report.ratio() > 0
+    for measured in report.results.values():  # every pipeline burns CPU to decode its images
+        assert measured.cpu_per_image is not None and measured.cpu_per_image > 0
+
+
+def test_tree_cpu_seconds_counts_a_child_process_after_it_is_reaped():
+    """The CPU a DataLoader worker burns must count after the worker exits: a child that spins for 0.6 s of
+    CPU raises the tree's total by at least 0.5 s once it has been waited for."""
+    import subprocess
+    import sys
+
+    bench = load_benchmark("data_ingest")
+    before = bench.tree_cpu_seconds()
+    spin = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert bench.tree_cpu_seconds() - before >= 0.5

@@ -21,12 +21,13 @@ import ray
 import torch
 
 from raynoisy.data.batch import Batch
+from raynoisy.data.shard_reads import ShardSource
 from raynoisy.data.text import TextTransform
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
 
 _COLUMNS = ["sample_id", "payload", "given_label", "true_label"]
-DECODE_BATCH_ROWS = 256
+DECODE_BATCH_ROWS = 256  # rows a read task decodes per call and hands on as one block
 # Splits whose shard files on this rank add up to less than this are read once into worker memory and
 # decoded in-process: a Ray Data execution costs about a second to start, which would dominate small
 # validation/trusted passes. Larger splits stream through Ray Data every time.
@@ -62,12 +63,23 @@ class InputSpec:
         return ImageTransform(self.family, self.size, self.channels, train)
 
 
-def sample_dataset(files: list[str], spec: InputSpec, *, train: bool) -> ray.data.Dataset:
-    """read_parquet -> decode/augment (or tokenise) in map_batches; files shuffled per epoch in training."""
-    ds = ray.data.read_parquet(files, shuffle="files" if train else None).select_columns(_COLUMNS)
-    if train:
-        ds = ds.randomize_block_order()
-    return ds.map_batches(spec.transform(train), batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
+def sample_dataset(
+    files: list[str], spec: InputSpec, *, train: bool, read_task_rows: int
+) -> ray.data.Dataset:
+    """Shard rows -> decode/augment (or tokenise) in map_batches, fused into the read tasks.
+
+    The reads are planned here, once (``ShardSource``); each execution (each epoch) deals the row groups to
+    read tasks of ``read_task_rows`` rows in a fresh random order in training, and every task shuffles its
+    raw rows before they are decoded. Evaluation reads in file order, unshuffled.
+    """
+    source = ShardSource(
+        files, _COLUMNS, shuffle=train, rows_per_task=read_task_rows, block_rows=DECODE_BATCH_ROWS
+    )
+    # batch_size=None: one call per block the read emits (DECODE_BATCH_ROWS rows), which lets Ray fuse the
+    # decode into the read task; a fixed batch size would ship raw bytes to separate decode tasks.
+    return ray.data.read_datasource(source, override_num_blocks=source.num_tasks).map_batches(
+        spec.transform(train), batch_size=None, batch_format="numpy"
+    )
 
 
 def files_for_rank(files: list[str], rank: int, world_size: int) -> list[str]:
@@ -124,15 +136,16 @@ def iter_batches(
     counter: BadSampleCounter | None = None,
     drop_last: bool = False,
     shuffle_rows: int | None = None,
-    shuffle_seed: int | None = None,
 ) -> Iterator[Batch]:
-    """Torch batches from a Dataset or a Train dataset shard (both have ``iter_torch_batches``)."""
+    """Torch batches from a Dataset or a Train dataset shard (both have ``iter_torch_batches``).
+
+    ``shuffle_rows``: an optional local shuffle buffer of decoded samples (``data.shuffle_buffer_rows``).
+    """
     for raw in iterable.iter_torch_batches(
         batch_size=batch_size,
         device=device,
         drop_last=drop_last,
         local_shuffle_buffer_size=shuffle_rows,
-        local_shuffle_seed=shuffle_seed,
     ):
         batch = to_batch(raw, family, counter)
         if len(batch):
@@ -203,24 +216,23 @@ def cycle_batches(
     batch_size: int,
     device: torch.device,
     seed: int,
+    read_task_rows: int,
     counter: BadSampleCounter | None = None,
 ) -> Iterator[Batch]:
-    """Endless augmented batches from a small split (the trusted set); a new shuffle each pass."""
+    """Endless augmented batches from a small split (the trusted set); a new shuffle each pass.
+
+    A split small enough for worker memory is shuffled with the seeded ``rng`` of each pass, so a resumed
+    epoch replays it; a larger one streams through Ray Data, shuffled by its read tasks.
+    """
     small = InMemorySplit.read(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
-    ds = None if small is not None else sample_dataset(files, spec, train=True)
+    ds = None if small is not None else sample_dataset(files, spec, train=True, read_task_rows=read_task_rows)
     for cycle in itertools.count():
-        rng = np.random.default_rng([seed, cycle])
         if small is not None:
+            rng = np.random.default_rng([seed, cycle])
             batches = small.batches(batch_size, train=True, device=device, rng=rng, counter=counter)
         else:
             batches = iter_batches(
-                ds,
-                batch_size=batch_size,
-                family=spec.family,
-                device=device,
-                counter=counter,
-                shuffle_rows=4 * batch_size,
-                shuffle_seed=int(rng.integers(2**31)),
+                ds, batch_size=batch_size, family=spec.family, device=device, counter=counter
             )
         produced = False
         for batch in batches:

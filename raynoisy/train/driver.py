@@ -182,7 +182,11 @@ def train(cfg: Config, log=print) -> dict:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             ),
-            datasets={"train": sample_dataset(shards.files("train"), spec, train=True)},
+            datasets={
+                "train": sample_dataset(
+                    shards.files("train"), spec, train=True, read_task_rows=cfg.data.read_task_rows
+                )
+            },
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         try:

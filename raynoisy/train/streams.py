@@ -67,7 +67,9 @@ class Streams:
         cached = self._in_memory[split]
         if cached is not None:
             return cached.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
-        dataset = sample_dataset(files, self.info.input, train=False)
+        dataset = sample_dataset(
+            files, self.info.input, train=False, read_task_rows=self.cfg.data.read_task_rows
+        )
         return iter_batches(
             dataset,
             batch_size=batch_size,
@@ -121,6 +123,7 @@ class Streams:
                 batch_size=size,
                 device=self.device,
                 seed=self.cfg.run.seed * 1000 + self.rank + 7919 * epoch,
+                read_task_rows=self.cfg.data.read_task_rows,
                 counter=self.bad,
             )
         )
