@@ -90,6 +90,7 @@ def test_source_refuses_empty_task_sizes(tmp_path):
         ShardSource(files, COLUMNS, shuffle=True, rows_per_task=0, block_rows=8)
 
 
+@pytest.mark.ray
 def test_sample_dataset_delivers_every_sample_once_per_epoch_in_a_new_order(tmp_path, ray_cluster):
     """Through Ray Data as the driver builds it: two executions (epochs) of one Dataset, each decoding every
     image exactly once, in different orders, in as many read tasks as the plan deals."""

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from raynoisy.data.batch import Batch
-from raynoisy.data.shard_reads import ShardSource
+from raynoisy.data.shard_reads import ShardSource, open_shard
 from raynoisy.data.text import TextTransform
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
@@ -195,10 +194,7 @@ class InMemorySplit:
 
 
 def _read_table(uri: str) -> pa.Table:
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return pq.read_table(path, filesystem=fs, columns=_COLUMNS)
-    return pq.read_table(uri, columns=_COLUMNS)
+    return open_shard(uri).read(columns=_COLUMNS)
 
 
 def total_bytes(files: list[str]) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasource, ReadTask
+from ray.data import DataContext, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 _FOOTER_THREADS = 16
@@ -39,7 +39,8 @@ class ReadUnit:
     bytes: int
 
 
-def _open(uri: str) -> pq.ParquetFile:
+def open_shard(uri: str) -> pq.ParquetFile:
+    """A shard file by local path or pyarrow filesystem URI (s3://, gs://)."""
     if "://" in uri:
         fs, path = pafs.FileSystem.from_uri(uri)
         return pq.ParquetFile(fs.open_input_file(path))
@@ -47,7 +48,7 @@ def _open(uri: str) -> pq.ParquetFile:
 
 
 def _file_units(uri: str) -> list[ReadUnit]:
-    meta = _open(uri).metadata
+    meta = open_shard(uri).metadata
     return [
         ReadUnit(uri, i, meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
         for i in range(meta.num_row_groups)
@@ -80,7 +81,7 @@ def read_units(
     by_file: dict[str, list[int]] = {}
     for unit in units:
         by_file.setdefault(unit.file, []).append(unit.row_group)
-    tables = [_open(f).read_row_groups(groups, columns=list(columns)) for f, groups in by_file.items()]
+    tables = [open_shard(f).read_row_groups(groups, columns=list(columns)) for f, groups in by_file.items()]
     table = pa.concat_tables(tables)
     if shuffle:
         table = table.take(np.random.default_rng().permutation(table.num_rows))
@@ -125,7 +126,7 @@ class ShardSource(Datasource):
         return deal(units, self.num_tasks)
 
     def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: DataContext | None = None
     ) -> list[ReadTask]:
         """One task per dealt group; ``parallelism`` is ignored: the task size, not Ray's guess, sets it."""
         tasks = []

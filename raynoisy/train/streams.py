@@ -53,7 +53,9 @@ class Streams:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.bad = BadSampleCounter()
         self.wait_seconds = 0.0
-        self._in_memory: dict[str, InMemorySplit | None] = {}
+        # Per split, planned on its first pass and reused: the rows in memory, or the Ray Dataset whose reads
+        # are planned once (re-executed by every later pass).
+        self._passes: dict[str, InMemorySplit | ray.data.Dataset] = {}
 
     def split_pass(self, split: str) -> Iterator[Batch]:
         """This rank's share of ``split`` once, un-augmented; small splits other than train stay in memory."""
@@ -61,17 +63,20 @@ class Streams:
         batch_size = pass_batch_size(self.cfg)
         if not files:
             return iter(())
-        if split not in self._in_memory:
+        if split not in self._passes:
             small = split != "train" and total_bytes(files) <= IN_MEMORY_BYTES
-            self._in_memory[split] = InMemorySplit.read(files, self.info.input) if small else None
-        cached = self._in_memory[split]
-        if cached is not None:
-            return cached.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
-        dataset = sample_dataset(
-            files, self.info.input, train=False, read_task_rows=self.cfg.data.read_task_rows
-        )
+            self._passes[split] = (
+                InMemorySplit.read(files, self.info.input)
+                if small
+                else sample_dataset(
+                    files, self.info.input, train=False, read_task_rows=self.cfg.data.read_task_rows
+                )
+            )
+        rows = self._passes[split]
+        if isinstance(rows, InMemorySplit):
+            return rows.batches(batch_size, train=False, device=self.device, rng=np.random.default_rng(0))
         return iter_batches(
-            dataset,
+            rows,
             batch_size=batch_size,
             family=self.info.input.family,
             device=self.device,
