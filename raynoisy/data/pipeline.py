@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 import torch
 
 from raynoisy.data.batch import Batch
 from raynoisy.data.shard_reads import ShardSource, open_shard
+from raynoisy.data.shards import filesystem_of
 from raynoisy.data.text import TextTransform
 from raynoisy.data.transforms import ImageTransform, normalize
 from raynoisy.errors import TooManyBadSamplesError
@@ -200,7 +200,7 @@ def _read_table(uri: str) -> pa.Table:
 def total_bytes(files: list[str]) -> int:
     size = 0
     for uri in files:
-        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        fs, path = filesystem_of(uri)
         size += fs.get_file_info(path).size or 0
     return size
 

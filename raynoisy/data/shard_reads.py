@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import DataContext, Datasource, ReadTask
 from ray.data.block import BlockMetadata
+
+from raynoisy.data.shards import filesystem_of
 
 _FOOTER_THREADS = 16
 
@@ -41,10 +42,8 @@ class ReadUnit:
 
 def open_shard(uri: str) -> pq.ParquetFile:
     """A shard file by local path or pyarrow filesystem URI (s3://, gs://)."""
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return pq.ParquetFile(fs.open_input_file(path))
-    return pq.ParquetFile(uri)
+    fs, path = filesystem_of(uri)
+    return pq.ParquetFile(fs.open_input_file(path))
 
 
 def _file_units(uri: str) -> list[ReadUnit]:

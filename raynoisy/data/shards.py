@@ -57,7 +57,8 @@ class ShardSet:
         return np.asarray([s["sample_id"] for s in self.manifest["skipped"]], dtype=np.int64)
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a pyarrow URI (s3://, gs://)."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     path = str(Path(uri).expanduser().resolve())
@@ -74,7 +75,7 @@ def fingerprint(catalog: Catalog, plan: LabelPlan, source_root: str | None, opti
 
 
 def read_manifest(uri: str) -> dict | None:
-    fs, path = _filesystem(uri)
+    fs, path = filesystem_of(uri)
     info = fs.get_file_info(f"{path}/{MANIFEST}")
     if info.type == pafs.FileType.NotFound:
         return None
@@ -136,7 +137,7 @@ def write_shards(
     if existing is not None:
         log(f"[shard] reusing {uri} ({sum(existing['counts'].values())} samples)")
         return ShardSet(uri, existing)
-    fs, base = _filesystem(uri)
+    fs, base = filesystem_of(uri)
     fs.create_dir(base, recursive=True)
     rng = np.random.default_rng([seed, 3])
     files: dict[str, list[str]] = {}
