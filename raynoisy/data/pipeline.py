@@ -205,34 +205,42 @@ def total_bytes(files: list[str]) -> int:
     return size
 
 
+def whole_split_source(
+    files: list[str], spec: InputSpec, *, train: bool, read_task_rows: int
+) -> InMemorySplit | ray.data.Dataset:
+    """What every pass over a split that is read whole reads from, planned once per run: its rows in
+    worker memory when ``files`` add up to at most ``IN_MEMORY_BYTES``, else a Ray Dataset whose reads
+    were planned here (each pass re-executes it; ``train`` picks the augmenting transform)."""
+    if total_bytes(files) <= IN_MEMORY_BYTES:
+        return InMemorySplit.read(files, spec)
+    return sample_dataset(files, spec, train=train, read_task_rows=read_task_rows)
+
+
 def cycle_batches(
-    files: list[str],
+    source: InMemorySplit | ray.data.Dataset,
     spec: InputSpec,
     *,
     batch_size: int,
     device: torch.device,
     seed: int,
-    read_task_rows: int,
     counter: BadSampleCounter | None = None,
 ) -> Iterator[Batch]:
     """Endless augmented batches from a small split (the trusted set); a new shuffle each pass.
 
-    A split small enough for worker memory is shuffled with the seeded ``rng`` of each pass, so a resumed
-    epoch replays it; a larger one streams through Ray Data, shuffled by its read tasks.
+    Rows in memory are shuffled with the seeded ``rng`` of each pass, so a resumed epoch replays them; a
+    Dataset (a trusted set over ``IN_MEMORY_BYTES``) is shuffled by its read tasks.
     """
-    small = InMemorySplit.read(files, spec) if total_bytes(files) <= IN_MEMORY_BYTES else None
-    ds = None if small is not None else sample_dataset(files, spec, train=True, read_task_rows=read_task_rows)
     for cycle in itertools.count():
-        if small is not None:
+        if isinstance(source, InMemorySplit):
             rng = np.random.default_rng([seed, cycle])
-            batches = small.batches(batch_size, train=True, device=device, rng=rng, counter=counter)
+            batches = source.batches(batch_size, train=True, device=device, rng=rng, counter=counter)
         else:
             batches = iter_batches(
-                ds, batch_size=batch_size, family=spec.family, device=device, counter=counter
+                source, batch_size=batch_size, family=spec.family, device=device, counter=counter
             )
         produced = False
         for batch in batches:
             produced = True
             yield batch
         if not produced:
-            raise RuntimeError(f"the trusted stream over {len(files)} shard files produced no samples")
+            raise RuntimeError("the trusted stream produced no samples: its shard files hold no readable row")

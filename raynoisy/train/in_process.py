@@ -1,7 +1,7 @@
 """Training a run in one process, without Ray: for grids of small runs on a CPU machine.
 
 A Ray run pays for the cluster's start (a minute or more) and, on a few cores, for the Ray Data pipeline
-that decodes every epoch's images beside the training step. For an image data set that fits in memory this
+that decodes every epoch's images beside the training step. For a data set that fits in memory this
 backend trains the same method classes with the same config, label plan and model selection in the
 calling process: ``prepare`` plans the labels and writes (or reuses) the driver's shards, every split is
 read once and decoded by the pipeline's evaluation transform into tensors, and
@@ -21,7 +21,9 @@ restarting each epoch; evaluation happens at epoch ends only (``run.eval_every_s
 test split as one set (no per-set metrics); an epoch's history logs the mean step loss but no other step
 scalar; and there are no checkpoints, so an interrupted run starts again. A family whose training transform
 augments (``cifar``, ``imagenet``) decodes and augments each training batch from the shard payloads with
-the pipeline's own transform; ``small`` (no augmentation) trains on the decoded tensors.
+the pipeline's own transform; ``small`` (no augmentation) trains on the decoded tensors. Text is tokenised
+once per split by the pipeline's own transform, and every batch taken from it is cut to its longest text
+(``trim_padding``), the dynamic padding the loop's batches have.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ import pyarrow.parquet as pq
 import torch
 
 from raynoisy.config import Config
-from raynoisy.data.batch import Batch
+from raynoisy.data.batch import Batch, cat_inputs, trim_padding
 from raynoisy.data.pipeline import BadSampleCounter, InMemorySplit, InputSpec, check_bad_fraction
-from raynoisy.data.sources import get_source
+from raynoisy.data.text import load_tokenizer
 from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.methods.base import Method, Stage
@@ -158,13 +160,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def check_in_process(cfg: Config) -> None:
-    """Refuse what this backend would not run as the Ray loop does: text, workers, step evaluations."""
-    if get_source(cfg.data.dataset).transform == "text":
-        raise ConfigError(
-            "data.dataset",
-            f"{cfg.data.dataset!r} is a text data set; the in-process backend trains image data sets only",
-            "run it through Ray (without --in-process)",
-        )
+    """Refuse what this backend would not run as the Ray loop does: several workers, step evaluations."""
     if cfg.scaling.workers != 1:
         raise ConfigError(
             "scaling.workers", "the in-process backend trains with one worker", "use --workers 1"
@@ -183,17 +179,19 @@ class SplitInMemory:
 
     rows: InMemorySplit
     decoded: Batch
+    pad: int | None = None  # text: the token rows' pad id; every batch taken is cut to its longest row
 
     def take(self, index: np.ndarray) -> SplitInMemory:
         """The decoded samples at ``index`` (positions into ``decoded``) and their shard rows (a row that
         failed to decode is in neither)."""
-        decoded = _take(self.decoded, torch.from_numpy(np.asarray(index)))
+        decoded = _take(self.decoded, torch.from_numpy(np.asarray(index)), self.pad)
         kept = np.isin(self.rows.rows["sample_id"], decoded.sample_id.numpy())
-        return SplitInMemory(self.rows.take(kept), decoded)
+        return SplitInMemory(self.rows.take(kept), decoded, self.pad)
 
     def chunks(self, size: int) -> list[Batch]:
         """The split in shard order, in batches of ``size`` (views of the decoded tensors)."""
-        return [_take(self.decoded, slice(lo, lo + size)) for lo in range(0, len(self.decoded), size)]
+        starts = range(0, len(self.decoded), size)
+        return [_take(self.decoded, slice(lo, lo + size), self.pad) for lo in starts]
 
     def shuffled(self, size: int, rng: np.random.Generator, augment: bool) -> Iterator[Batch]:
         """One pass in ``rng``'s order in batches of ``size`` (the last one short), for training: decoded and
@@ -203,7 +201,7 @@ class SplitInMemory:
             return
         order = torch.from_numpy(rng.permutation(len(self.decoded)))
         for lo in range(0, len(order), size):
-            yield _take(self.decoded, order[lo : lo + size])
+            yield _take(self.decoded, order[lo : lo + size], self.pad)
 
 
 @dataclass
@@ -218,26 +216,31 @@ def load_splits(prepared: Prepared, spec: InputSpec, max_bad_fraction: float) ->
     """Read every split's shards into memory and decode them. A row that fails to decode is dropped and
     counted (``raynoisy.data.pipeline.to_batch``); past ``max_bad_fraction`` the run fails, as in the loop."""
     counter = BadSampleCounter()
+    pad = load_tokenizer(spec.tokenizer).pad_token_id if spec.family == "text" else None
     splits = {}
     for split in prepared.shards.manifest["files"]:
         rows = InMemorySplit.read(prepared.shards.files(split), spec)
         rng = np.random.default_rng(0)  # unused: evaluation neither shuffles nor augments
         parts = list(rows.batches(DECODE_ROWS, train=False, device=CPU, rng=rng, counter=counter))
         if parts:
-            splits[split] = SplitInMemory(rows, _cat(parts))
+            splits[split] = SplitInMemory(rows, _cat(parts, pad), pad)
     check_bad_fraction(counter.bad, counter.seen, max_bad_fraction)
     return InMemoryData(splits, augment=spec.family not in UNAUGMENTED_FAMILIES)  # decode once, reuse
 
 
-def _take(batch: Batch, index: slice | torch.Tensor) -> Batch:
+def _take(batch: Batch, index: slice | torch.Tensor, pad: int | None) -> Batch:
+    x = batch.x[index]
     return Batch(
-        x=batch.x[index], y=batch.y[index], sample_id=batch.sample_id[index], true_y=batch.true_y[index]
+        x=x if pad is None else trim_padding(x, pad),
+        y=batch.y[index],
+        sample_id=batch.sample_id[index],
+        true_y=batch.true_y[index],
     )
 
 
-def _cat(parts: list[Batch]) -> Batch:
+def _cat(parts: list[Batch], pad: int | None) -> Batch:
     return Batch(
-        x=torch.cat([p.x for p in parts]),
+        x=torch.cat([p.x for p in parts]) if pad is None else cat_inputs([p.x for p in parts], pad),
         y=torch.cat([p.y for p in parts]),
         sample_id=torch.cat([p.sample_id for p in parts]),
         true_y=torch.cat([p.true_y for p in parts]),

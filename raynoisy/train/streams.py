@@ -3,8 +3,11 @@
 - The training stream is this rank's part of the Ray Data streaming split of the noisy training set.
 - The trusted stream cycles the (small) trusted set, reshuffled each pass, seeded by rank and epoch, so a
   resumed epoch replays it exactly.
-- A split pass reads this rank's share of a split's shard files once with the evaluation transform: for
+- A split pass reads this rank's share of a split's shard files with the evaluation transform: for
   evaluation, GLC's corruption matrix, and any method's per-epoch statistics over the training set.
+
+The trusted stream and each split pass read their shard files (or plan their Ray Dataset) on first use
+and keep them for the run: every later epoch and pass re-reads nothing but what a Dataset streams.
 
 Every stream counts undecodable samples; ``check_bad_fraction`` fails the run when too many were skipped.
 The time spent waiting for the next batch is measured, so the log shows whether input is the bottleneck.
@@ -24,7 +27,6 @@ import torch
 from raynoisy.config import Config
 from raynoisy.data.batch import Batch
 from raynoisy.data.pipeline import (
-    IN_MEMORY_BYTES,
     BadSampleCounter,
     InMemorySplit,
     check_bad_fraction,
@@ -32,7 +34,7 @@ from raynoisy.data.pipeline import (
     files_for_rank,
     iter_batches,
     sample_dataset,
-    total_bytes,
+    whole_split_source,
 )
 from raynoisy.meta.sync import all_reduce_sum_
 from raynoisy.methods.base import Stage
@@ -53,9 +55,11 @@ class Streams:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.bad = BadSampleCounter()
         self.wait_seconds = 0.0
-        # Per split, planned on its first pass and reused: the rows in memory, or the Ray Dataset whose reads
-        # are planned once (re-executed by every later pass).
+        # Planned on first use and reused: per split, the rows in memory or the Ray Dataset whose reads are
+        # planned once (re-executed by every later pass); the same for the trusted stream, which reads every
+        # rank's trusted files with the training transform.
         self._passes: dict[str, InMemorySplit | ray.data.Dataset] = {}
+        self._trusted_source: InMemorySplit | ray.data.Dataset | None = None
 
     def split_pass(self, split: str) -> Iterator[Batch]:
         """This rank's share of ``split`` once, un-augmented; small splits other than train stay in memory."""
@@ -64,13 +68,9 @@ class Streams:
         if not files:
             return iter(())
         if split not in self._passes:
-            small = split != "train" and total_bytes(files) <= IN_MEMORY_BYTES
-            self._passes[split] = (
-                InMemorySplit.read(files, self.info.input)
-                if small
-                else sample_dataset(
-                    files, self.info.input, train=False, read_task_rows=self.cfg.data.read_task_rows
-                )
+            read = sample_dataset if split == "train" else whole_split_source
+            self._passes[split] = read(
+                files, self.info.input, train=False, read_task_rows=self.cfg.data.read_task_rows
             )
         rows = self._passes[split]
         if isinstance(rows, InMemorySplit):
@@ -121,14 +121,20 @@ class Streams:
     def _trusted(self, epoch: int, size: int) -> Iterator[Batch] | None:
         if size == 0:
             return None
+        if self._trusted_source is None:
+            self._trusted_source = whole_split_source(
+                self.info.files["trusted"],
+                self.info.input,
+                train=True,
+                read_task_rows=self.cfg.data.read_task_rows,
+            )
         return _without_truth(
             cycle_batches(
-                self.info.files["trusted"],
+                self._trusted_source,
                 self.info.input,
                 batch_size=size,
                 device=self.device,
                 seed=self.cfg.run.seed * 1000 + self.rank + 7919 * epoch,
-                read_task_rows=self.cfg.data.read_task_rows,
                 counter=self.bad,
             )
         )
