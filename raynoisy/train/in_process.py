@@ -240,7 +240,7 @@ def _take(batch: Batch, index: slice | torch.Tensor, pad: int | None) -> Batch:
 
 def _cat(parts: list[Batch], pad: int | None) -> Batch:
     return Batch(
-        x=torch.cat([p.x for p in parts]) if pad is None else cat_inputs([p.x for p in parts], pad),
+        x=cat_inputs([p.x for p in parts], pad=0 if pad is None else pad),  # images concatenate as they are
         y=torch.cat([p.y for p in parts]),
         sample_id=torch.cat([p.sample_id for p in parts]),
         true_y=torch.cat([p.true_y for p in parts]),
