@@ -32,7 +32,7 @@ from torch.func import functional_call, linearize
 
 from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.models.registry import build_model
-from raynoisy.train.in_process import torch_threads
+from raynoisy.train.in_process import cpu_threads
 
 Saved = dict[nn.Module, tuple[Tensor, Tensor]]
 
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    with torch_threads(args.threads):
+    with cpu_threads(args.threads):
         rows = measure(args.batch_size, args.repeats)
     jvp_ms = rows[1][1]
     print(f"[tangent_pass] small-cnn 28x28, batch {args.batch_size}, {args.threads} torch thread(s)")

@@ -337,3 +337,24 @@ def test_a_trusted_batch_too_small_for_the_workers_is_refused(tmp_path, method, 
             _config(tmp_path, method, 1, *overrides)
     else:
         _config(tmp_path, method, 1, *overrides)
+
+
+def test_cpu_threads_caps_every_pool_and_the_in_process_knn_index():
+    """A grid runs one process per core: inside ``cpu_threads`` torch, every BLAS/OpenMP pool and a kNN
+    index built there (as ``method_context`` builds a method's services) use the given count; after it,
+    the counts are back."""
+    from threadpoolctl import threadpool_info
+
+    from raynoisy.knn import KnnIndex
+
+    torch.set_num_threads(2)
+    before = [(pool["filepath"], pool["num_threads"]) for pool in threadpool_info()]
+    with in_process.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        assert {pool["num_threads"] for pool in threadpool_info()} == {1}
+        index = KnnIndex(num_samples=50, dim=4, verbose=False)
+        assert index.state()["threads"] == 1
+    assert torch.get_num_threads() == 2
+    after = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+    assert all(after[path] == count for path, count in before)
+    assert KnnIndex(num_samples=50, dim=4, verbose=False).state()["threads"] == 2

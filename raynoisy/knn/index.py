@@ -49,9 +49,10 @@ every epoch, then every sample queried once):
 
 **Devices.** ``use_gpu="auto"``: GPU FAISS when the actor sees a GPU (``faiss.get_num_gpus() > 0``, i.e. a
 faiss-gpu build and ``num_gpus > 0`` in the ServiceSpec), CPU otherwise; ``True`` insists, ``False`` never.
-FAISS's OpenMP threads are set to the actor's CPUs (its Ray ``num_cpus``, at least 1; ``num_threads``
-overrides). CPU searches run concurrently (``max_concurrency > 1``); GPU searches are serialised (GPU indexes
-are not thread-safe). On the GPU, k + 1 and nprobe are at most 2,048.
+FAISS's OpenMP threads are set to the actor's CPUs (its Ray ``num_cpus``, at least 1; outside Ray,
+torch's thread count when torch is loaded; ``num_threads`` overrides). CPU searches run concurrently
+(``max_concurrency > 1``); GPU searches are serialised (GPU indexes are not thread-safe). On the GPU,
+k + 1 and nprobe are at most 2,048.
 
 **Versions and the restart contract.** ``build(v)`` needs every training sample added for version ``v``
 (else ``IndexNotReadyError`` naming how many are missing). It is idempotent: a retried ``build(v)`` returns
@@ -164,8 +165,10 @@ class _Built:
 
 
 def actor_threads() -> int:
-    """CPUs this process may use for FAISS: the Ray actor's ``num_cpus`` inside Ray, else OMP_NUM_THREADS,
-    else the CPUs of the affinity mask."""
+    """CPUs this process may use for FAISS: the Ray actor's ``num_cpus`` inside Ray; else, when torch is
+    loaded (an index the in-process backend builds beside its training), torch's intra-op thread count,
+    which that backend caps for a grid of one process per core; else OMP_NUM_THREADS, else the CPUs of the
+    affinity mask."""
     ray = sys.modules.get("ray")  # never imported here: inside an actor Ray already is
     if ray is not None and ray.is_initialized():
         try:
@@ -174,6 +177,9 @@ def actor_threads() -> int:
             cpus = None
         if cpus is not None:
             return max(1, math.floor(cpus))
+    torch = sys.modules.get("torch")  # never imported here: an index on its own does not need it
+    if torch is not None:
+        return max(1, torch.get_num_threads())
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)

@@ -75,16 +75,16 @@ def train_in_process(
 ) -> dict[str, Any]:
     """Run one training job in this process; returns the metrics also written to ``<output>/metrics.json``.
 
-    ``threads``: torch's intra-op threads while the run trains (restored after), 1 by default so that a
-    grid can run one process per core side by side. ``diagnose``: after every epoch, score the method's
-    per-sample outputs on the training split against its true labels (``label_quality``) into the
-    history's ``diag_*`` keys — for benchmarks; the method never sees them.
+    ``threads``: the process's compute threads while the run trains (``cpu_threads``; restored after), 1
+    by default so that a grid can run one process per core side by side. ``diagnose``: after every
+    epoch, score the method's per-sample outputs on the training split against its true labels
+    (``label_quality``) into the history's ``diag_*`` keys — for benchmarks; the method never sees them.
     """
     start = time.time()
     check(cfg)
     check_in_process(cfg)
     output, prepared, labels = prepare_output(cfg, log)
-    with torch_threads(threads):
+    with cpu_threads(threads):
         data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
         method, record = _train(cfg, prepared, data, log, diagnose)
         # The driver's export step on the final method; per_sample_table reads only Streams.method_pass.
@@ -128,7 +128,7 @@ def cross_fitted_probabilities(
     check_in_process(cfg)
     prepared = prepare(cfg, log)
     parts: list[dict[str, np.ndarray]] = []
-    with torch_threads(threads):
+    with cpu_threads(threads):
         data = load_splits(prepared, input_spec(cfg), cfg.data.max_bad_fraction)
         train = data.splits["train"]
         given = train.decoded.y.numpy()
@@ -148,13 +148,20 @@ def cross_fitted_probabilities(
 
 
 @contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` inside the block and restored after: the count is
-    process-wide, and a grid runs one such process per core."""
+def cpu_threads(threads: int) -> Iterator[None]:
+    """Every compute thread pool of this process capped at ``threads`` inside the block, restored after:
+    torch's intra-op threads, and the BLAS and OpenMP pools of the libraries loaded (NumPy's and FAISS's
+    OpenBLAS, FAISS's OpenMP, through threadpoolctl). The counts are process-wide, and a grid runs one such
+    process per core: a pool left at the machine's core count (the GMM's BLAS, a search of the in-process
+    kNN index, which takes its thread count from torch's: ``raynoisy.knn.index.actor_threads``) would
+    oversubscribe the cores that the other processes train on."""
+    from threadpoolctl import threadpool_limits
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads):
+            yield
     finally:
         torch.set_num_threads(previous)
 
