@@ -51,15 +51,20 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         "mlnt-first-order": "every epoch",  # start_iter = mid_iter = 0: the meta step from step 0
         "mlnt-second-order": "every epoch",
         "mixnn": "mix: epochs 1-9 of 10 (90%)",  # its preset's warm-up epoch runs CE
+        "mixnn-steps": "mix: epochs 1-9 of 10 (90%)",
     }
     assert phases == {m: p for m, p in expected_phases.items() if m in phases}
     targets = {row.method: row.target for row in report.rows}
     assert targets["mlnt-first-order"] == 4.0 and targets["mlnt-second-order"] == 8.0
     assert targets["ce"] is None and targets["mixnn"] is None
     # MixNN's refresh, timed by the method's own clock on a synthetic split of --mixnn-train samples.
-    (refresh,) = report.refresh_rows
-    assert refresh.samples == bench.SMALL["mixnn_train"] and refresh.steps_per_epoch == 512 // 8
-    assert refresh.refresh_s >= sum(refresh.parts_s.values()) > 0 and 0 < refresh.share < 1
+    refresh, from_steps = report.refresh_rows
+    assert (refresh.method, from_steps.method) == ("mixnn", "mixnn-steps")
+    for row in (refresh, from_steps):
+        assert row.samples == bench.SMALL["mixnn_train"] and row.steps_per_epoch == 512 // 8
+        assert row.refresh_s >= sum(row.parts_s.values()) > 0 and 0 < row.share < 1
+    # refresh_from = steps reads what the steps recorded: no forward over the 512 samples.
+    assert from_steps.parts_s["pass"] < refresh.parts_s["pass"] / 2
 
     out = capsys.readouterr().out
     assert "| model | method |" in out
@@ -67,7 +72,8 @@ def test_meta_step_small_gives_a_finite_ratio_per_method(capsys: pytest.CaptureF
         assert f"| small-cnn | {method} |" in out
     for method in report.skipped:
         assert f"skipping {method}" in out
-    assert "| small-cnn | 512 | 64 |" in out  # the refresh table
+    assert "| small-cnn | mixnn | 512 | 64 |" in out  # the refresh table
+    assert "| small-cnn | mixnn-steps | 512 | 64 |" in out
 
 
 def test_meta_step_times_amortised_meta_updates(capsys: pytest.CaptureFixture[str]) -> None:

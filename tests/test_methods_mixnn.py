@@ -27,6 +27,8 @@ from raynoisy.knn import KnnIndex
 from raynoisy.methods.base import Method, Stage
 from raynoisy.methods.mixnn import (
     CLEAN,
+    FEATURES,
+    LOSS,
     NEIGHBOURS,
     SERVICE,
     SOFT,
@@ -178,6 +180,7 @@ def test_check_config_rejects_bad_values_before_ray(tmp_path: Path) -> None:
         ({"neighbors": "batch", "k": BATCH}, "k"),
         ({"metric": "dot"}, "metric"),
         ({"ema_momentum": 1.0}, "ema_momentum"),
+        ({"refresh_from": "both"}, "refresh_from"),
     ]:
         with pytest.raises(ConfigError, match=field):
             build(tmp_path, data, params)
@@ -231,10 +234,10 @@ def test_no_ema_outside_the_schedule(tmp_path: Path) -> None:
     assert torch.equal(method.ctx.sample_store.gather(SOFT, batch.sample_id), F.one_hot(batch.y, 4).float())
 
 
-@pytest.mark.parametrize("mode", ["global", "batch"])
-def test_a_run_corrects_labels_with_40_percent_flipped(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "source"), [("global", "pass"), ("batch", "pass"), ("global", "steps")])
+def test_a_run_corrects_labels_with_40_percent_flipped(tmp_path: Path, mode: str, source: str) -> None:
     data = toy_data()
-    method = build(tmp_path, data, {"neighbors": mode})
+    method = build(tmp_path, data, {"neighbors": mode, "refresh_from": source})
     logs = walk(method, data)
     assert [log["stage"] for log in logs] == ["warmup"] * 2 + ["mix"] * 10
     assert all(np.isfinite(log["loss"]) for log in logs)
@@ -253,6 +256,50 @@ def test_a_run_corrects_labels_with_40_percent_flipped(tmp_path: Path, mode: str
     assert table["clean_probability"][~noisy].mean() > table["clean_probability"][noisy].mean() + 0.3
     columns = method.label_issue_columns(rows(data, slice(0, 64)))
     assert set(columns) >= {"sample_id", "label_score", "is_label_issue", "corrected_label"}
+
+
+def test_refresh_from_steps_reads_what_the_neighbour_steps_recorded_and_makes_no_pass(tmp_path: Path) -> None:
+    data = toy_data()
+    method = build(tmp_path, data, {"warmup_epochs": 1, "mixup_epochs": 1, "refresh_from": "steps"}, epochs=4)
+    store = method.ctx.sample_store
+    method.on_epoch_start(0)
+    method.train_step(rows(data, slice(0, BATCH)), None)  # a CE warm-up step
+    method.on_epoch_start(1)  # follows a warm-up epoch: a pass
+    assert "refresh_from_steps" not in method.on_epoch_end(1)
+
+    # Each neighbour step records its un-mixed forward: the loss against the step's corrected label
+    # (given labels here: EMA has not moved them yet) and the features, from the weights before the step.
+    order = torch.randperm(NUM_TRAIN, generator=torch.Generator().manual_seed(3))
+    for start in range(0, NUM_TRAIN - BATCH, BATCH):  # the last batch dropped, as drop_last does
+        batch = rows(data, order[start : start + BATCH])
+        corrected = store.gather(SOFT, batch.sample_id).argmax(dim=1)
+        with torch.no_grad():
+            logits, features = copy.deepcopy(method.main.net)(batch.x)
+        method.train_step(batch, None)
+        expected = F.cross_entropy(logits, corrected, reduction="none")
+        assert torch.allclose(store.gather(LOSS, batch.sample_id).reshape(-1), expected, atol=1e-5)
+        assert torch.allclose(store.gather(FEATURES, batch.sample_id).float(), features, atol=1e-2)
+
+    def no_pass(split: str):
+        raise AssertionError("refresh_from=steps made a whole-split pass after a neighbour epoch")
+
+    method.ctx.iter_split = no_pass
+    method.on_epoch_start(2)
+    log = method.on_epoch_end(2)
+    assert log["refresh_from_steps"] == 1.0
+    assert log["refresh_recorded_fraction"] == pytest.approx((NUM_TRAIN - BATCH) / NUM_TRAIN)
+    # The GMM read the recorded losses, and the neighbours are the exact nearest in the recorded features.
+    ids = store.sample_ids
+    losses = store.gather(LOSS, ids).reshape(-1).numpy()
+    expected_p = clean_probability(losses, seed=method.ctx.cfg.run.seed)
+    assert np.array_equal(store.gather(CLEAN, ids).reshape(-1).numpy(), expected_p)
+    feats = store.gather(FEATURES, ids).float()
+    distances = torch.cdist(feats, feats)
+    distances.fill_diagonal_(float("inf"))
+    nearest = distances.argmin(dim=1)
+    found = store.gather(NEIGHBOURS, ids).reshape(-1)
+    tied = distances[torch.arange(NUM_TRAIN), found] <= distances[torch.arange(NUM_TRAIN), nearest] + 1e-4
+    assert bool(tied.all())
 
 
 def test_state_round_trip(tmp_path: Path) -> None:

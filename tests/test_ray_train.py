@@ -141,10 +141,12 @@ def test_services_and_per_sample_state_survive_a_worker_failure(ray_cluster, tmp
 def test_mixnn_without_a_trusted_set_survives_its_knn_index_actor_being_killed(ray_cluster, tmp_path):
     # MixNN in global neighbour mode from epoch 0, --clean-per-class 0. Rank 0 kills the KnnIndex actor
     # with ray.kill at the 4th step of epoch 1 (0-based 0) and waits for Ray's restart (an empty index);
-    # epoch 2's refresh configures it again, adds the epoch's features and builds version 1.
+    # epoch 2's refresh configures it again, adds the epoch's features and builds version 1. With
+    # refresh_from=steps those features are the ones epoch 1's steps recorded on both ranks: no pass.
     from raynoisy.train.driver import train
 
     params = ["method.params.warmup_epochs=0", "method.params.mixup_epochs=0", "method.params.ema_every=1"]
+    params.append("method.params.refresh_from=steps")
     cfg = _config(
         tmp_path,
         "mixnn-probe",
@@ -174,6 +176,9 @@ def test_mixnn_without_a_trusted_set_survives_its_knn_index_actor_being_killed(r
     assert (first["train_knn_index_version"], first["train_knn_index_configured"]) == (0, 1)
     assert (second["train_knn_index_version"], second["train_knn_index_configured"]) == (1, 1)
     assert second["train_knn_index_attempts"] == 1
+    # The first refresh made the pass; the second read what all 10 steps x 64 samples of epoch 1 recorded.
+    assert "train_refresh_from_steps" not in first
+    assert second["train_refresh_from_steps"] == 1 and second["train_refresh_recorded_fraction"] == 1.0
     table = pq.read_table(out / "corrected_labels.parquet")
     assert table.num_rows == 640 and "clean_probability" in table.schema.names
 

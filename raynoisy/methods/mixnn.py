@@ -5,9 +5,12 @@ No trusted set. Stages: ``warmup`` (plain CE, ``warmup_epochs``, never selected)
 
 Every ``mix`` epoch starts with a refresh on every rank (``on_epoch_start``):
 
-1. a whole-split pass (``ctx.iter_split("train")``, eval mode, no grad) over this rank's share gives each
-   sample's CE loss against its current corrected label (argmax of its EMA soft label, as the reference) and
-   its penultimate features;
+1. each sample's CE loss against its current corrected label (argmax of its EMA soft label, as the
+   reference) and its penultimate features, from one of two sources (``refresh_from``):
+   ``pass`` (the reference, default): a whole-split pass (``ctx.iter_split("train")``, eval mode, no grad)
+   over this rank's share; ``steps``: what the previous epoch's neighbour steps recorded (below), with the
+   pass only where the previous epoch made no un-mixed forward (the first refresh, and every epoch that
+   follows a warm-up or mixup epoch);
 2. the losses go into the store (one collective ``scatter``), so every rank holds all of them; they are
    min-max normalised over the whole split; rank 0 fits a 2-component ``GaussianMixture`` (the reference's
    ``max_iter=10, tol=1e-2, reg_covar=5e-4``, ``random_state = run.seed``) and scatters every sample's
@@ -41,6 +44,17 @@ Steps of the ``mix`` stage:
   are updated by EMA in every step of the epochs >= ``mixup_epochs`` with ``epoch % ema_every == 0``:
   s_i ← m·s_i + (1−m)·softmax(logits of the un-mixed x_i) with m = ``ema_momentum`` (0.9).
 
+``refresh_from: steps`` records, in every neighbour step, the loss of the un-mixed forward against the
+sample's corrected label of that step and (global mode) the forward's features, into the store's loss and
+feature columns, so the next refresh needs no pass: it reads the store, fits the GMM and rebuilds the index.
+The pass is 80-90% of a refresh (benchmarks/README.md), a forward over the training set each epoch, while
+every training step already makes that forward. What differs from the pass: each value comes from the
+step that saw the sample, so in train mode (BatchNorm batch statistics, dropout), under the training
+augmentation, and with the weights of that moment of the epoch rather than its end; a sample a
+``drop_last`` batch left out keeps its value from an earlier epoch (``refresh_recorded_fraction`` logs
+the share recorded); and the neighbours' features a step mixes are refreshed as the epoch goes, not once
+at its start. The accuracy of both sources is measured side by side in benchmarks/README.md.
+
 Inputs that cannot be interpolated (token ids of text) are mixed at the feature level in every mode: the
 mixup and in-batch steps mix the pooled features of the batch's own forward, ``fc(λ h_i + (1−λ) h_π(i))``,
 as manifold mixup does at the last layer.
@@ -73,9 +87,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raynoisy.config import Config
+from raynoisy.data.sample_store import partition
 from raynoisy.errors import ConfigError
 from raynoisy.knn import DEFAULT_EXACT_THRESHOLD, IndexNotReadyError, KnnIndex, check_index_config
-from raynoisy.meta.sync import world_size
+from raynoisy.meta.sync import all_reduce_sum_, world_size
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, Method, MethodContext, ServiceSpec, Stage
 from raynoisy.methods.meta_common import (
@@ -94,6 +109,7 @@ NEIGHBOURS = "nn_ids"
 FEATURES = "nn_feature"
 MODES = ("global", "batch")
 MIXUP_LOSSES = ("prob", "ce")
+REFRESH_SOURCES = ("pass", "steps")
 EPS = 1e-10  # the reference's guard in p_i / (p_i + p_j)
 INDEX_ATTEMPTS = 3
 
@@ -117,6 +133,7 @@ class MixNNParams:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     index_cpus: float = 0.5
+    refresh_from: str = "pass"  # pass: the reference's whole-split pass | steps: the steps' forwards
 
 
 # ---- pieces with their own tests --------------------------------------------------------------------
@@ -216,10 +233,10 @@ class MixNNIndex:
 
 
 class _MixForward(nn.Module):
-    """The one module DDP wraps, so a step is one DDP forward: ``(x)`` -> (logits, features); with
-    ``weights`` [B, 1 + k] -> (logits of x, logits of the mixed features ``fc(w_0 h + Σ w_j h_j)``), the
-    h_j being ``neighbour_features`` [B, k, D] or, for in-batch ``partners`` [B, k] (batch positions),
-    the partners' features of this same forward."""
+    """The one module DDP wraps, so a step is one DDP forward: ``(x)`` -> the net's (logits, features); with
+    ``weights`` [B, 1 + k] -> (logits of x, features of x, logits of the mixed features
+    ``fc(w_0 h + Σ w_j h_j)``), the h_j being ``neighbour_features`` [B, k, D] or, for in-batch ``partners``
+    [B, k] (batch positions), the partners' features of this same forward."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -231,7 +248,7 @@ class _MixForward(nn.Module):
         neighbour_features: Tensor | None = None,
         weights: Tensor | None = None,
         partners: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         logits, features = self.net(x)
         if weights is None:
             return logits, features
@@ -239,7 +256,7 @@ class _MixForward(nn.Module):
             neighbour_features = features[partners]
         assert neighbour_features is not None, "mixing needs neighbour features or in-batch partners"
         mixed = weights[:, :1] * features + (weights[:, 1:, None] * neighbour_features).sum(dim=1)
-        return logits, self.net.fc(mixed)
+        return logits, features, self.net.fc(mixed)
 
 
 @register_method
@@ -279,6 +296,12 @@ class MixNN(CorrectedLabelExport, Method):
         check_param(p.mixup_alpha > 0, "mixup_alpha", f"is {p.mixup_alpha}", "set mixup_alpha > 0")
         check_param(p.soft_label_topk >= 1, "soft_label_topk", f"is {p.soft_label_topk}", "set it >= 1")
         check_param(p.gmm_max_iter >= 1, "gmm_max_iter", f"is {p.gmm_max_iter}", "set it >= 1")
+        check_param(
+            p.refresh_from in REFRESH_SOURCES,
+            "refresh_from",
+            f"unknown source {p.refresh_from!r}",
+            f"use one of {list(REFRESH_SOURCES)}",
+        )
         if p.neighbors == "batch":
             local = cfg.optim.batch_size // cfg.scaling.workers
             check_param(
@@ -343,6 +366,9 @@ class MixNN(CorrectedLabelExport, Method):
         self.neighbours_ready = False
         # What this epoch's refresh cost and did, logged by ``on_epoch_end`` (empty in epochs without one).
         self.refresh_log: dict[str, float] = {}
+        # refresh_from=steps: samples this rank's steps recorded since the last refresh (not checkpointed:
+        # a resumed run logs the share of the epoch's steps after the resume)
+        self.recorded = 0
 
     # ---- epochs ------------------------------------------------------------------------------------------
 
@@ -366,12 +392,70 @@ class MixNN(CorrectedLabelExport, Method):
         steps' time after it) and, in global mode, what the index needed (``knn_*``)."""
         return dict(self.refresh_log)
 
+    def _from_steps(self, epoch: int) -> bool:
+        """Whether this epoch's refresh reads what the previous epoch's steps recorded (no pass): they did
+        when that epoch was a neighbour epoch. A function of the epoch, so a resumed run decides the same."""
+        return self.params.refresh_from == "steps" and self.soft_ready and self._nn_phase(epoch - 1)
+
     @torch.no_grad()
     def refresh(self, epoch: int) -> None:
-        """The epoch's whole-split pass, GMM and (global mode, neighbour phase) index refresh; collective."""
+        """The epoch's losses and features (a whole-split pass, or the previous epoch's steps), GMM and
+        (global mode, neighbour phase) index refresh; collective."""
         ctx, store, p = self.ctx, self.ctx.sample_store, self.params
         assert store is not None and ctx.iter_split is not None
         started = time.perf_counter()
+        from_steps = self._from_steps(epoch)
+        if from_steps:
+            my_ids, my_feats, log = self._recorded()
+        else:
+            my_ids, my_feats = self._pass()
+            log = {}
+        self.recorded = 0
+        passed = time.perf_counter()
+        # Every rank now holds every loss; rank 0 fits the GMM and writes every p (others write no rows).
+        if ctx.rank == 0:
+            everyone = store.sample_ids
+            prob = clean_probability(store.gather(LOSS, everyone).numpy(), ctx.cfg.run.seed, p)
+            store.scatter(CLEAN, everyone, torch.from_numpy(prob))
+        else:
+            store.scatter(CLEAN, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+        fitted = time.perf_counter()
+        log |= {"refresh_pass_seconds": passed - started, "refresh_gmm_seconds": fitted - passed}
+        if p.neighbors == "global" and self._nn_phase(epoch):
+            neighbours, index_log = self._search(epoch, my_ids, my_feats)
+            searched = time.perf_counter()
+            # The steps' mixing inputs: each sample's neighbours and their features, read from the store.
+            store.scatter(NEIGHBOURS, my_ids, neighbours)
+            if not from_steps:  # the recorded features are in the store already
+                store.scatter(FEATURES, my_ids, my_feats)
+            self.neighbours_ready = True
+            log |= index_log | {
+                "refresh_index_seconds": searched - fitted,
+                "refresh_compose_seconds": time.perf_counter() - searched,
+            }
+        self.refresh_log = log | {"refresh_seconds": time.perf_counter() - started}
+
+    def _recorded(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """This rank's share of the store's ids and their recorded features (losses are read by the GMM), and
+        the share of the split the previous epoch's steps recorded (the rest keep older values)."""
+        store, ctx = self.ctx.sample_store, self.ctx
+        assert store is not None
+        start, stop = partition(len(store), ctx.rank, world_size())
+        my_ids = torch.as_tensor(np.array(store.sample_ids[start:stop]), dtype=torch.int64)
+        if self.params.neighbors == "global":
+            my_feats = store.gather(FEATURES, my_ids).float()
+        else:
+            my_feats = torch.zeros(0, int(self.main.net.feature_dim))
+        count = torch.tensor([float(self.recorded)], device=ctx.device)
+        all_reduce_sum_([count])
+        fraction = float(count.item()) / max(len(store), 1)
+        return my_ids, my_feats, {"refresh_from_steps": 1.0, "refresh_recorded_fraction": fraction}
+
+    def _pass(self) -> tuple[Tensor, Tensor]:
+        """The whole-split pass over this rank's share: writes the losses into the store (and initialises the
+        soft labels at the first refresh); returns the share's ids and features."""
+        ctx, store = self.ctx, self.ctx.sample_store
+        assert store is not None and ctx.iter_split is not None
         ids, labels, losses, feats = [], [], [], []
         with evaluating(self.main.net):
             for batch in ctx.iter_split("train"):
@@ -385,34 +469,13 @@ class MixNN(CorrectedLabelExport, Method):
         my_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
         my_feats = torch.cat(feats) if feats else torch.zeros(0, dim)
         my_logits = torch.cat(losses) if losses else torch.zeros(0, ctx.num_classes)
-        passed = time.perf_counter()
         if not self.soft_ready:  # the first refresh: soft labels = one-hot given labels
             store.scatter(SOFT, my_ids, F.one_hot(my_labels, ctx.num_classes).float())
             self.soft_ready = True
         corrected = store.gather(SOFT, my_ids).argmax(dim=1)
         my_loss = F.cross_entropy(my_logits, corrected, reduction="none")
         store.scatter(LOSS, my_ids, my_loss)
-        # Every rank now holds every loss; rank 0 fits the GMM and writes every p (others write no rows).
-        if ctx.rank == 0:
-            everyone = store.sample_ids
-            prob = clean_probability(store.gather(LOSS, everyone).numpy(), ctx.cfg.run.seed, p)
-            store.scatter(CLEAN, everyone, torch.from_numpy(prob))
-        else:
-            store.scatter(CLEAN, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-        fitted = time.perf_counter()
-        log = {"refresh_pass_seconds": passed - started, "refresh_gmm_seconds": fitted - passed}
-        if p.neighbors == "global" and self._nn_phase(epoch):
-            neighbours, index_log = self._search(epoch, my_ids, my_feats)
-            searched = time.perf_counter()
-            # The steps' mixing inputs: each sample's neighbours and their features, read from the store.
-            store.scatter(NEIGHBOURS, my_ids, neighbours)
-            store.scatter(FEATURES, my_ids, my_feats)
-            self.neighbours_ready = True
-            log |= index_log | {
-                "refresh_index_seconds": searched - fitted,
-                "refresh_compose_seconds": time.perf_counter() - searched,
-            }
-        self.refresh_log = log | {"refresh_seconds": time.perf_counter() - started}
+        return my_ids, my_feats
 
     def _search(self, epoch: int, ids: Tensor, feats: Tensor) -> tuple[Tensor, dict[str, float]]:
         """This rank's ids' k neighbours from the index refreshed for version ``epoch``, and what that took:
@@ -480,7 +543,7 @@ class MixNN(CorrectedLabelExport, Method):
             logits, _ = self.main.model(lam * batch.x + (1 - lam) * batch.x[perm])
         else:  # token ids: mix the pooled features instead
             weights = torch.tensor([lam, 1 - lam], device=batch.x.device).expand(len(batch), 2)
-            _, logits = self.main.model(batch.x, weights=weights, partners=perm[:, None])
+            _, _, logits = self.main.model(batch.x, weights=weights, partners=perm[:, None])
         if self.params.mixup_loss == "prob":
             probs = F.softmax(logits, dim=1)
             per = lambda s: -(s * probs).sum(dim=1)  # noqa: E731 - the reference's nll_loss on probabilities
@@ -503,7 +566,7 @@ class MixNN(CorrectedLabelExport, Method):
             p_nbr = store.gather(CLEAN, flat, device).reshape(len(ids), p.k)
             nbr_soft = store.gather(SOFT, flat, device).reshape(len(ids), p.k, -1)
             weights = mixing_weights(p_self, p_nbr)
-            logits_ori, mixed_logits = self.main.model(batch.x, nbr_feats, weights)
+            logits_ori, features, mixed_logits = self.main.model(batch.x, nbr_feats, weights)
         else:
             with torch.no_grad():
                 logits_ori, features = self.main.model(batch.x)
@@ -517,16 +580,29 @@ class MixNN(CorrectedLabelExport, Method):
                 x = x + (weights[:, 1:].view(*nearest.shape, *shape) * batch.x[nearest]).sum(1)
                 mixed_logits, _ = self.main.model(x)
             else:  # token ids: mix the pooled features of this forward instead
-                _, mixed_logits = self.main.model(batch.x, weights=weights, partners=nearest)
+                _, _, mixed_logits = self.main.model(batch.x, weights=weights, partners=nearest)
             nbr_soft = soft[nearest]
         targets = torch.cat([soft.unsqueeze(1), nbr_soft], dim=1)  # [B, 1 + k, C]
         log_probs = F.log_softmax(mixed_logits, dim=1).unsqueeze(1)
         loss = (weights * -(targets * log_probs).sum(dim=2)).sum(dim=1).mean()
         self.main.step(loss)
+        if p.refresh_from == "steps":
+            self._record(ids, soft, logits_ori.detach(), features.detach())
         if self._ema_epoch(self.epoch):
             new = ema_update(soft, F.softmax(logits_ori.detach().float(), dim=1), p.ema_momentum)
             store.scatter(SOFT, ids, new)  # a collective: every rank updates in every step of the epoch
         return {"loss": float(loss.detach()), "mean_weight_self": float(weights[:, 0].mean())}
+
+    def _record(self, ids: Tensor, soft: Tensor, logits: Tensor, features: Tensor) -> None:
+        """refresh_from=steps: the un-mixed forward's loss against the step's corrected labels and (global
+        mode) its features, for the next refresh; collective, like every store write of a step."""
+        store = self.ctx.sample_store
+        assert store is not None
+        loss = F.cross_entropy(logits.float(), soft.argmax(dim=1), reduction="none")
+        store.scatter(LOSS, ids, loss)
+        if self.params.neighbors == "global":
+            store.scatter(FEATURES, ids, features.half())
+        self.recorded += len(ids)
 
     # ---- export, state -----------------------------------------------------------------------------------
 
