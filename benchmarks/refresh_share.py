@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from label_quality import run_folders
+
 TARGET = 0.15  # issue 9: the refresh at most 15% of a MixNN epoch
-
-
-def run_folders(paths: list[Path], match: list[str]) -> list[Path]:
-    found = []
-    for path in paths:
-        candidates = [path] if (path / "metrics.json").exists() else sorted(path.glob("*/metrics.json"))
-        found += [c if c.is_dir() else c.parent for c in candidates]
-    return [f for f in found if all(m in f.name for m in match)]
 
 
 def row(folder: Path) -> list[str] | None:
