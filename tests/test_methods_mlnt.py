@@ -205,6 +205,29 @@ def _one_meta_step(tmp_path: Path, batch: Batch, **params: Any) -> tuple[Method,
     return method, [b - a for b, a in zip(before, after, strict=True)], drawn_from
 
 
+def test_zero_consistency_weight_skips_the_look_aheads_and_matches_the_meta_step(tmp_path: Path) -> None:
+    # consistency_weight 0: the shortcut (teacher EMA + CE step) against the full meta step at weight 0.
+    data = toy_batch(BATCH, noise=0.3, seed=4)
+    params = {"consistency_weight": 0, "start_iter": 0, "mid_iter": 0, "second_order": "false"}
+    short, full = build(tmp_path, params), build(tmp_path, params)
+
+    def no_look_ahead(*args: Any) -> Tensor:
+        raise AssertionError("a look-ahead at consistency weight 0")
+
+    short._fast_logits = no_look_ahead
+    for _ in range(3):
+        logged = short.train_step(data, None)
+        keep = full._keep(data)
+        full.round_step += 1
+        expected = full._meta_step(data, keep, 0.0, full.params.ema_decay)
+        assert logged["consistency_weight"] == 0.0 and logged["loss"] == pytest.approx(expected["loss"])
+        for a, b in zip(params_of(short.main.net), params_of(full.main.net), strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(params_of(short.teacher), params_of(full.teacher), strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(params_of(short.teacher)[0], params_of(short.main.net)[0]), "the teacher lags"
+
+
 def test_second_order_hypergradient_matches_finite_differences(tmp_path: Path) -> None:
     """θ - θ' = ∇CE + dΦ/dθ, Φ(θ) = 1/(M·B·C) Σ_m KL(p_tch ‖ f(x; θ - α∇CE_m(θ))), checked along random
     directions against central differences of Φ (float64); first order must miss them, vmap = loop."""

@@ -50,6 +50,10 @@ CPU the loops are faster (small-cnn, batch 128 at 28x28: vmap costs ~1.3x the lo
 ~3x second order: grouped convolutions, and a double backward through a batched backward); batching is
 meant for accelerators, where a small network's step is bound by kernel launches.
 
+``consistency_weight: 0`` skips the look-aheads, which move nothing at weight 0: each step after
+``start_iter`` updates the teacher and takes the CE step (``_teacher_step``), the ablation "CE with an EMA
+teacher" at about a CE step's cost.
+
 Rounds (``rounds``, the paper's iterative training, automated; the reference runs main.py again by hand):
 one stage per round, ``round0`` ... , each ``optim.epochs`` epochs. Round 0's mentor is the teacher
 itself (its features come with the teacher forward of step 1; the reference uses a separately trained CE
@@ -343,7 +347,10 @@ class MLNT(CorrectedLabelExport, Method):
         keep = self._keep(batch)
         if schedule is None:
             return self._plain_step(batch, keep)
-        return self._meta_step(batch, keep, *schedule)
+        weight, decay = schedule
+        if weight == 0.0:
+            return self._teacher_step(batch, keep, decay)
+        return self._meta_step(batch, keep, weight, decay)
 
     def _plain_step(self, batch: Batch, keep: Tensor) -> dict[str, float]:
         """Cross-entropy on the kept samples (the warm-up before ``start_iter``), synchronised by hand."""
@@ -362,6 +369,16 @@ class MLNT(CorrectedLabelExport, Method):
         all_reduce_sum_([*grads, value])
         self._apply(names, grads)
         return {"loss": float(value)}
+
+    def _teacher_step(self, batch: Batch, keep: Tensor, decay: float) -> dict[str, float]:
+        """A meta step at consistency weight 0 without its look-aheads, which move nothing at that weight:
+        the teacher follows the student (EMA, and a forward that moves its BatchNorm statistics as the meta
+        step's does) and the student takes the CE step. ``consistency_weight: 0`` is thus the cheap ablation
+        "CE with an EMA teacher", at a plain step's cost plus one no-grad forward."""
+        self._update_teacher(decay)
+        with torch.no_grad():
+            self.teacher(batch.x)
+        return self._plain_step(batch, keep) | {"consistency_weight": 0.0}
 
     @torch.no_grad()
     def _update_teacher(self, decay: float) -> None:
