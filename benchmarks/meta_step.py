@@ -31,7 +31,9 @@ How each method is built and driven, so that the step timed is the step training
   samples instead of a batch), judged against the method's own target; ``METHOD@kKtN`` combines both;
 - rows that are a method under given params (``VARIANTS``): ``mlnt-first-order`` and ``mlnt-second-order``
   with ``start_iter = mid_iter = 0`` (the meta step from the round's first step, at full consistency weight;
-  the defaults run 500 plain CE steps first) and M = 10; ``mixnn`` with ``mixup_epochs = 0``, so that its
+  the defaults run 500 plain CE steps first) and M = 10, and their ``-vmap`` twins (``vmap = true``: the M
+  look-aheads batched, for accelerators; not in the default rows, slower on CPU; no floor, since a batched
+  forward is not priced by M separate ones); ``mixnn`` with ``mixup_epochs = 0``, so that its
   first ``mix`` epoch is a global-neighbour epoch (the preset's warm-up epochs stay CE);
 - the stage hooks are run, without steps, up to the first step of the first stage whose models the method
   may select (``Stage.selectable``; ``harness.start_stage``): GLC's ``corrected`` stage (its corruption
@@ -71,9 +73,12 @@ feature level, so composing a batch is reading the store). That refresh runs on 
 (``MixNN.on_epoch_end``), with the index in this process on the CPUs a run gives the index actor (its
 ``index_cpus``, at least 1 thread; no object-store transfer, which a Ray run adds). Its share of the epoch is
 refresh / (refresh + steps per epoch x the median step), steps per epoch = ``--mixnn-train`` // batch.
-The ``mixnn-steps`` row is MixNN with ``refresh_from = steps``: its steps record each sample's loss and
-features from their own un-mixed forward (in its step time), and its refresh reads them instead of making
-the pass (its first refresh, after the warm-up, still makes one; the timed ones follow neighbour epochs).
+The ``mixnn-gpu-index`` row (``--device cuda`` only) gives the index a share of the GPU (``index_gpus``),
+where it searches exactly with torch (or GPU FAISS); the other rows' index is on the CPU, as a run's actor
+without a GPU share is. The ``mixnn-steps`` row is MixNN with ``refresh_from = steps``: its steps record each
+sample's loss and features from their own un-mixed forward (in its step time), and its refresh reads them
+instead of making the pass (its first refresh, after the warm-up, still makes one; the timed ones follow
+neighbour epochs).
 
     python benchmarks/meta_step.py                      # both models, all registered methods
     python benchmarks/meta_step.py --small              # CI size, seconds
@@ -101,6 +106,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from raynoisy.config import load_config
 from raynoisy.data.batch import Batch
@@ -161,8 +167,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "mlnt",
         {"start_iter": 0, "mid_iter": 0, "synthetic_sets": MLNT_SETS, "second_order": True},
     ),
+    "mlnt-first-order-vmap": (
+        "mlnt",
+        {"start_iter": 0, "mid_iter": 0, "synthetic_sets": MLNT_SETS, "second_order": False, "vmap": True},
+    ),
+    "mlnt-second-order-vmap": (
+        "mlnt",
+        {"start_iter": 0, "mid_iter": 0, "synthetic_sets": MLNT_SETS, "second_order": True, "vmap": True},
+    ),
     "mixnn": ("mixnn", {"mixup_epochs": 0, "neighbors": "global"}),
     "mixnn-steps": ("mixnn", {"mixup_epochs": 0, "neighbors": "global", "refresh_from": "steps"}),
+    "mixnn-gpu-index": ("mixnn", {"mixup_epochs": 0, "neighbors": "global", "index_gpus": 0.1}),
     "metalabelnet-uncached": ("metalabelnet", {"cache_features": False}),
 }
 
@@ -205,7 +220,15 @@ DEFAULT_METHODS = (
     "mixnn-steps",
 )
 # Step targets (ratio to CE's step), by row: the look-ahead methods of the meta and MLNT issues.
-TARGETS = {"mwnet": 2.5, "mlc": 2.5, "metalabelnet": 2.8, "mlnt-first-order": 4.0, "mlnt-second-order": 8.0}
+TARGETS = {
+    "mwnet": 2.5,
+    "mlc": 2.5,
+    "metalabelnet": 2.8,
+    "mlnt-first-order": 4.0,
+    "mlnt-second-order": 8.0,
+    "mlnt-first-order-vmap": 4.0,
+    "mlnt-second-order-vmap": 8.0,
+}
 # Amortised meta updates (``METHOD@kK`` rows): the issue's bar for meta_every = 5, kept for every larger K.
 AMORTISED = ("mwnet", "mlc", "metalabelnet")
 AMORTISED_TARGET = 1.5
@@ -474,6 +497,13 @@ def build_run(
     method = build_method(ctx)  # seeded as the worker seeds it: same initial weights for every method
     stages = method.stages(cfg)
     timed = next((s for s in stages if s.selectable), stages[0])
+    if train_split and stages.index(timed) > 0:
+        # The stages before the timed one train the network, which leaves BatchNorm running statistics that
+        # fit its training-mode features. From initialisation they do not (ResNet-32's eval-mode features
+        # come out hundreds of times its training-mode ones), and MixNN, which mixes the neighbour features
+        # its refresh reads in eval mode into a training-mode forward, diverged within a few steps here. One
+        # training-mode pass over the split sets the statistics as those epochs would.
+        update_bn([b.x for b in train_split], method.main.net)
     start_stage(method, timed.name)
     size = method.trusted_batch_size(timed)
     if size > len(trusted_pool):
@@ -937,6 +967,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--batch-size must be >= 2: MLC splits its trusted batch in halves")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    on_gpu = [name for name in args.methods if variant(name)[1].get("index_gpus")]
+    if on_gpu and args.device != "cuda":
+        parser.error(f"{', '.join(on_gpu)}: the index's GPU share needs --device cuda")
     return args
 
 

@@ -9,7 +9,7 @@ import ray
 
 from raynoisy.errors import ConfigError
 from raynoisy.train import driver
-from raynoisy.train.driver import _cpus_per_worker
+from raynoisy.train.driver import _check_gpus, _cpus_per_worker
 from raynoisy.train.preflight import resolve_config
 
 
@@ -83,3 +83,24 @@ def test_a_local_cluster_does_not_count_as_autoscaling(ray_cluster):
         assert driver.autoscaling_cpus() is None
     finally:
         remove_placement_group(too_big)
+
+
+def test_a_run_that_asks_for_gpus_the_cluster_lacks_is_refused(tmp_path, monkeypatch):
+    """A service's GPU share (MixNN's index_gpus) or the workers' on a fixed cluster without them would stay
+    pending forever; with enough GPUs, or an autoscaler that can add them, the run goes on."""
+    monkeypatch.setattr(driver, "autoscaling_cpus", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError, match=r"asks for 0.25 GPU\(s\).*services 0.25.*has 0") as info:
+        _check_gpus(_cfg(tmp_path, 2), service_gpus=0.25)
+    assert info.value.field == "method.params"
+    gpu_cfg = _cfg(tmp_path, 2)
+    gpu_cfg.scaling.gpus_per_worker = 1.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ConfigError) as info:
+        _check_gpus(gpu_cfg, service_gpus=0.0)
+    assert info.value.field == "scaling.gpus_per_worker"
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.25})
+    _check_gpus(gpu_cfg, service_gpus=0.25)  # 2 x 1 + 0.25 fits
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(driver, "autoscaling_cpus", lambda: math.inf)
+    _check_gpus(gpu_cfg, service_gpus=0.25)  # the autoscaler may add GPU nodes

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import raynoisy.knn.index as index_module
 from raynoisy.errors import ConfigError, RaynoisyError
 from raynoisy.knn import (
     IndexNotReadyError,
@@ -64,12 +65,13 @@ def built_index(features: np.ndarray, ids: np.ndarray | None = None, version: in
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("exclude_self", [True, False])
-def test_exact_index_returns_the_brute_force_neighbours(metric, exclude_self):
+@pytest.mark.parametrize(("backend", "kind"), [("faiss", "flat"), ("torch", "torch-flat")])
+def test_exact_index_returns_the_brute_force_neighbours(metric, exclude_self, backend, kind):
     n, k = 600, 7
     features = clustered(n)
     ids = np.sort(np.random.default_rng(2).choice(10**9, n, replace=False)).astype(np.int64) + 2**33
-    index = built_index(features, ids, metric=metric)
-    assert index.state()["kind"] == "flat" and index.summary().recall == 1.0
+    index = built_index(features, ids, metric=metric, backend=backend)
+    assert index.state()["kind"] == kind and index.summary().recall == 1.0
 
     query_rows = np.random.default_rng(3).choice(n, 50, replace=False)
     got_ids, got_values = index.search_ids(ids[query_rows], k, exclude_self=exclude_self)
@@ -88,6 +90,40 @@ def test_exact_index_returns_the_brute_force_neighbours(metric, exclude_self):
     rows, values = brute_force(queries.astype(np.float16).astype(np.float32), features, k, metric)
     np.testing.assert_array_equal(got_ids, ids[rows])
     np.testing.assert_allclose(got_values, values, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_torch_search_in_chunks_equals_one_chunk(metric, monkeypatch):
+    """A search chunk holds at most TORCH_SCORES scores; 1,000 queries x 600 vectors in chunks of 3 queries
+    give what FAISS's exact flat index gives."""
+    features = clustered(600)
+    reference = built_index(features, metric=metric, backend="faiss")
+    monkeypatch.setattr(index_module, "TORCH_SCORES", 3 * 600)
+    chunked = built_index(features, metric=metric, backend="torch")
+    ids = np.arange(600)
+    want_ids, want_values = reference.search_ids(ids, 5)
+    got_ids, got_values = chunked.search_ids(ids, 5)
+    assert recall_at(got_ids, want_ids) > 0.999  # float32 near-ties may swap between the two sums
+    np.testing.assert_allclose(got_values, want_values, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_backend_searches_with_torch_where_torch_has_a_gpu_and_faiss_has_none(monkeypatch):
+    """The device choice: GPU FAISS, else torch's GPU, else CPU FAISS (the CPU stands in for torch's GPU)."""
+    import torch
+
+    features = clustered(300)
+    monkeypatch.setattr(index_module.faiss, "get_num_gpus", lambda: 0)
+    monkeypatch.setattr(index_module, "torch_gpu", lambda: torch.device("cpu"))
+    assert built_index(features).summary().kind == "torch-flat"
+    assert built_index(features, use_gpu=True).summary().kind == "torch-flat"
+    assert built_index(features, use_gpu=False).summary().kind == "flat"
+    assert built_index(features, backend="faiss").summary().kind == "flat"
+    monkeypatch.setattr(index_module, "torch_gpu", lambda: None)
+    assert built_index(features).summary().kind == "flat"
+    with pytest.raises(ValueError, match="neither FAISS nor torch sees a GPU"):
+        KnnIndex(300, dim=D, use_gpu=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        KnnIndex(300, dim=D, backend="annoy")
 
 
 def test_float16_features_and_storage_give_the_neighbours_of_the_rounded_features():

@@ -181,6 +181,7 @@ def test_check_config_rejects_bad_values_before_ray(tmp_path: Path) -> None:
         ({"metric": "dot"}, "metric"),
         ({"ema_momentum": 1.0}, "ema_momentum"),
         ({"refresh_from": "both"}, "refresh_from"),
+        ({"index_gpus": -0.1}, "index_gpus"),
     ]:
         with pytest.raises(ConfigError, match=field):
             build(tmp_path, data, params)
@@ -196,6 +197,10 @@ def test_stages_and_services(tmp_path: Path) -> None:
     assert (
         spec.name == SERVICE and spec.actor_class is MixNNIndex and spec.num_cpus == 0.5
     )  # what a 2-CPU laptop can spare beside 2 workers and Ray Data
+    assert spec.num_gpus == 0
+    on_gpu = build(tmp_path, toy_data(), {"index_gpus": 0.25})
+    (spec,) = on_gpu.services(on_gpu.ctx.cfg)
+    assert spec.num_gpus == 0.25  # the actor's share of a GPU: Ray makes it visible there
     batch_mode = build(tmp_path, toy_data(), {"neighbors": "batch"})
     assert batch_mode.services(batch_mode.ctx.cfg) == []
 

@@ -133,6 +133,7 @@ class MixNNParams:
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     index_cpus: float = 0.5
+    index_gpus: float = 0.0  # > 0: the index actor's share of a GPU; it searches there (FAISS or torch)
     refresh_from: str = "pass"  # pass: the reference's whole-split pass | steps: the steps' forwards
 
 
@@ -323,6 +324,10 @@ class MixNN(CorrectedLabelExport, Method):
             )
             if not p.index_cpus >= 0:
                 raise ConfigError("method.params.index_cpus", f"is {p.index_cpus}", "set it >= 0")
+            if not p.index_gpus >= 0:
+                raise ConfigError(
+                    "method.params.index_gpus", f"is {p.index_gpus}", "set it >= 0 (e.g. 0.1 of a GPU)"
+                )
 
     @classmethod
     def stages(cls, cfg: Config) -> list[Stage]:
@@ -340,8 +345,11 @@ class MixNN(CorrectedLabelExport, Method):
             "exact_threshold": p.exact_threshold,
             "storage_dtype": "float16",
             "seed": cfg.run.seed,
+            # a GPU only where the actor is given a share: inside Ray it sees none otherwise, and the
+            # in-process backend must not take the training GPU unasked
+            "use_gpu": p.index_gpus > 0,
         }
-        return [ServiceSpec(SERVICE, MixNNIndex, kwargs=kwargs, num_cpus=p.index_cpus)]
+        return [ServiceSpec(SERVICE, MixNNIndex, kwargs=kwargs, num_cpus=p.index_cpus, num_gpus=p.index_gpus)]
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)

@@ -84,6 +84,25 @@ def _cpus_per_worker(cfg: Config, service_cpus: float, log=print) -> float:
     )
 
 
+def _check_gpus(cfg: Config, service_gpus: float) -> None:
+    """Refuse a run whose workers and services ask for more GPUs than the cluster has and no autoscaler can
+    add: Ray would leave them pending and the run would wait forever (a service asks at its first call)."""
+    import ray
+
+    workers = cfg.scaling.workers * cfg.scaling.gpus_per_worker
+    needed, have = workers + service_gpus, float(ray.cluster_resources().get("GPU", 0.0))
+    if needed <= have or autoscaling_cpus() is not None:
+        return
+    raise ConfigError(
+        "scaling.gpus_per_worker" if workers > have else "method.params",
+        f"the run asks for {needed:g} GPU(s) ({cfg.scaling.workers} worker(s) x "
+        f"{cfg.scaling.gpus_per_worker:g}, services {service_gpus:g}) and the cluster has {have:g}: the run "
+        "would wait forever",
+        "use a cluster with GPUs, or set scaling.gpus_per_worker and the services' GPU shares (MixNN's "
+        "method.params.index_gpus) to fit it",
+    )
+
+
 def _leaves_read_task_cpu(cpus: float, service_cpus: float, share: float, workers: int) -> bool:
     return share > 0 and cpus - service_cpus - share * workers >= READ_TASK_CPUS
 
@@ -160,6 +179,7 @@ def train(cfg: Config, log=print) -> dict:
     method_cls = get_method_class(cfg.method.name, cfg.method.module)
     services = method_cls.services(cfg)
     cfg.scaling.cpus_per_worker = _cpus_per_worker(cfg, sum(spec.num_cpus for spec in services), log)
+    _check_gpus(cfg, sum(spec.num_gpus for spec in services))
     use_gpu = cfg.scaling.gpus_per_worker > 0
     resources = {"CPU": cfg.scaling.cpus_per_worker} | (
         {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
