@@ -38,6 +38,10 @@ Defaults come from the preset raynoisy/configs/webvision-mini/<method>.yaml (Res
         --workers 8 --gpus-per-worker 1 --output /home/ray/runs/webvision-mlnt \\
         --set run.storage_path=s3://BUCKET/raynoisy --set data.shard_root=s3://BUCKET/raynoisy/shards
 
+With --method mixnn on GPUs, give its kNN index a share of one: ``--gpus-per-worker 0.9 --set
+method.params.index_gpus=0.1`` (the index actor then shares a GPU with a worker and searches there). On its
+CPU share alone the index took 61-89% of an epoch on an H200 (benchmarks/README.md, "On a GPU").
+
 Without ``ray job submit`` (``python jobs/webvision.py --data-root ...``) Ray starts a local cluster.
 """
 
