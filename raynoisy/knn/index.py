@@ -54,7 +54,7 @@ with torch on that GPU (kind ``torch-flat``); else CPU FAISS. ``True`` insists o
 ``False`` never. Exact on the GPU rather than CPU IVF, at every size: ``benchmarks/knn_refresh.py --device
 cuda`` on an H200 (1,000,000 x 256, k 10, every sample queried) took 21.7 s for exact torch top-k on the
 GPU against 48.3 s for this index's IVF-Flat on 16 CPU threads (recall@10 0.96); at MixNN's Fashion-MNIST
-size (58,000 x 128) the CPU index on its one thread took 12.8 s of a 15.9 s epoch. ``backend="torch"``
+size (58,000 x 128) the CPU index on its one thread took 12.8 s of a 15.7 s epoch. ``backend="torch"``
 takes the torch way on whatever device torch has (the CPU too: tests, and comparisons).
 FAISS's OpenMP threads are set to the actor's CPUs (its Ray ``num_cpus``, at least 1; outside Ray,
 torch's thread count when torch is loaded; ``num_threads`` overrides). CPU searches run concurrently
