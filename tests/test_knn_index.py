@@ -71,7 +71,7 @@ def test_exact_index_returns_the_brute_force_neighbours(metric, exclude_self, ba
     features = clustered(n)
     ids = np.sort(np.random.default_rng(2).choice(10**9, n, replace=False)).astype(np.int64) + 2**33
     index = built_index(features, ids, metric=metric, backend=backend)
-    assert index.state()["kind"] == kind and index.summary().recall == 1.0
+    assert index.state()["kind"] == kind and index.state()["ntotal"] == n and index.summary().recall == 1.0
 
     query_rows = np.random.default_rng(3).choice(n, 50, replace=False)
     got_ids, got_values = index.search_ids(ids[query_rows], k, exclude_self=exclude_self)

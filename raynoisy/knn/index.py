@@ -249,45 +249,37 @@ def exact_knn(
 class TorchFlat:
     """Exact search with torch: one matmul of a chunk of queries against every stored vector, then top-k.
 
-    The FAISS ``Index`` calls the class uses (``add``, ``search``, ``ntotal``), so built indexes of either
-    backend are searched alike. Vectors live on ``device`` as float32; a search chunk holds at most
-    ``TORCH_SCORES`` scores. Values follow FAISS: inner products (highest first) or squared L2 distances
-    (lowest first).
+    Answers the FAISS ``Index`` calls the class makes of a built index (``search``, ``ntotal``), so built
+    indexes of either backend are searched alike. Holds ``vectors`` on ``device`` as float32, copied there
+    in chunks of ``ADD_CHUNK`` rows; a search chunk holds at most ``TORCH_SCORES`` scores. Values follow
+    FAISS: inner products (highest first) or squared L2 distances (lowest first).
     """
 
-    def __init__(self, dim: int, metric: str, device: Any) -> None:
+    def __init__(self, vectors: np.ndarray, metric: str, device: Any) -> None:
         import torch  # only an index on this backend needs it
 
-        self._torch = torch
-        self._dim, self._inner, self._device = dim, metric == "cosine", device
-        self._parts: list[Any] = []
-        self._base: Any = None
-        self._sq_norms: Any = None
+        self._torch, self._inner = torch, metric == "cosine"
+        self._base = torch.cat(
+            [
+                torch.from_numpy(np.asarray(vectors[first : first + ADD_CHUNK], np.float32)).to(device)
+                for first in range(0, len(vectors), ADD_CHUNK)
+            ]
+        )
+        self._sq_norms = None if self._inner else (self._base * self._base).sum(1)
 
     @property
     def ntotal(self) -> int:
-        return sum(len(p) for p in self._parts) if self._base is None else len(self._base)
-
-    def add(self, vectors: np.ndarray) -> None:
-        if self._base is not None:
-            raise RuntimeError("TorchFlat: add after the first search")
-        self._parts.append(self._torch.from_numpy(np.asarray(vectors, np.float32)).to(self._device))
+        return len(self._base)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        if self._base is None:
-            self._base = torch.cat(self._parts) if self._parts else torch.empty(0, self._dim)
-            self._parts = []
-            self._sq_norms = None if self._inner else (self._base * self._base).sum(1)
-        n = len(self._base)
-        k = min(k, n)
-        q_all = torch.from_numpy(np.asarray(queries, np.float32)).to(self._device)
+        torch, base = self._torch, self._base
+        q_all = torch.from_numpy(np.asarray(queries, np.float32)).to(base.device)
         values, labels = [], []
-        for q in q_all.split(max(1, TORCH_SCORES // max(n, 1))):
-            scores = q @ self._base.T
+        for q in q_all.split(max(1, TORCH_SCORES // len(base))):
+            scores = q @ base.T
             if not self._inner:  # |q|^2 - 2 q.b + |b|^2, clamped: rounding can make it slightly negative
                 scores = (scores.mul_(-2).add_(self._sq_norms).add_((q * q).sum(1, keepdim=True))).clamp_(0)
-            v, i = scores.topk(k, dim=1, largest=self._inner)
+            v, i = scores.topk(min(k, len(base)), dim=1, largest=self._inner)
             values.append(v.cpu())
             labels.append(i.cpu())
         return torch.cat(values).numpy(), torch.cat(labels).numpy().astype(np.int64)
@@ -385,6 +377,7 @@ class KnnIndex:
         self._gpu = gpus > 0 and want_gpu is not False
         # exact torch search: on torch's GPU (auto, or backend torch), else on the CPU (backend torch only)
         self._torch_device = gpu if gpu is not None else ("cpu" if backend == "torch" else None)
+        self._device = "gpu" if self._gpu or gpu is not None else "cpu"
         self._gpu_resources = faiss.StandardGpuResources() if self._gpu else None
         self._threads = int(num_threads) if num_threads is not None else actor_threads()
         faiss.omp_set_num_threads(self._threads)
@@ -418,7 +411,7 @@ class KnnIndex:
             "version": -1 if built is None else built.version,
             "ntotal": 0 if built is None else int(built.index.ntotal),
             "kind": None if built is None else built.summary.kind,
-            "device": self._device_name(),
+            "device": self._device,
             "metric": self._metric,
             "dim": self._dim,
             "num_samples": self._n,
@@ -592,10 +585,6 @@ class KnnIndex:
 
     # -------------------------------------------------------------------------------------- internals
 
-    def _device_name(self) -> str:
-        on_gpu = self._gpu or (self._torch_device is not None and str(self._torch_device) != "cpu")
-        return "gpu" if on_gpu else "cpu"
-
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """Row of each sample id in the buffers; unknown ids raise, named."""
         if self._contiguous:
@@ -674,9 +663,7 @@ class KnnIndex:
         faiss.omp_set_num_threads(self._threads)  # per calling thread (see _search)
         start = time.perf_counter()
         if self._torch_device is not None:
-            index = TorchFlat(d, self._metric, self._torch_device)
-            for first in range(0, n, ADD_CHUNK):
-                index.add(vectors[first : first + ADD_CHUNK])
+            index = TorchFlat(vectors, self._metric, self._torch_device)
             build_s = time.perf_counter() - start
             return index, self._summary(
                 staging.version, KIND_TORCH, build_s, 1.0, min(self._recall_k, n - 1), 0, 0.0, 0, 0
@@ -758,7 +745,7 @@ class KnnIndex:
             dim=self._dim,
             metric=self._metric,
             kind=kind,
-            device=self._device_name(),
+            device=self._device,
             build_s=build_s,
             recall=recall,
             recall_k=recall_k,
