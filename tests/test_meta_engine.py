@@ -31,6 +31,7 @@ from raynoisy.meta import (
 from raynoisy.meta.output_hypergrad import (
     OutputHypergradient,
     OutputLoss,
+    example_alignment,
     logit_gradient,
     output_grads,
     output_hypergrad,
@@ -695,3 +696,42 @@ def test_meta_gradient_is_the_mean_over_equal_parts_of_the_trusted_batch(meta_ki
     mean = [torch.stack(grads).mean(dim=0) for grads in zip(*parts, strict=True)]
     assert rel_err(mean, with_gold(slice(0, 4 * quarter))) < 1e-12
     assert rel_err(parts[0], parts[1]) > 1e-3  # each part alone is a different (noisier) estimate
+
+
+@pytest.mark.parametrize("model_cls", [MLP, ConvBN])
+def test_example_alignment_is_each_samples_gradient_against_the_gold_gradient(model_cls: type) -> None:
+    """Against the obvious computation: each sample's own loss differentiated through the batch's forward
+    (BatchNorm's batch statistics included) on a model copy, dotted with the gold gradient; and against
+    finite differences of L_gold after a step on one sample's weighted loss."""
+    problem = make_problem(model_cls, "weight", nesterov=False)
+    x, y = problem.batches[0]
+    reference = copy.deepcopy(problem.model)
+    weights = [p for p in reference.parameters() if p.requires_grad]
+    gold = torch.autograd.grad(F.cross_entropy(reference(problem.gold[0])[0], problem.gold[1]), weights)
+    losses = F.cross_entropy(reference(x)[0], y, reduction="none")
+
+    def dot_gold(loss: Tensor) -> Tensor:
+        grads = torch.autograd.grad(loss, weights, retain_graph=True)
+        return sum((g * h).sum() for g, h in zip(grads, gold, strict=True))
+
+    expected = torch.stack([dot_gold(losses[i]) for i in range(len(y))])
+
+    result = example_alignment(problem.model, x, y, problem.outer)
+    torch.testing.assert_close(result.alignment, expected, rtol=1e-10, atol=1e-12)
+    gold_loss_at_w = problem.outer(dict(problem.model.named_parameters())).item()
+    assert result.gold_loss.item() == pytest.approx(gold_loss_at_w)
+    assert all(p.grad is None for p in problem.model.parameters())
+
+    # d L_gold(w - α ε_i ∇ℓ_i) / dε_i at 0 = -α · alignment_i
+    alpha, eps, i = 0.1, 1e-6, 2
+    grad_i = torch.autograd.grad(losses[i], weights, retain_graph=True)
+
+    def gold_after(e: float) -> float:
+        stepped = copy.deepcopy(reference)
+        with torch.no_grad():
+            for p, g in zip([p for p in stepped.parameters() if p.requires_grad], grad_i, strict=True):
+                p -= alpha * e * g
+        return F.cross_entropy(stepped(problem.gold[0])[0], problem.gold[1]).item()
+
+    slope = (gold_after(eps) - gold_after(-eps)) / (2 * eps)
+    assert slope == pytest.approx(-alpha * result.alignment[i].item(), rel=1e-6)

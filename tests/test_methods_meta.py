@@ -10,6 +10,7 @@ real ``small-cnn`` (with BatchNorm).
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 from pathlib import Path
@@ -193,6 +194,58 @@ def test_mwnet_down_weights_mislabelled_samples(tmp_path: Path) -> None:
     assert weights[wrong].mean() < weights[~wrong].mean() - 0.2
 
 
+def test_mwnet_example_weights_are_the_positive_gradient_alignment(tmp_path: Path) -> None:
+    """weighting example: each sample's weight is the positive part of its loss gradient dotted with the
+    trusted batch's, normalised to mean 1 (computed here on a copy, per sample, with plain autograd), and the
+    real step is the optimizer's step on the mean weighted loss."""
+    method = start(build(tmp_path, "mwnet", params={"weighting": "example"}))
+    noisy, trusted = toy_batch(BATCH, noise=0.45, seed=1), toy_batch(BATCH, noise=0.0, seed=2, first_id=5000)
+    train(method, toy_batch(256, noise=0.45, seed=4), toy_batch(64, noise=0.0, seed=5), 3)  # leave the start
+    expected = copy.deepcopy(method)
+    net = expected.main.net
+    weights = [p for p in net.parameters() if p.requires_grad]
+    gold = torch.autograd.grad(F.cross_entropy(net(trusted.x)[0], trusted.y), weights)
+    losses = F.cross_entropy(net(noisy.x)[0], noisy.y, reduction="none")
+    alignment = torch.stack(
+        [
+            sum(
+                (g * h).sum()
+                for g, h in zip(torch.autograd.grad(loss, weights, retain_graph=True), gold, strict=True)
+            )
+            for loss in losses
+        ]
+    )
+    positive = alignment.clamp(min=0).detach()
+    want = positive * len(positive) / positive.sum()
+    assert 0 < int((want == 0).sum()) < BATCH  # some samples, not all, get no weight
+    expected.main.step((want * losses).mean())
+
+    stats = method.train_step(noisy, trusted)
+    assert stats["mean_weight"] == pytest.approx(1.0)
+    assert stats["zero_weight_share"] == pytest.approx(float((want == 0).float().mean()))
+    for got, exp in zip(method.main.net.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: Path) -> None:
+    """45% of labels moved to the next class: the trusted loss falls, the weight net is left alone, and the
+    exported weights (against the whole trusted set's gradient after the epoch) are lower on the wrong
+    labels; the guard has nothing to read."""
+    noisy, trusted = toy_batch(1024, noise=0.45, seed=1), toy_batch(128, noise=0.0, seed=2, first_id=5000)
+    method = build(tmp_path, "mwnet", params={"weighting": "example"})
+    method.ctx.iter_split = lambda split: iter([trusted]) if split == "trusted" else iter([noisy])
+    start(method)
+    held_out = toy_batch(256, noise=0.0, seed=3)
+    before, weight_net = clean_loss(method, held_out), params_of(method.weight_net)
+    train(method, noisy, trusted, 40)
+    assert clean_loss(method, held_out) < 0.5 * before
+    assert all(torch.equal(p, q) for p, q in zip(method.weight_net.parameters(), weight_net, strict=True))
+    assert method.on_epoch_end(0) == {}  # no guard reading
+    weights = method.per_sample_outputs(noisy)["weight"]
+    wrong = (noisy.y != noisy.true_y).numpy()
+    assert weights[wrong].mean() < weights[~wrong].mean() - 0.2
+
+
 def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path) -> None:
     method = start(build(tmp_path, "mlc"))
     noisy = toy_batch(1024, noise=0.45, seed=1)
@@ -289,6 +342,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, name: str) 
 WORLD = 2
 HALF = BATCH // WORLD
 AMORTISED = {"meta_every": 2}
+EXAMPLE = {"weighting": "example"}  # mwnet only
 
 
 def _global_batches() -> tuple[Batch, Batch]:
@@ -345,13 +399,18 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
             amortised = _run_distributed(tmp_path, name, MLP, rank, WORLD, AMORTISED)
             assert_replicas_identical(state_tensors(amortised.state_dict()))
             torch.save(state_tensors(amortised.state_dict()), tmp_path / f"{name}-every2-rank{rank}.pt")
+        # MW-Net's example weights: each rank weighs its own samples, normalised over the global batch.
+        example = _run_distributed(tmp_path, "mwnet", MLP, rank, WORLD, EXAMPLE)
+        assert_replicas_identical(state_tensors(example.state_dict()))
+        torch.save(state_tensors(example.state_dict()), tmp_path / f"mwnet-example-rank{rank}.pt")
 
 
 def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     """Bit-identical replicas (main net, meta net, optimizers, accumulators, encoder) after 5 steps on 2 gloo
     ranks, for the MLP and the BatchNorm small-cnn; for the MLP also equal, to float tolerance, to one
     process on the concatenated batches, with a meta update every step and every second step
-    (``meta_every=2``: plain steps between). The small-cnn is left out of that comparison on purpose:
+    (``meta_every=2``: plain steps between), and for MW-Net's example weighting (each rank weighs its own
+    samples, normalised over the global batch). The small-cnn is left out of that comparison on purpose:
     BatchNorm normalises with the statistics of each rank's half, which legitimately differ from the full
     batch's.
     """
@@ -363,7 +422,9 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
         join=True,
         start_method="fork",
     )
-    for name, (tag, params) in itertools.product(METHODS, [("", None), ("-every2", AMORTISED)]):
+    runs = [*itertools.product(METHODS, [("", None), ("-every2", AMORTISED)])]
+    runs.append(("mwnet", ("-example", EXAMPLE)))
+    for name, (tag, params) in runs:
         single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1, params).state_dict())
         ranks = [torch.load(tmp_path / f"{name}{tag}-rank{r}.pt") for r in range(WORLD)]
         assert ranks[0].keys() == ranks[1].keys() == single.keys()
@@ -553,14 +614,17 @@ def test_export_columns(tmp_path: Path) -> None:
         ("mwnet", "method.params.meta_every=0", "method.params.meta_every"),
         ("mlc", "method.params.meta_every=-1", "method.params.meta_every"),
         ("metalabelnet", "method.params.meta_every=0", "method.params.meta_every"),
+        ("mwnet", "method.params.weighting=loss", "method.params.weighting"),
+        ("mwnet", "method.params.weighting=example,method.params.meta_every=2", "method.params.meta_every"),
     ],
 )
 def test_bad_params_fail_before_training(tmp_path: Path, name: str, override: str, field: str) -> None:
+    overrides = override.split(",")
     with pytest.raises(ConfigError) as info:
-        resolve_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+        resolve_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=overrides)
     assert info.value.field == field
     # A config that passed only the schema check is refused by the method itself, with the same field.
-    cfg = load_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=[override])
+    cfg = load_config("digits", name, flags={"run.output": str(tmp_path)}, overrides=overrides)
     with pytest.raises(ConfigError) as info:
         build_method(context(cfg))
     assert info.value.field == field

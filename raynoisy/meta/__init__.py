@@ -23,8 +23,10 @@ from raynoisy.meta.lookahead import (
     virtual_step,
 )
 from raynoisy.meta.output_hypergrad import (
+    ExampleAlignment,
     OutputHypergradient,
     OutputLoss,
+    example_alignment,
     logit_gradient,
     output_grads,
     output_hypergrad,
@@ -41,6 +43,7 @@ from raynoisy.meta.sync import (
 
 __all__ = [
     "BNPolicy",
+    "ExampleAlignment",
     "Hypergradient",
     "MLCHypergradAccumulator",
     "MLCHypergradient",
@@ -53,6 +56,7 @@ __all__ = [
     "all_reduce_sum_",
     "assert_replicas_identical",
     "broadcast_",
+    "example_alignment",
     "functional_forward",
     "identity_hessian_discount",
     "logit_gradient",

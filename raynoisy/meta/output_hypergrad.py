@@ -184,3 +184,49 @@ def output_hypergrad(
         features=features.detach(),
         discount=discount,
     )
+
+
+@dataclass(frozen=True)
+class ExampleAlignment:
+    """Each noisy sample's gradient against the trusted gradient, and the training forward it came from.
+
+    ``alignment``: ⟨∇_w ℓ_i(w), ∇_w L_gold(w)⟩ for this rank's samples i (the gold gradient a rank mean);
+    ``gold_loss``: L_gold(w), a rank mean; ``logits`` (graph kept) and ``features``: the training forward,
+    for the real step (``output_grads``).
+    """
+
+    alignment: Tensor
+    gold_loss: Tensor
+    logits: Tensor
+    features: Tensor
+
+
+def example_alignment(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    gold_loss: Loss,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> ExampleAlignment:
+    """How much one SGD step on each noisy sample alone would lower the trusted loss, to first order.
+
+    d L_gold(w - α Σ_i ε_i ∇ℓ_i(w)) / dε_i at ε = 0 is -α ⟨∇ℓ_i(w), ∇L_gold(w)⟩: the online example weights of
+    Ren et al. (2018, "Learning to Reweight Examples") are the positive part of these dot products. Every one
+    comes from a single forward-mode pass: ℓ_i (cross-entropy under the given label) reaches w only through
+    the logits z_i, so ⟨∇_w ℓ_i, g⟩ = ⟨∂ℓ_i/∂z_i, (J_z g)_i⟩, with ∂ℓ_i/∂z_i = softmax(z_i) - onehot(y_i) and
+    J_z g one ``jvp`` along the gold gradient g (in train mode, BatchNorm's batch statistics are part of
+    J_z, as they are of ∇ℓ_i). Costs the gold forward and backward, the training forward and J.
+    """
+    module = unwrap_model(model)
+    params = dict(module.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    gold_value, gold_grads = gold_loss_and_gradient(gold_loss, params, names)
+    all_reduce_mean_([*gold_grads, gold_value], group)
+    logits, features = functional_forward(module, params, x, bn=BNPolicy.UPDATE)
+    u = jvp(module, params, dict(zip(names, gold_grads, strict=True)), x)
+    with torch.no_grad():
+        grad_logits = torch.softmax(logits, dim=1)
+        grad_logits[torch.arange(len(labels)), labels] -= 1
+        alignment = (grad_logits * u).sum(dim=1)
+    return ExampleAlignment(alignment, gold_value, logits, features.detach())

@@ -11,6 +11,20 @@ A weight net v(ℓ) maps each noisy sample's (detached) loss to a weight in (0, 
    labels of trusted samples do not separate) and in the first ``warmup_epochs`` epochs (default 0, the
    paper), plain cross-entropy, every weight 1.
 
+``weighting: example`` (a deviation from the paper, measured beside it in benchmarks/README.md) drops the
+weight net's view, the loss alone, for each sample's own gradient: every step weighs sample i by the
+positive part of ⟨∇ℓ_i, ∇L_gold⟩ (how much a step on it alone would lower the trusted loss, to first
+order), the weights normalised to mean 1 over the global batch: the online example weights of Ren et al.
+(2018, "Learning to Reweight Examples"), from one forward-mode pass (``raynoisy.meta.example_alignment``).
+Why: on realistic class-conditional noise the mislabelled samples are confusions the main model itself
+makes, their losses are as low as clean ones, and no function of the loss separates them; their gradients
+still point away from the trusted set's. The step costs 2F + 2B + J (the gold forward and backward at w,
+no look-ahead). A step whose every weight is 0 moves nothing. The weight net is not trained in this mode.
+The collapse guard has nothing to read (the weights are taken from the trusted gradient itself, every
+step), so it stays off. The exported weight is each sample's clip(⟨∇ℓ_i, g⟩ / |g|², 0, 1), g the gradient
+of the whole trusted set after the last epoch (1: helps the trusted loss as much as an average trusted
+sample; 0: hurts it), and ``weight < 0.5`` flags a label issue as in net mode.
+
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps; the steps between are plain steps
 on mean(v(ℓ)·ℓ) with the current weight net (one forward, one backward, no trusted batch).
 
@@ -48,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raynoisy.meta import OutputLoss, functional_forward, output_hypergrad
+from raynoisy.meta import OutputLoss, all_reduce_sum_, example_alignment, functional_forward, output_hypergrad
+from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.collapse_guard import GuardReading, weight_reading, wrong_labels
@@ -68,6 +83,18 @@ from raynoisy.models.meta_nets import WeightNet
 # A sample whose weight is below this counts as flagged (down-weighted): in the export summary and as a
 # label issue.
 DOWN_WEIGHT_THRESHOLD = 0.5
+WEIGHTINGS = ("net", "example")
+
+
+def example_weights(alignment: Tensor) -> Tensor:
+    """The positive part of each sample's alignment, normalised to mean 1 over the global batch (all zero
+    where nothing aligns): the same gradient scale as unweighted cross-entropy."""
+    positive = alignment.clamp(min=0)
+    totals = torch.stack([positive.sum(), torch.tensor(float(len(positive)), device=positive.device)])
+    all_reduce_sum_([totals])
+    if totals[0] <= 0:
+        return torch.zeros_like(positive)
+    return positive * (totals[1] / totals[0])
 
 
 @dataclass
@@ -79,6 +106,7 @@ class MWNetParams(TrustedMetaParams):
     hidden: int = 100
     lookahead_rule: str = "sgd-plain"
     warmup_epochs: int = 0
+    weighting: str = "net"  # net: the paper's weight net v(loss) | example: per-example gradient alignment
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +120,18 @@ class MWNetParams(TrustedMetaParams):
             "use sgd-plain (the reference) or optimizer (the real SGD rule with momentum and weight decay)",
         )
         check_param(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", "0 weighs from the start")
+        check_param(
+            self.weighting in WEIGHTINGS,
+            "weighting",
+            f"unknown weighting {self.weighting!r}",
+            "use net (the paper's weight net) or example (per-example gradient alignment)",
+        )
+        check_param(
+            self.weighting == "net" or self.meta_every == 1,
+            "meta_every",
+            f"is {self.meta_every} with weighting example, whose weights need a trusted batch every step",
+            "use meta_every 1 with weighting example",
+        )
 
 
 @register_method
@@ -111,6 +151,9 @@ class MetaWeightNet(TrustedMetaMethod):
             self.weight_net.parameters(), lr=self.params.meta_lr, weight_decay=self.params.meta_weight_decay
         )
         self.warmup_epochs = self.params.warmup_epochs
+        self.by_example = self.params.weighting == "example"
+        # weighting example: the whole trusted set's gradient after the last epoch (exports, diagnosis)
+        self.trusted_grad: dict[str, Tensor] | None = None
 
     def _weighted_loss(self, labels: Tensor) -> OutputLoss:
         """ℓ(logits) = mean(v(ℓ_i)·ℓ_i), v fed detached losses: v's gradient comes only via the look-ahead."""
@@ -126,6 +169,9 @@ class MetaWeightNet(TrustedMetaMethod):
 
         def outer(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
+
+        if self.by_example:
+            return self._example_step(batch, outer)
 
         meta_params = list(self.weight_net.parameters())
         hyper = output_hypergrad(
@@ -147,9 +193,28 @@ class MetaWeightNet(TrustedMetaMethod):
             "mean_weight": float(weights.mean()),
         }
 
-    def _real_loss(self, labels: Tensor) -> OutputLoss:
+    def _example_step(self, batch: Batch, gold_loss: Any) -> dict[str, float]:
+        """``weighting: example``: weights from each sample's gradient against the trusted one, then the real
+        step through the same forward."""
+        aligned = example_alignment(self.main.net, batch.x, batch.y, gold_loss)
+        weights = example_weights(aligned.alignment)
+
+        def weighted(logits: Tensor, _features: Tensor) -> Tensor:
+            return (weights * F.cross_entropy(logits, batch.y, reduction="none")).mean()
+
+        loss = real_step_through_outputs(self.main, aligned, self._real_loss(batch.y, weighted))
+        return {
+            "loss": float(loss),
+            "meta_loss": float(aligned.gold_loss),
+            "mean_weight": float(weights.mean()),
+            "zero_weight_share": float((weights == 0).float().mean()),
+        }
+
+    def _real_loss(self, labels: Tensor, weighted: OutputLoss | None = None) -> OutputLoss:
         """The weighted loss; plain cross-entropy (every weight 1) while ``on_given_labels``."""
-        return given_label_loss(labels) if self.on_given_labels else self._weighted_loss(labels)
+        if self.on_given_labels:
+            return given_label_loss(labels)
+        return self._weighted_loss(labels) if weighted is None else weighted
 
     def plain_step(self, batch: Batch) -> dict[str, float]:
         loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(batch.y))
@@ -162,10 +227,42 @@ class MetaWeightNet(TrustedMetaMethod):
         with evaluating(self.main.net, self.weight_net):
             logits = self.main.net(batch.x)[0]
             losses = F.cross_entropy(logits, batch.y, reduction="none")
-            return logits, losses, self.weight_net(losses)
+            if not self.by_example:
+                return logits, losses, self.weight_net(losses)
+            assert self.trusted_grad is not None, "weighting example: no epoch has ended yet"
+            params = dict(self.main.net.named_parameters())
+            u = jvp(self.main.net, params, self.trusted_grad, batch.x)
+            grad_logits = torch.softmax(logits, dim=1)
+            grad_logits[torch.arange(len(batch.y)), batch.y] -= 1
+            norm = sum(float((g * g).sum()) for g in self.trusted_grad.values())
+            return logits, losses, ((grad_logits * u).sum(dim=1) / max(norm, 1e-30)).clamp(0, 1)
 
-    def guard_reading(self) -> GuardReading:
-        """Weights of each trusted sample's loss under its label and under another (``wrong_labels``)."""
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        if self.by_example:
+            self.trusted_grad = self._trusted_gradient()
+        return super().on_epoch_end(epoch)
+
+    def _trusted_gradient(self) -> dict[str, Tensor]:
+        """The mean cross-entropy gradient over the whole trusted set (every rank's share), eval mode."""
+        net = self.main.net
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        sums = [torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad]
+        count = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
+        with evaluating(net), torch.enable_grad():
+            for batch in self.trusted_pass():
+                loss = F.cross_entropy(net(batch.x)[0], batch.y, reduction="sum")
+                grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+                for total, g in zip(sums, grads, strict=True):
+                    total += g
+                count += len(batch.y)
+        all_reduce_sum_([*sums, count])
+        return {n: g / max(float(count), 1.0) for n, g in zip(names, sums, strict=True)}
+
+    def guard_reading(self) -> GuardReading | None:
+        """Weights of each trusted sample's loss under its label and under another (``wrong_labels``); none
+        with weighting example (see the module docstring)."""
+        if self.by_example:
+            return None
 
         def pairs() -> Iterator[tuple[Tensor, Tensor]]:
             for batch in self.trusted_pass():
