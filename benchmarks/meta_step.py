@@ -34,7 +34,8 @@ How each method is built and driven, so that the step timed is the step training
   the defaults run 500 plain CE steps first) and M = 10, and their ``-vmap`` twins (``vmap = true``: the M
   look-aheads batched, for accelerators; not in the default rows, slower on CPU; no floor, since a batched
   forward is not priced by M separate ones); ``mixnn`` with ``mixup_epochs = 0``, so that its
-  first ``mix`` epoch is a global-neighbour epoch (the preset's warm-up epochs stay CE);
+  first ``mix`` epoch is a global-neighbour epoch (the preset's warm-up epochs stay CE); ``mwnet-example``,
+  MW-Net with ``weighting = example`` (2F + 2B + J, no look-ahead; not in the default rows);
 - the stage hooks are run, without steps, up to the first step of the first stage whose models the method
   may select (``Stage.selectable``; ``harness.start_stage``): GLC's ``corrected`` stage (its corruption
   matrix estimated from a trusted pass) and MetaLabelNet's ``meta`` stage (its frozen encoder copied).
@@ -155,6 +156,8 @@ PLAIN_PASSES: dict[str, dict[str, float]] = {
     "metalabelnet": {"E": 1, "F": 1, "B": 1},
 }
 MLNT_SETS = 10
+# MW-Net's example weighting: the gold F + B at w (no look-ahead), the training F, J, the real-step B.
+PASSES["mwnet-example"] = {"F": 2, "B": 2, "J": 1}
 PASSES["mlnt-first-order"] = {"F": 1 + MLNT_SETS, "B": 1 + 2 * MLNT_SETS, "E": 1}
 BASELINE = "ce"
 # Rows that are a method under given params: row name -> (method, method.params).
@@ -179,6 +182,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixnn-steps": ("mixnn", {"mixup_epochs": 0, "neighbors": "global", "refresh_from": "steps"}),
     "mixnn-gpu-index": ("mixnn", {"mixup_epochs": 0, "neighbors": "global", "index_gpus": 0.1}),
     "metalabelnet-uncached": ("metalabelnet", {"cache_features": False}),
+    "mwnet-example": ("mwnet", {"weighting": "example"}),
 }
 
 
@@ -614,7 +618,7 @@ def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float
     features from its cache instead of an E pass where training does not augment (``unaugmented``) and
     ``cache_features`` is on."""
     method, params, k = variant(row)
-    if method not in AMORTISED:
+    if method not in AMORTISED or (row in VARIANTS and row in PASSES):
         return dict(PASSES[row]) if row in PASSES else None
     meta, plain = dict(PASSES[method]), dict(PLAIN_PASSES[method])
     if params.get("trusted_batch_size"):

@@ -188,6 +188,7 @@ def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
         "mlc@k3",
         "mwnet@k2t4",
         "metalabelnet-uncached",
+        "mwnet-example",
     ],
 )
 def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
