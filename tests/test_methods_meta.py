@@ -244,6 +244,11 @@ def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: 
     weights = method.per_sample_outputs(noisy)["weight"]
     wrong = (noisy.y != noisy.true_y).numpy()
     assert weights[wrong].mean() < weights[~wrong].mean() - 0.2
+    assert ((weights >= 0) & (weights <= 1)).all()
+    issues = method.label_issue_columns(noisy)
+    assert issues is not None
+    np.testing.assert_array_equal(issues["is_label_issue"], weights < 0.5)
+    assert method.eval_model().training  # the export put the model back in train mode
 
 
 def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path) -> None:
