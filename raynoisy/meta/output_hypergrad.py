@@ -224,9 +224,22 @@ def example_alignment(
     gold_value, gold_grads = gold_loss_and_gradient(gold_loss, params, names)
     all_reduce_mean_([*gold_grads, gold_value], group)
     logits, features = functional_forward(module, params, x, bn=BNPolicy.UPDATE)
-    u = jvp(module, params, dict(zip(names, gold_grads, strict=True)), x)
+    alignment = alignment_with(module, params, dict(zip(names, gold_grads, strict=True)), x, logits, labels)
+    return ExampleAlignment(alignment, gold_value, logits, features.detach())
+
+
+def alignment_with(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    direction: dict[str, Tensor],
+    x: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+) -> Tensor:
+    """⟨∇_w ℓ_i, direction⟩ for each sample of ``x`` (cross-entropy under ``labels``, ``logits`` the forward
+    at ``params`` in the model's current mode): ⟨softmax(z_i) - onehot(y_i), (J_z direction)_i⟩."""
+    u = jvp(model, params, direction, x)
     with torch.no_grad():
         grad_logits = torch.softmax(logits, dim=1)
         grad_logits[torch.arange(len(labels)), labels] -= 1
-        alignment = (grad_logits * u).sum(dim=1)
-    return ExampleAlignment(alignment, gold_value, logits, features.detach())
+        return (grad_logits * u).sum(dim=1)

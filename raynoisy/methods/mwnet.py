@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raynoisy.meta import OutputLoss, all_reduce_sum_, example_alignment, functional_forward, output_hypergrad
-from raynoisy.meta.output_hypergrad import jvp
+from raynoisy.meta.output_hypergrad import alignment_with
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
 from raynoisy.methods.collapse_guard import GuardReading, weight_reading, wrong_labels
@@ -231,11 +231,9 @@ class MetaWeightNet(TrustedMetaMethod):
                 return logits, losses, self.weight_net(losses)
             assert self.trusted_grad is not None, "weighting example: no epoch has ended yet"
             params = dict(self.main.net.named_parameters())
-            u = jvp(self.main.net, params, self.trusted_grad, batch.x)
-            grad_logits = torch.softmax(logits, dim=1)
-            grad_logits[torch.arange(len(batch.y)), batch.y] -= 1
+            alignment = alignment_with(self.main.net, params, self.trusted_grad, batch.x, logits, batch.y)
             norm = sum(float((g * g).sum()) for g in self.trusted_grad.values())
-            return logits, losses, ((grad_logits * u).sum(dim=1) / max(norm, 1e-30)).clamp(0, 1)
+            return logits, losses, (alignment / max(norm, 1e-30)).clamp(0, 1)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         if self.by_example:
