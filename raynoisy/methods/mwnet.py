@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raynoisy.meta import OutputLoss, all_reduce_sum_, example_alignment, functional_forward, output_hypergrad
+from raynoisy.meta.hypergrad import Loss
 from raynoisy.meta.output_hypergrad import alignment_with
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
@@ -193,7 +194,7 @@ class MetaWeightNet(TrustedMetaMethod):
             "mean_weight": float(weights.mean()),
         }
 
-    def _example_step(self, batch: Batch, gold_loss: Any) -> dict[str, float]:
+    def _example_step(self, batch: Batch, gold_loss: Loss) -> dict[str, float]:
         """``weighting: example``: weights from each sample's gradient against the trusted one, then the real
         step through the same forward."""
         aligned = example_alignment(self.main.net, batch.x, batch.y, gold_loss)
