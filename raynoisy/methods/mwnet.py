@@ -244,18 +244,18 @@ class MetaWeightNet(TrustedMetaMethod):
     def _trusted_gradient(self) -> dict[str, Tensor]:
         """The mean cross-entropy gradient over the whole trusted set (every rank's share), eval mode."""
         net = self.main.net
-        names = [n for n, p in net.named_parameters() if p.requires_grad]
-        sums = [torch.zeros_like(p) for n, p in net.named_parameters() if p.requires_grad]
+        trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        sums = {n: torch.zeros_like(p) for n, p in trainable.items()}
         count = torch.zeros(1, dtype=torch.float64, device=self.ctx.device)
         with evaluating(net), torch.enable_grad():
             for batch in self.trusted_pass():
                 loss = F.cross_entropy(net(batch.x)[0], batch.y, reduction="sum")
-                grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
-                for total, g in zip(sums, grads, strict=True):
+                grads = torch.autograd.grad(loss, list(trainable.values()))
+                for total, g in zip(sums.values(), grads, strict=True):
                     total += g
                 count += len(batch.y)
-        all_reduce_sum_([*sums, count])
-        return {n: g / max(float(count), 1.0) for n, g in zip(names, sums, strict=True)}
+        all_reduce_sum_([*sums.values(), count])
+        return {n: g / max(float(count), 1.0) for n, g in sums.items()}
 
     def guard_reading(self) -> GuardReading | None:
         """Weights of each trusted sample's loss under its label and under another (``wrong_labels``); none
