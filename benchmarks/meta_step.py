@@ -36,6 +36,9 @@ How each method is built and driven, so that the step timed is the step training
   forward is not priced by M separate ones); ``mixnn`` with ``mixup_epochs = 0``, so that its
   first ``mix`` epoch is a global-neighbour epoch (the preset's warm-up epochs stay CE); ``mwnet-example``,
   MW-Net with ``weighting = example`` (2F + 2B + J, no look-ahead; not in the default rows);
+  ``mwnet-trusted`` (``train_on_trusted``: + the trusted F + B at w) and ``mlc-supervised``
+  (``corrector_supervision = 1``: + the clean half's no-grad forward), issue 12's deviations, not in the
+  default rows either;
 - the stage hooks are run, without steps, up to the first step of the first stage whose models the method
   may select (``Stage.selectable``; ``harness.start_stage``): GLC's ``corrected`` stage (its corruption
   matrix estimated from a trusted pass) and MetaLabelNet's ``meta`` stage (its frozen encoder copied).
@@ -158,6 +161,10 @@ PLAIN_PASSES: dict[str, dict[str, float]] = {
 MLNT_SETS = 10
 # MW-Net's example weighting: the gold F + B at w (no look-ahead), the training F, J, the real-step B.
 PASSES["mwnet-example"] = {"F": 2, "B": 2, "J": 1}
+# ``train_on_trusted``: MW-Net's passes plus the trusted batch's F + B at w, for the real step.
+PASSES["mwnet-trusted"] = {"F": 3, "B": 4, "J": 1}
+# ``corrector_supervision``: MLC's passes plus the clean half's no-grad forward for the corrector's features.
+PASSES["mlc-supervised"] = {"F": 2, "B": 2, "J": 1, "E": 0.5}
 PASSES["mlnt-first-order"] = {"F": 1 + MLNT_SETS, "B": 1 + 2 * MLNT_SETS, "E": 1}
 BASELINE = "ce"
 # Rows that are a method under given params: row name -> (method, method.params).
@@ -183,6 +190,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixnn-gpu-index": ("mixnn", {"mixup_epochs": 0, "neighbors": "global", "index_gpus": 0.1}),
     "metalabelnet-uncached": ("metalabelnet", {"cache_features": False}),
     "mwnet-example": ("mwnet", {"weighting": "example"}),
+    "mwnet-trusted": ("mwnet", {"train_on_trusted": True}),
+    "mlc-supervised": ("mlc", {"corrector_supervision": 1.0}),
 }
 
 

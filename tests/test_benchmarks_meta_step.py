@@ -189,6 +189,8 @@ def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
         "mwnet@k2t4",
         "metalabelnet-uncached",
         "mwnet-example",
+        "mwnet-trusted",
+        "mlc-supervised",
     ],
 )
 def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:

@@ -227,6 +227,57 @@ def test_mwnet_example_weights_are_the_positive_gradient_alignment(tmp_path: Pat
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighting", ["net", "example"])
+def test_mwnet_train_on_trusted_steps_on_the_union_of_both_batches(tmp_path: Path, weighting: str) -> None:
+    """train_on_trusted: the real step is the optimizer's step on the mean over the union of the noisy and
+    the trusted batch, (B·mean(w·ℓ) + B_t·CE_trusted) / (B + B_t), with the weights the step would use
+    without it (computed here with plain autograd on a copy; the weight net's update is unchanged)."""
+    params = {"weighting": weighting, "train_on_trusted": True}
+    method = start(build(tmp_path, "mwnet", params=params))
+    noisy, trusted = (
+        toy_batch(BATCH, noise=0.45, seed=1),
+        toy_batch(BATCH // 2, noise=0.0, seed=2, first_id=9000),
+    )
+    train(method, toy_batch(256, noise=0.45, seed=4), toy_batch(64, noise=0.0, seed=5), 3)  # leave the start
+    expected = copy.deepcopy(method)
+    without = copy.deepcopy(method)
+    without.params.train_on_trusted = False
+    without.train_step(noisy, trusted)  # the same weight-net update, the paper's real step
+
+    stats = method.train_step(noisy, trusted)
+    net = expected.main.net
+    losses = F.cross_entropy(net(noisy.x)[0], noisy.y, reduction="none")
+    if weighting == "net":
+        for got, want in zip(method.weight_net.parameters(), without.weight_net.parameters(), strict=True):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            weights = method.weight_net(losses.detach())
+    else:
+        grads = [p for p in net.parameters() if p.requires_grad]
+        gold = torch.autograd.grad(F.cross_entropy(net(trusted.x)[0], trusted.y), grads)
+        alignment = torch.stack(
+            [
+                sum(
+                    (g * h).sum()
+                    for g, h in zip(torch.autograd.grad(ell, grads, retain_graph=True), gold, strict=True)
+                )
+                for ell in losses
+            ]
+        ).clamp(min=0)
+        weights = alignment * len(alignment) / alignment.sum()
+    trusted_loss = F.cross_entropy(net(trusted.x)[0], trusted.y)
+    union = (len(noisy) * (weights * losses).mean() + len(trusted) * trusted_loss) / (
+        len(noisy) + len(trusted)
+    )
+    assert stats["loss"] == pytest.approx(float(union.detach()), rel=1e-5)
+    expected.main.step(union)
+    for got, exp in zip(method.main.net.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    # the trusted batch moved the step: it is not the paper's
+    paper = zip(method.main.net.parameters(), without.main.net.parameters(), strict=True)
+    assert any(not torch.allclose(p, q) for p, q in paper)
+
+
 def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: Path) -> None:
     """45% of labels moved to the next class: the trusted loss falls, the weight net is left alone, and the
     exported weights (against the whole trusted set's gradient after the epoch) are lower on the wrong
@@ -251,8 +302,9 @@ def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: 
     assert method.eval_model().training  # the export put the model back in train mode
 
 
-def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path) -> None:
-    method = start(build(tmp_path, "mlc"))
+@pytest.mark.parametrize("supervision", [0.0, 1.0])
+def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path, supervision: float) -> None:
+    method = start(build(tmp_path, "mlc", params={"corrector_supervision": supervision}))
     noisy = toy_batch(1024, noise=0.45, seed=1)
     train(method, noisy, toy_batch(128, noise=0.0, seed=2, first_id=5000), 60)
     table = pa.table({k: list(v) if v.ndim > 1 else v for k, v in method.per_sample_outputs(noisy).items()})
@@ -261,6 +313,57 @@ def test_mlc_corrected_labels_beat_the_given_ones(tmp_path: Path) -> None:
     assert summary["given_label_accuracy"] == pytest.approx(float((noisy.y == noisy.true_y).float().mean()))
     assert summary["corrected_label_accuracy"] > summary["given_label_accuracy"] + 0.2
     assert summary["recall"] > 0.5 and summary["precision"] > 0.5
+
+
+def test_mlc_corrector_supervision_draws_each_label_with_its_share_of_the_row(tmp_path: Path) -> None:
+    """The simulated noisy labels: label k drawn with its share of the row, and 2 ranks' rows
+    (each drawing for the global half and keeping its own) are the 1-process draws of the concatenation."""
+    params = {"corrector_supervision": 1.0}
+    probs = torch.tensor([[1.0, 6.0, 0.0, 3.0]]).repeat(20_000, 1)  # counts: any scale
+    counts = torch.bincount(start(build(tmp_path, "mlc", params=params))._draw(probs), minlength=CLASSES)
+    torch.testing.assert_close(counts / len(probs), probs[0] / 10, atol=0.015, rtol=0)
+    rows_ = torch.softmax(torch.randn(10, CLASSES, generator=torch.Generator().manual_seed(3)), dim=1)
+    single = build(tmp_path, "mlc", params=params)._draw(rows_)
+    ranks = [
+        build(tmp_path, "mlc", params=params, rank=r, world=2)._draw(rows_[r * 5 : (r + 1) * 5])
+        for r in (0, 1)
+    ]
+    torch.testing.assert_close(torch.cat(ranks), single)
+
+
+def test_mlc_corrector_supervision_is_the_gradient_of_the_simulated_noise_loss(tmp_path: Path) -> None:
+    """The transitions are the decayed counts of (prediction, given label) over the global noisy batches
+    (counted here with numpy), and the supervision gradient is ∇(-log g(h, ỹ)[y]) on the clean half with ỹ
+    the inverse-CDF draw of T[y] (recomputed with numpy; a class never predicted keeps its label)."""
+    method = start(build(tmp_path, "mlc", params={"corrector_supervision": 1.0}))
+    decay = 1 - 1 / method.ctx.steps_per_epoch
+    pairs = [
+        (torch.randint(0, 3, (50,)), torch.randint(0, CLASSES, (50,))) for _ in range(3)
+    ]  # never class 3
+    want_counts = np.zeros((CLASSES, CLASSES))
+    for predicted, given in pairs:
+        method._count_transitions(predicted, given)
+        want_counts *= decay
+        np.add.at(want_counts, (predicted.numpy(), given.numpy()), 1)
+    np.testing.assert_allclose(method.transitions.numpy(), want_counts, rtol=1e-6)
+
+    clean = toy_batch(16, noise=0.0, seed=7)
+    state = method.generator.get_state()
+    got = method._supervision_grads(clean.x, clean.y, list(method.corrector.parameters()))
+    uniforms = torch.rand(16, generator=torch.Generator().set_state(state)).numpy()
+    drawn = []
+    for label, u in zip(clean.y.tolist(), uniforms, strict=True):
+        cdf = np.cumsum(want_counts[label])
+        drawn.append(label if cdf[-1] == 0 else int(np.searchsorted(cdf, u * cdf[-1], side="left")))
+    assert 3 in clean.y.tolist() and all(
+        d == 3 for d, y in zip(drawn, clean.y.tolist(), strict=True) if y == 3
+    )
+    with torch.no_grad():
+        features = method.main.net(clean.x)[1]
+    loss = F.nll_loss(torch.log(method.corrector(features, torch.tensor(drawn))), clean.y)
+    want = torch.autograd.grad(loss, list(method.corrector.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_label_correction_skip_mixes_in_the_given_label() -> None:
@@ -348,6 +451,10 @@ WORLD = 2
 HALF = BATCH // WORLD
 AMORTISED = {"meta_every": 2}
 EXAMPLE = {"weighting": "example"}  # mwnet only
+DEVIATIONS = {  # each method's deviations from its paper that change what the ranks exchange
+    "mwnet": {"weighting": "example", "train_on_trusted": True},
+    "mlc": {"corrector_supervision": 1.0},
+}
 
 
 def _global_batches() -> tuple[Batch, Batch]:
@@ -408,6 +515,10 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
         example = _run_distributed(tmp_path, "mwnet", MLP, rank, WORLD, EXAMPLE)
         assert_replicas_identical(state_tensors(example.state_dict()))
         torch.save(state_tensors(example.state_dict()), tmp_path / f"mwnet-example-rank{rank}.pt")
+        for name, params in DEVIATIONS.items():
+            deviated = _run_distributed(tmp_path, name, MLP, rank, WORLD, params)
+            assert_replicas_identical(state_tensors(deviated.state_dict()))
+            torch.save(state_tensors(deviated.state_dict()), tmp_path / f"{name}-deviations-rank{rank}.pt")
 
 
 def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
@@ -429,6 +540,7 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     )
     runs = [*itertools.product(METHODS, [("", None), ("-every2", AMORTISED)])]
     runs.append(("mwnet", ("-example", EXAMPLE)))
+    runs += [(name, ("-deviations", params)) for name, params in DEVIATIONS.items()]
     for name, (tag, params) in runs:
         single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1, params).state_dict())
         ranks = [torch.load(tmp_path / f"{name}{tag}-rank{r}.pt") for r in range(WORLD)]

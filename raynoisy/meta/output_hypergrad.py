@@ -191,12 +191,13 @@ class ExampleAlignment:
     """Each noisy sample's gradient against the trusted gradient, and the training forward it came from.
 
     ``alignment``: ⟨∇_w ℓ_i(w), ∇_w L_gold(w)⟩ for this rank's samples i (the gold gradient a rank mean);
-    ``gold_loss``: L_gold(w), a rank mean; ``logits`` (graph kept) and ``features``: the training forward,
-    for the real step (``output_grads``).
+    ``gold_loss``: L_gold(w) and ``gold_grads``: ∇_w L_gold(w) by trainable parameter name, rank means;
+    ``logits`` (graph kept) and ``features``: the training forward, for the real step (``output_grads``).
     """
 
     alignment: Tensor
     gold_loss: Tensor
+    gold_grads: dict[str, Tensor]
     logits: Tensor
     features: Tensor
 
@@ -223,9 +224,10 @@ def example_alignment(
     names = [n for n, p in params.items() if p.requires_grad]
     gold_value, gold_grads = gold_loss_and_gradient(gold_loss, params, names)
     all_reduce_mean_([*gold_grads, gold_value], group)
+    gold_by_name = dict(zip(names, gold_grads, strict=True))
     logits, features = functional_forward(module, params, x, bn=BNPolicy.UPDATE)
-    alignment = alignment_with(module, params, dict(zip(names, gold_grads, strict=True)), x, logits, labels)
-    return ExampleAlignment(alignment, gold_value, logits, features.detach())
+    alignment = alignment_with(module, params, gold_by_name, x, logits, labels)
+    return ExampleAlignment(alignment, gold_value, gold_by_name, logits, features.detach())
 
 
 def alignment_with(

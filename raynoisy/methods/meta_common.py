@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
-from raynoisy.meta import OutputHypergradient, OutputLoss, logit_gradient, output_grads
-from raynoisy.meta.lookahead import Rule
+from raynoisy.meta import ExampleAlignment, OutputHypergradient, OutputLoss, logit_gradient, output_grads
+from raynoisy.meta.lookahead import Rule, unwrap_model
 from raynoisy.methods.base import Batch, Method, MethodContext, Stage
 from raynoisy.methods.collapse_guard import CollapseGuard, GuardParams, GuardReading
 from raynoisy.methods.label_issues import detector_scores, ratio, true_labels_of
@@ -226,16 +226,53 @@ def lookahead_optimizer(main: MainModel, rule: Rule, lr: float | None = None) ->
     return torch.optim.SGD(main.net.parameters(), lr=main.lr if lr is None else lr)
 
 
-def real_step_through_outputs(main: MainModel, hyper: OutputHypergradient, loss: OutputLoss) -> Tensor:
+@dataclass(frozen=True)
+class TrustedTerm:
+    """The trusted batch's cross-entropy at the current weights, mixed into a real step.
+
+    The step is then on (1 - ``weight``)·ℓ + ``weight``·L_trusted, the mean over the union of the noisy and
+    the trusted samples when ``weight`` = B_trusted / (B_noisy + B_trusted), as MLC's clean half joins its
+    loss. ``loss`` and ``grads`` (by trainable parameter name) are rank means.
+    """
+
+    loss: Tensor
+    grads: dict[str, Tensor]
+    weight: float
+
+
+def real_step_through_outputs(
+    main: MainModel,
+    hyper: OutputHypergradient | ExampleAlignment,
+    loss: OutputLoss,
+    trusted: TrustedTerm | None = None,
+) -> Tensor:
     """The real step on ``loss(logits, features)`` of the meta step's training forward; returns its value.
 
     For methods whose meta model changed after the forward (MW-Net's weights, MetaLabelNet's soft labels):
     the new ∂loss/∂logits goes back through the forward's kept graph (``output_hypergrad(keep_graph=True)``),
-    so the step costs a backward, not another forward, and the running statistics moved once.
+    so the step costs a backward, not another forward, and the running statistics moved once. With
+    ``trusted`` the step also trains on the trusted batch (``TrustedTerm``).
     """
     value, grad_logits = logit_gradient(loss, hyper.logits, hyper.features, create_graph=False)
-    main.apply_grads(output_grads(main.net, hyper.logits, grad_logits))
+    grads = output_grads(main.net, hyper.logits, grad_logits)
+    if trusted is not None:
+        keep = 1.0 - trusted.weight
+        value = keep * value + trusted.weight * trusted.loss
+        names = [n for n, _ in unwrap_model(main.net).named_parameters()]
+        grads = [
+            _mix(g, trusted.grads.get(n), keep, trusted.weight) for n, g in zip(names, grads, strict=True)
+        ]
+    main.apply_grads(grads)
     return value
+
+
+def _mix(noisy: Tensor | None, gold: Tensor | None, keep: float, weight: float) -> Tensor | None:
+    """keep·noisy + weight·gold, either of them possibly absent (a parameter one loss does not reach)."""
+    if noisy is None and gold is None:
+        return None
+    if noisy is None:
+        return weight * gold
+    return keep * noisy if gold is None else keep * noisy + weight * gold
 
 
 def step_through_outputs(main: MainModel, x: Tensor, loss: OutputLoss) -> tuple[Tensor, Tensor]:
