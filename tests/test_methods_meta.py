@@ -336,7 +336,7 @@ def test_mlc_corrector_supervision_is_the_gradient_of_the_simulated_noise_loss(t
     (counted here with numpy), and the supervision gradient is ∇(-log g(h, ỹ)[y]) on the clean half with ỹ
     the inverse-CDF draw of T[y] (recomputed with numpy; a class never predicted keeps its label)."""
     method = start(build(tmp_path, "mlc", params={"corrector_supervision": 1.0}))
-    decay = 1 - 1 / method.ctx.steps_per_epoch
+    decay = 1 - 1 / method.ctx.steps_per_epoch  # meta_every 1: a meta step per step
     pairs = [
         (torch.randint(0, 3, (50,)), torch.randint(0, CLASSES, (50,))) for _ in range(3)
     ]  # never class 3

@@ -27,14 +27,15 @@ with the current g: no trusted batch is read, so there is no clean half in their
 ``corrector_supervision`` = β > 0 (a deviation from the paper, measured beside it in benchmarks/README.md)
 also teaches the corrector directly on the trusted batch's clean half, whose true labels are known: each
 clean sample of class y gets a simulated noisy label ỹ drawn from T[y], T the transition from the main
-model's predictions to the given labels on the noisy batches of about the last epoch (counts decayed by
-1 - 1/steps_per_epoch per step; a row not yet seen keeps the label), and the corrector's meta-gradient gains
-β·∇ of -log g(h(x), ỹ)[y]: the corrector learns p(y | h, ỹ) under the noise the given labels carry. Why:
-the one-step hypergradient is linear in the corrected label, so alone it drives the corrector to whatever
-label lowers the trusted loss fastest in one step; on the annotator matrix that folds ten classes into
-five while the main model's own predictions are far more accurate (benchmarks/README.md, issue 12). T is
-counted against the given labels, not the model's softmax, because the model trains on the corrected
-labels: its softmax would describe the corrections, and the corrector would learn to trust every label.
+model's predictions to the given labels on the noisy batches of about the last epoch (counted at every
+meta step, decayed by 1 - 1 / the meta steps per epoch; a row not yet seen keeps the label), and every step
+of the corrector's optimizer adds β·∇ of -log g(h(x), ỹ)[y] on that step's clean half to the meta-gradient:
+the corrector learns p(y | h, ỹ) under the noise the given labels carry. Why: the one-step hypergradient is
+linear in the corrected label, so alone it drives the corrector to whatever label lowers the trusted loss
+fastest in one step; on the annotator matrix that folds ten classes into five while the main model's own
+predictions are far more accurate (benchmarks/README.md, issue 12). T is counted against the given labels,
+not drawn from the model's softmax, because the model trains on the corrected labels: its softmax would
+describe the corrections, and the corrector would learn to trust every label.
 The draws come from a generator seeded with ``run.seed``; every rank draws for the global clean half and
 keeps its own rows, and the counts are summed over ranks, so 2 ranks equal 1 process; both are
 checkpointed. Costs one no-grad forward of the clean half and the corrector's forward and backward on it.
@@ -181,11 +182,12 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         loss = hyper.train_loss
         if self.on_given_labels:  # warm-up or the guard's fallback; before g moves, as g_s was taken with it
             loss, grads = self._given_label_step(batch, share, hyper, grads)
+        if self.params.corrector_supervision > 0:
+            self._count_transitions(hyper.logits.detach().argmax(dim=1), batch.y)
         meta = self.accumulator.accumulate(hyper.meta_grads, hyper.discount)
         if meta.step_now:
             meta_grads = meta.grads
             if self.params.corrector_supervision > 0:
-                self._count_transitions(hyper.logits.detach().argmax(dim=1), batch.y)
                 supervised = self._supervision_grads(clean_x, clean_y, meta_params)
                 beta = self.params.corrector_supervision
                 meta_grads = [g + beta * s for g, s in zip(meta_grads, supervised, strict=True)]
@@ -194,11 +196,13 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         return {"loss": float(loss), "meta_loss": float(hyper.gold_loss_after)}
 
     def _count_transitions(self, predicted: Tensor, given: Tensor) -> None:
-        """Decay the (prediction, given label) counts by 1 - 1/steps_per_epoch and add this global batch's."""
+        """Decay the (prediction, given label) counts and add this meta step's global batch: a window of about
+        one epoch (the decay is 1 - 1 / the meta steps per epoch)."""
         classes = self.ctx.num_classes
         batch = torch.bincount(predicted * classes + given, minlength=classes * classes).float()
         all_reduce_sum_([batch])
-        self.transitions.mul_(1 - 1 / max(self.ctx.steps_per_epoch, 1)).add_(batch.view(classes, classes))
+        decay = max(1 - self.params.meta_every / max(self.ctx.steps_per_epoch, 1), 0.0)
+        self.transitions.mul_(decay).add_(batch.view(classes, classes))
 
     def _supervision_grads(self, x: Tensor, y: Tensor, meta_params: list[Tensor]) -> list[Tensor]:
         """∇ of -log g(h(x), ỹ)[y] over the clean half, ỹ drawn from the transition row T[y]; rank means."""
