@@ -67,7 +67,13 @@ def rows(batch: Batch, index: Tensor | slice) -> Batch:
 
 
 def build(
-    tmp_path: Path, data: Batch, params: dict[str, Any] | None = None, *, epochs: int = 12, index: bool = True
+    tmp_path: Path,
+    data: Batch,
+    params: dict[str, Any] | None = None,
+    *,
+    epochs: int = 12,
+    index: bool = True,
+    model: str = MLP,
 ) -> Method:
     params = {"warmup_epochs": 2, "mixup_epochs": 4, "ema_every": 1, **(params or {})}
     cfg = resolve_config(
@@ -75,7 +81,7 @@ def build(
         "mixnn",
         flags={
             "run.output": str(tmp_path),
-            "model.name": MLP,
+            "model.name": model,
             "optim.batch_size": BATCH,
             "optim.epochs": epochs,
             "optim.lr": 0.05,
@@ -93,9 +99,11 @@ def build(
         num_trusted=0,
         splits={"train": [rows(data, slice(i, i + 64)) for i in range(0, NUM_TRAIN, 64)]},
     )
+    method = build_method(ctx)  # looks its services up when it refreshes
     if index and cfg.method.params.get("neighbors", "global") == "global":
-        ctx.services[SERVICE] = KnnIndex(NUM_TRAIN, dim=16, metric="l2", num_threads=1, verbose=False)
-    return build_method(ctx)
+        dim = int(method.main.net.feature_dim)
+        ctx.services[SERVICE] = KnnIndex(NUM_TRAIN, dim=dim, metric="l2", num_threads=1, verbose=False)
+    return method
 
 
 def walk(method: Method, data: Batch) -> list[dict]:
@@ -379,3 +387,30 @@ def test_a_restarted_index_is_configured_again_and_rebuilt_without_losing_the_ep
     log = method.on_epoch_end(2)
     assert (log["knn_index_version"], log["knn_index_attempts"], log["knn_index_configured"]) == (2, 1, 0)
     assert log["refresh_seconds"] >= log["refresh_pass_seconds"] + log["refresh_index_seconds"]
+
+
+def test_a_refresh_before_any_step_sets_batchnorm_statistics_from_the_split(tmp_path: Path) -> None:
+    """warmup_epochs 0: the first refresh comes before any step. BatchNorm's running statistics are set from
+    the split first (the first layer's running mean is the mean of its inputs over the split, taken here
+    with a hook in one training-mode forward of the whole split), so the neighbour features the refresh
+    stores are on the scale of the training-mode forward they are mixed into; with the initial statistics
+    they would not be. (The small CNN: BatchNorm; the refresh's split is four equal batches.)"""
+    data = toy_data()
+    method = build(tmp_path, data, {"warmup_epochs": 0, "mixup_epochs": 0}, epochs=3, model="small-cnn")
+    reference = copy.deepcopy(method.main.net)
+    first = next(m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    inputs: list[Tensor] = []
+    handle = first.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))
+    with torch.no_grad():
+        training_scale = reference(data.x)[1].norm(dim=1).mean()
+        handle.remove()
+        untrained_scale = reference.eval()(data.x)[1].norm(dim=1).mean()
+    split_mean = inputs[0].mean(dim=(0, 2, 3))
+
+    method.on_epoch_start(0)
+    bn = next(m for m in method.main.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.testing.assert_close(bn.running_mean, split_mean, rtol=1e-4, atol=1e-5)
+    store = method.ctx.sample_store
+    stored_scale = store.gather(FEATURES, store.sample_ids).float().norm(dim=1).mean()
+    assert 0.8 < float(stored_scale / training_scale) < 1.25, (stored_scale, training_scale, untrained_scale)
+    assert not 0.8 < float(untrained_scale / training_scale) < 1.25  # what the statistics fix

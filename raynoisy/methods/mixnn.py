@@ -85,12 +85,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from raynoisy.config import Config
 from raynoisy.data.sample_store import partition
 from raynoisy.errors import ConfigError
 from raynoisy.knn import DEFAULT_EXACT_THRESHOLD, IndexNotReadyError, KnnIndex, check_index_config
-from raynoisy.meta.sync import all_reduce_sum_, world_size
+from raynoisy.meta.sync import all_reduce_mean_, all_reduce_sum_, world_size
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, Method, MethodContext, ServiceSpec, Stage
 from raynoisy.methods.meta_common import (
@@ -416,7 +417,7 @@ class MixNN(CorrectedLabelExport, Method):
         if from_steps:
             my_ids, my_feats, log = self._recorded()
         else:
-            my_ids, my_feats = self._pass()
+            my_ids, my_feats = self._pass(fit_batchnorm=epoch == 0)
             log = {}
         self.recorded = 0
         passed = time.perf_counter()
@@ -459,11 +460,15 @@ class MixNN(CorrectedLabelExport, Method):
         fraction = float(count.item()) / max(len(store), 1)
         return my_ids, my_feats, {"refresh_from_steps": 1.0, "refresh_recorded_fraction": fraction}
 
-    def _pass(self) -> tuple[Tensor, Tensor]:
+    def _pass(self, *, fit_batchnorm: bool) -> tuple[Tensor, Tensor]:
         """The whole-split pass over this rank's share: writes the losses into the store (and initialises the
-        soft labels at the first refresh); returns the share's ids and features."""
+        soft labels at the first refresh); returns the share's ids and features. ``fit_batchnorm``: the
+        network has not trained yet (``warmup_epochs`` 0), so BatchNorm's running statistics are set from the
+        split first (``_fit_batchnorm``)."""
         ctx, store = self.ctx, self.ctx.sample_store
         assert store is not None and ctx.iter_split is not None
+        if fit_batchnorm:
+            self._fit_batchnorm()
         ids, labels, losses, feats = [], [], [], []
         with evaluating(self.main.net):
             for batch in ctx.iter_split("train"):
@@ -484,6 +489,24 @@ class MixNN(CorrectedLabelExport, Method):
         my_loss = F.cross_entropy(my_logits, corrected, reduction="none")
         store.scatter(LOSS, my_ids, my_loss)
         return my_ids, my_feats
+
+    def _fit_batchnorm(self) -> None:
+        """BatchNorm's running statistics from a training-mode pass over this rank's share of the split,
+        averaged over the ranks.
+
+        Why: an initialised network's running statistics are BatchNorm's defaults (mean 0, variance 1), not
+        its features' statistics, so an eval-mode pass before any step stores neighbour features on another
+        scale than the training-mode forward they are mixed into (ResNet-32: hundreds of times larger), and a
+        run whose first epoch already mixes neighbours diverged within a few steps.
+        """
+        net, ctx = self.main.net, self.ctx
+        assert ctx.iter_split is not None
+        batchnorm = nn.modules.batchnorm._BatchNorm
+        norms = [m for m in net.modules() if isinstance(m, batchnorm) and m.track_running_stats]
+        if not norms:
+            return
+        update_bn((batch.x.to(ctx.device) for batch in ctx.iter_split("train")), net)
+        all_reduce_mean_([stat for m in norms for stat in (m.running_mean, m.running_var)])
 
     def _search(self, epoch: int, ids: Tensor, feats: Tensor) -> tuple[Tensor, dict[str, float]]:
         """This rank's ids' k neighbours from the index refreshed for version ``epoch``, and what that took:
