@@ -221,13 +221,23 @@ def example_alignment(
     """
     module = unwrap_model(model)
     params = dict(module.named_parameters())
-    names = [n for n, p in params.items() if p.requires_grad]
-    gold_value, gold_grads = gold_loss_and_gradient(gold_loss, params, names)
-    all_reduce_mean_([*gold_grads, gold_value], group)
-    gold_by_name = dict(zip(names, gold_grads, strict=True))
+    gold_value, gold_grads = gold_gradient(module, gold_loss, group=group)
     logits, features = functional_forward(module, params, x, bn=BNPolicy.UPDATE)
-    alignment = alignment_with(module, params, gold_by_name, x, logits, labels)
-    return ExampleAlignment(alignment, gold_value, gold_by_name, logits, features.detach())
+    alignment = alignment_with(module, params, gold_grads, x, logits, labels)
+    return ExampleAlignment(alignment, gold_value, gold_grads, logits, features.detach())
+
+
+def gold_gradient(
+    model: nn.Module, gold_loss: Loss, *, group: dist.ProcessGroup | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_gold(w) and ∇_w L_gold(w) by trainable parameter name, both rank means (``gold_loss`` evaluated at
+    the model's current parameters)."""
+    module = unwrap_model(model)
+    params = dict(module.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    value, grads = gold_loss_and_gradient(gold_loss, params, names)
+    all_reduce_mean_([*grads, value], group)
+    return value, dict(zip(names, grads, strict=True))
 
 
 def alignment_with(

@@ -72,13 +72,13 @@ from torch import Tensor
 
 from raynoisy.meta import (
     OutputLoss,
-    all_reduce_mean_,
     all_reduce_sum_,
     example_alignment,
     functional_forward,
+    gold_gradient,
     output_hypergrad,
 )
-from raynoisy.meta.hypergrad import Loss, gold_loss_and_gradient
+from raynoisy.meta.hypergrad import Loss
 from raynoisy.meta.output_hypergrad import alignment_with
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
@@ -206,13 +206,7 @@ class MetaWeightNet(TrustedMetaMethod):
             weights = self.weight_net(F.cross_entropy(hyper.logits.detach(), batch.y, reduction="none"))
         trusted_term = None
         if self.params.train_on_trusted:
-            params = dict(net.named_parameters())
-            names = [n for n, p in params.items() if p.requires_grad]
-            gold_value, gold_grads = gold_loss_and_gradient(outer, params, names)
-            all_reduce_mean_([*gold_grads, gold_value])
-            trusted_term = self._trusted_term(
-                batch, trusted, gold_value, dict(zip(names, gold_grads, strict=True))
-            )
+            trusted_term = self._trusted_term(batch, trusted, *gold_gradient(net, outer))
         loss = real_step_through_outputs(self.main, hyper, self._real_loss(batch.y), trusted_term)
         return {
             "loss": float(loss),
@@ -222,10 +216,8 @@ class MetaWeightNet(TrustedMetaMethod):
 
     def _trusted_term(
         self, batch: Batch, trusted: Batch, loss: Tensor, grads: dict[str, Tensor]
-    ) -> TrustedTerm | None:
-        """The trusted batch's share of the real step with ``train_on_trusted`` (None without it)."""
-        if not self.params.train_on_trusted:
-            return None
+    ) -> TrustedTerm:
+        """The trusted batch's share of the real step (``train_on_trusted``): its loss and gradient at w."""
         return TrustedTerm(loss, grads, len(trusted) / (len(batch) + len(trusted)))
 
     def _example_step(self, batch: Batch, trusted: Batch, gold_loss: Loss) -> dict[str, float]:
@@ -237,7 +229,9 @@ class MetaWeightNet(TrustedMetaMethod):
         def weighted(logits: Tensor, _features: Tensor) -> Tensor:
             return (weights * F.cross_entropy(logits, batch.y, reduction="none")).mean()
 
-        trusted_term = self._trusted_term(batch, trusted, aligned.gold_loss, aligned.gold_grads)
+        trusted_term = None
+        if self.params.train_on_trusted:
+            trusted_term = self._trusted_term(batch, trusted, aligned.gold_loss, aligned.gold_grads)
         loss = real_step_through_outputs(self.main, aligned, self._real_loss(batch.y, weighted), trusted_term)
         return {
             "loss": float(loss),
