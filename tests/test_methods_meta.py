@@ -525,10 +525,11 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     """Bit-identical replicas (main net, meta net, optimizers, accumulators, encoder) after 5 steps on 2 gloo
     ranks, for the MLP and the BatchNorm small-cnn; for the MLP also equal, to float tolerance, to one
     process on the concatenated batches, with a meta update every step and every second step
-    (``meta_every=2``: plain steps between), and for MW-Net's example weighting (each rank weighs its own
-    samples, normalised over the global batch). The small-cnn is left out of that comparison on purpose:
-    BatchNorm normalises with the statistics of each rank's half, which legitimately differ from the full
-    batch's.
+    (``meta_every=2``: plain steps between), for MW-Net's example weighting (each rank weighs its own
+    samples, normalised over the global batch) and for the deviations in ``DEVIATIONS`` (MW-Net's trusted
+    term, MLC's corrector supervision with its draws and transition counts). The small-cnn is left out of
+    that comparison on purpose: BatchNorm normalises with the statistics of each rank's half, which
+    legitimately differ from the full batch's.
     """
     # fork, not spawn: a spawned child re-imports torch, which costs seconds per rank on a 2-core machine
     mp.start_processes(
