@@ -39,6 +39,8 @@ describe the corrections, and the corrector would learn to trust every label.
 The draws come from a generator seeded with ``run.seed``; every rank draws for the global clean half and
 keeps its own rows, and the counts are summed over ranks, so 2 ranks equal 1 process; both are
 checkpointed. Costs one no-grad forward of the clean half and the corrector's forward and backward on it.
+T is only as informative as the main model's predictions: on SST-2 with a 2-layer MiniLM, whose model
+learns slowly, the supervised corrector left the model at chance (benchmarks/README.md).
 
 Deviations from the reference code, each deliberate:
 - BatchNorm: the noisy and the clean forwards at the real weights update the running statistics, as the
