@@ -20,11 +20,13 @@ it (the variant wins). E.g. MLC as preset and with its Clothing1M settings, agai
         --noise flip:0.4 --seeds 0,1,2 --epochs 5 --set scaling.cpus_per_worker=1 --output runs/bench-mlc
 
 Caching: each run's directory is ``METHOD-NOISE-seedSEED-HASH``, HASH a digest of the run's whole resolved
-config (``Config.to_dict()``) less the fields that do not change results (``raynoisy.tune.plan``'s
-``IGNORED_FIELDS``, shared with ``raynoisy sweep``: output paths, run name, logging, checkpoint retention,
-the CPUs a worker reserves). A run is reused only when its ``metrics.json`` exists and the
-``config.json`` the driver wrote next to it equals the config this command would run, up to those fields;
-otherwise it is trained again (a mismatched ``metrics.json`` is first moved aside to metrics.stale.json).
+config (``Config.to_dict()``, method params as named) less the fields that do not change results
+(``raynoisy.tune.plan``'s ``IGNORED_FIELDS``, shared with ``raynoisy sweep``: output paths, run name,
+logging, checkpoint retention, the CPUs a worker reserves). A run is reused only when its ``metrics.json``
+exists and the ``config.json`` the driver wrote next to it equals the config this command would run, up to
+those fields and with every method param's default filled in (``result_config``: the driver records them,
+so a run trained before a default changed is not taken for one under the new default); otherwise it is
+trained again (a mismatched ``metrics.json`` is first moved aside to metrics.stale.json).
 All configs are built and validated before the first run starts.
 
 ``--in-process``: train each run with ``raynoisy.train.in_process.train_in_process`` instead of through Ray

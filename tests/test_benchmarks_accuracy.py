@@ -14,6 +14,8 @@ from types import ModuleType
 import pytest
 from benchmark_scripts import load_benchmark
 
+from raynoisy.train.prepare import config_record
+
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
@@ -24,7 +26,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     def fake_train(cfg) -> dict:
         out = Path(cfg.run.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))  # as the driver does
+        (out / "config.json").write_text(json.dumps(config_record(cfg), indent=1))  # as the driver does
         module.trained.append(cfg)
         acc = 0.5 + cfg.optim.lr + cfg.optim.epochs / 100 + cfg.run.seed / 1000
         metrics = {"test_accuracy": acc, "final_test_accuracy": acc - 0.01, "epochs": cfg.optim.epochs}
@@ -106,6 +108,26 @@ def test_stale_run_in_the_same_directory_is_rerun(bench: ModuleType, tmp_path: P
     # a metrics.json without the config.json it was trained with is not reused either
     (out / "config.json").unlink()
     assert len(run(bench, argv)[0]) == 1
+
+
+def test_a_run_trained_under_another_default_is_rerun(bench: ModuleType, tmp_path: Path) -> None:
+    """config.json records every method param with its default, so a cached run whose recorded value is not
+    this code's default (trained before the default changed) is trained again; a config.json that names
+    only the params set (written before the defaults were recorded) still matches on those."""
+    argv = bench_args(tmp_path, "--methods", "mlc", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2")
+    run(bench, argv)
+    (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["method"]["params"]["skip"] is False and saved["method"]["params"]["meta_lr"] == 3e-4
+    saved["method"]["params"]["skip"] = True  # as if skip's default had been True when it trained
+    (out / "config.json").write_text(json.dumps(saved))
+    trained, _ = run(bench, argv)
+    assert len(trained) == 1 and trained[0].method.params.get("skip") is None
+    assert (out / "metrics.stale.json").exists()
+    saved = json.loads((out / "config.json").read_text())
+    saved["method"]["params"] = {}
+    (out / "config.json").write_text(json.dumps(saved))
+    assert run(bench, argv)[0] == []
 
 
 def test_variants_are_separate_rows(bench: ModuleType, tmp_path: Path, capsys) -> None:

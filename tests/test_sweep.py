@@ -17,6 +17,7 @@ import ray
 from raynoisy.cli import run
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.report.sweep_files import RESULT_COLUMNS, TrialKey, write_sweep_manifest
+from raynoisy.train.prepare import config_record
 from raynoisy.tune.plan import plan_sweep
 from raynoisy.tune.resources import size_for_cluster, size_trials
 
@@ -186,6 +187,35 @@ def test_a_trial_is_finished_only_with_metrics_and_the_same_config(tmp_path):
     # The same command names the same folder; a different config another one.
     assert _plan(tmp_path, **{"optim.epochs": 2}).trials[0].run_dir == trial.run_dir
     assert _plan(tmp_path, **{"optim.epochs": 3}).trials[0].run_dir != trial.run_dir
+
+
+def test_a_trial_run_under_another_method_default_is_not_finished(tmp_path):
+    """The driver's config.json records every method param (config_record); a run whose recorded value is not
+    this code's default was trained under another default and is not this trial. Params this code does not
+    know (since removed) match nothing; a config.json naming only the params set matches on those."""
+    trial = plan_sweep(
+        dataset="digits",
+        methods=["mwnet"],
+        noise="flip",
+        rates=[0.2],
+        seeds=1,
+        output=str(tmp_path),
+        flags={},
+    ).trials[0]
+    trial.run_dir.mkdir(parents=True)
+    (trial.run_dir / "metrics.json").write_text("{}")
+    saved = config_record(trial.cfg)
+    assert saved["method"]["params"]["train_on_trusted"] is False  # recorded although the preset leaves it
+    for params, finished in [
+        (saved["method"]["params"], True),
+        ({**saved["method"]["params"], "train_on_trusted": True}, False),
+        ({}, trial.cfg.method.params == {}),
+        ({**trial.cfg.method.params, "removed_param": 1}, False),
+    ]:
+        (trial.run_dir / "config.json").write_text(
+            json.dumps({**saved, "method": {**saved["method"], "params": params}})
+        )
+        assert trial.is_finished() is finished, params
 
 
 def test_a_failed_trial_writes_its_error_and_raises(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ Every module of this package is imported on the first lookup, so the decorator i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+from typing import Any
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
@@ -47,6 +49,15 @@ def get_method_class(name: str, module: str | None = None) -> type[Method]:
     if name not in METHODS:
         raise ConfigError("method.name", f"unknown method {name!r}", f"use one of {method_names()}")
     return METHODS[name]
+
+
+def complete_params(method: dict[str, Any]) -> dict[str, Any]:
+    """A config's ``method`` section (as ``Config.to_dict()`` gives it) with ``params`` completed by the
+    method's defaults, validated (ConfigError where they do not parse). A run's config.json records this, so
+    that a run trained before a default changed is told apart from one this code would train."""
+    method_cls = get_method_class(method["name"], method.get("module"))
+    params = method_cls.parse_params(method.get("params") or {})
+    return {**method, "params": dataclasses.asdict(params)}
 
 
 def check_config(cfg: Config) -> None:

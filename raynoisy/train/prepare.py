@@ -20,7 +20,7 @@ from raynoisy.data.plan import LabelPlan, plan_labels
 from raynoisy.data.shards import ShardSet, write_shards
 from raynoisy.data.sources import get_source, load_catalog, resolve_root
 from raynoisy.errors import ConfigError
-from raynoisy.methods import get_method_class
+from raynoisy.methods import complete_params, get_method_class
 from raynoisy.models.text_encoder import resolve_pretrained
 
 
@@ -71,8 +71,16 @@ def prepare_output(cfg: Config, log=print) -> tuple[Path, Prepared, pa.Table]:
     prepared = prepare(cfg, log)
     labels = prepared.labels_table()
     pq.write_table(labels, output / "labels.parquet")
-    (output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (output / "config.json").write_text(json.dumps(config_record(cfg), indent=1))
     return output, prepared, labels
+
+
+def config_record(cfg: Config) -> dict:
+    """What a run's config.json holds: the config, with every method param, defaults included
+    (``complete_params``), so that a later default change does not pass for this run's setting."""
+    config = cfg.to_dict()
+    config["method"] = complete_params(config["method"])
+    return config
 
 
 def input_spec(cfg: Config) -> InputSpec:

@@ -3,11 +3,15 @@
 All of it happens before Ray starts, so a bad method, rate or flag fails the whole sweep with one line
 before any trial is launched. A trial's run directory is ``DIR/runs/<method>-<noise><rate>-seed<S>-<hash>``,
 the hash a digest of the trial's config less the fields that do not change its results (``IGNORED_FIELDS``):
-the same command finds the same directories again, which is how a re-run skips the finished trials.
+the same command finds the same directories again, which is how a re-run skips the finished trials. A
+trial is finished when its directory holds metrics.json and a config.json that matches the trial's config
+with the method's defaults filled in (``result_config``): a run trained before a default changed is trained
+again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -17,6 +21,7 @@ from typing import Any
 
 from raynoisy.config import Config
 from raynoisy.errors import ConfigError
+from raynoisy.methods import complete_params
 from raynoisy.report.sweep_files import METRICS, TrialKey, run_dir_of
 from raynoisy.train.preflight import resolve_config
 
@@ -65,8 +70,7 @@ class SweepPlan:
     trials: list[Trial]
 
 
-def result_config(config: dict) -> dict:
-    """The config less ``IGNORED_FIELDS``: what decides whether a finished run is this trial."""
+def _less_ignored(config: dict) -> dict:
     out = json.loads(json.dumps(config, default=str))
     for dotted in IGNORED_FIELDS:
         section, _, name = dotted.partition(".")
@@ -75,8 +79,22 @@ def result_config(config: dict) -> dict:
     return out
 
 
+def result_config(config: dict) -> dict:
+    """What decides whether a finished run is this trial: the config less ``IGNORED_FIELDS``, with the
+    method's params completed by this code's defaults. A run's config.json records every param
+    (``complete_params``), so a run trained before a default changed no longer matches; configs written
+    before config.json did so match on the params they name. Params this code cannot parse (a param since
+    removed) are left as they are, which matches no config of this code."""
+    out = _less_ignored(config)
+    with contextlib.suppress(ConfigError, KeyError, TypeError):
+        out["method"] = json.loads(json.dumps(complete_params(out["method"]), default=str))
+    return out
+
+
 def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(result_config(config), sort_keys=True).encode()).hexdigest()[:12]
+    """The run directory's key: a digest of the config as given (less ``IGNORED_FIELDS``), method params as
+    named. Whether a run found there is this trial is ``result_config``'s comparison."""
+    return hashlib.sha256(json.dumps(_less_ignored(config), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _slug(text: str) -> str:
