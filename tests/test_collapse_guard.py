@@ -133,7 +133,8 @@ def test_wrong_labels_are_another_class_fixed_by_the_sample() -> None:
 
 def test_empty_reading_keeps_the_last_decision() -> None:
     guard = CollapseGuard("mlc", GuardParams(), rank=0, falling_back=True)
-    assert guard.update(0, label_reading([], CLASSES, CPU)) == {}
+    net = torch.nn.Linear(2, 2)
+    assert guard.update(0, label_reading([], CLASSES, CPU), net, torch.optim.SGD(net.parameters())) == {}
     assert guard.falling_back
 
 
@@ -205,6 +206,83 @@ def test_a_corrector_that_keeps_the_labels_is_healthy_and_ends_the_fallback(
     assert scalars["guard_fallback"] == 0.0
     assert "[guard] mlc epoch 2: healthy again" in caplog.text
     assert not method.on_given_labels
+
+
+# ---- undoing a collapsed epoch (guard_rollback) ----------------------------------------------------------
+
+
+def main_state(method: Method) -> dict[str, torch.Tensor]:
+    """The main network's tensors and the optimizer's momentum buffers, copied."""
+    state = {f"net.{k}": v.clone() for k, v in method.main.net.state_dict().items()}
+    for i, buffers in method.main.optimizer.state_dict()["state"].items():
+        state |= {f"opt.{i}.{k}": v.clone() for k, v in buffers.items() if isinstance(v, torch.Tensor)}
+    return state
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def steer(method: Method, steps: int = 2) -> None:
+    for _ in range(steps):
+        method.train_step(NOISY, rows(TRUSTED, slice(0, BATCH)))
+
+
+@pytest.mark.parametrize("name", ["mlc", "metalabelnet"])
+def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    params = {"warmup_epochs": "0"} if name == "metalabelnet" else {}
+    method = build(tmp_path, name, **params)  # in its first epoch, as the loop leaves it
+    steer(method)  # epoch 1's steps (its end is not read here: epoch 2 steers)
+    method.on_epoch_start(1)  # with momentum buffers from epoch 1, so their restore is checked too
+    start = main_state(method)
+    steer(method)
+    assert not same_state(main_state(method), start)
+    plant_one_class(method)
+    with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
+        scalars = method.on_epoch_end(1)
+    assert scalars["guard_rolled_back"] == 1.0 and scalars["guard_fallback"] == 1.0
+    assert same_state(main_state(method), start)  # bit for bit, network, BatchNorm buffers and momentum
+    assert "its training of the main model is undone (back to the start of epoch 2)" in caplog.text
+    # The next epoch trains on the given labels: collapsed again at its end, it is not undone.
+    method.on_epoch_start(2)
+    steer(method)
+    after_fallback = main_state(method)
+    assert method.on_epoch_end(2)["guard_rolled_back"] == 0.0
+    assert same_state(main_state(method), after_fallback)
+    summary = method.final_metrics()["collapse_guard"]
+    assert summary["fired_epochs"] == [2, 3] and summary["rolled_back_epochs"] == [2]
+
+
+@pytest.mark.parametrize(("name", "params"), [("mlc", {"guard_rollback": "false"}), ("mwnet", {})])
+def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, params: dict) -> None:
+    """Off by the setting, and by MW-Net's default (weights that do not separate still train on the
+    given labels)."""
+    method = build(tmp_path, name, **params)
+    method.on_epoch_start(0)
+    steer(method)
+    trained = main_state(method)
+    (plant_one_class if name == "mlc" else plant_equal_weights)(method)
+    scalars = method.on_epoch_end(0)
+    assert scalars["guard_fallback"] == 1.0 and "guard_rolled_back" not in scalars
+    assert same_state(main_state(method), trained)
+
+
+def test_a_run_resumed_inside_an_epoch_undoes_to_the_epochs_start(tmp_path: Path) -> None:
+    """The copy taken at the epoch's start is checkpointed with the guard: a run resumed mid-epoch undoes
+    to the same state as the run that was not interrupted, not to where it resumed."""
+    method = build(tmp_path, "mlc")
+    method.on_epoch_start(0)
+    start = main_state(method)
+    steer(method)
+    resumed = build(tmp_path, "mlc")
+    resumed.load_state_dict(copy.deepcopy(method.state_dict()))
+    resumed.on_epoch_start(0)  # as the loop does on resume
+    steer(resumed)
+    plant_one_class(resumed)
+    assert resumed.on_epoch_end(0)["guard_rolled_back"] == 1.0
+    assert same_state(main_state(resumed), start)
 
 
 def test_the_decision_survives_a_resume(tmp_path: Path) -> None:

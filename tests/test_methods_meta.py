@@ -436,8 +436,8 @@ def test_state_dict_round_trip_continues_bit_for_bit(tmp_path: Path, name: str) 
     # The hooks the loop may call on resume (the stage's start on a stage boundary, the epoch's start) must
     # not rebuild anything: no new encoder, no fresh soft-label net, no reset optimizer.
     assert resumed.on_stage_start(stages[-1], None) == {}
-    resumed.on_epoch_start(sum(s.epochs for s in stages))
-    for method in (original, resumed):
+    for method in (original, resumed):  # the next epoch's start, as the loop calls it in both runs
+        method.on_epoch_start(sum(s.epochs for s in stages))
         train(method, noisy, trusted, 3, first=7)
     a, b = state_tensors(original.state_dict()), state_tensors(resumed.state_dict())
     assert a.keys() == b.keys() and len(a) > 0

@@ -19,8 +19,19 @@ A reading outside the limits (``GuardParams``) is a collapse: rank 0 logs a warn
 the next epoch's real steps train the main model on the given labels (MetaLabelNet: cross-entropy; MW-Net:
 every weight 1; MLC: its loss with the given labels in place of the corrected ones) while the meta network
 keeps its meta updates, so it can recover. Each epoch is read again;
-the method steers again after the first healthy reading. Every rank computes the same reading (the
-counts are summed over ranks), so all ranks take the same decision.
+the method steers again after the first healthy reading.
+
+``guard_rollback`` (the label correctors' default): the collapsed epoch's training of the main model is also
+undone: its network and optimizer state go back to where they were when that epoch started, which the guard
+kept. Why: by the time the reading comes, the main model has trained a whole epoch on the collapsed labels,
+and a model that learns slowly does not come back from that within the epochs left (SST-2 with a 2-layer
+MiniLM: one such epoch left the model at chance for the rest of the run, benchmarks/README.md). Only epochs
+the meta network steered are undone (a fallback epoch trained on the given labels). MW-Net's default is
+off: its collapse is weights that do not separate, and an epoch under such weights is an epoch on the given
+labels, reweighted, not one on wrong targets. The copy is kept on the CPU and, in a checkpoint taken inside
+the epoch, checkpointed with the guard, so a resumed run undoes to the same state.
+
+Every rank computes the same reading (the counts are summed over ranks), so all ranks take the same decision.
 
 What the guard cannot see: the noisy set's true labels. A corrector that keeps the trusted labels but
 copies the main model's systematic confusions on the noisy set passes it. Measured against the true labels
@@ -31,13 +42,15 @@ than the given labels (MLC) may never get to steer, which costs its corrected la
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from raynoisy.meta.sync import all_reduce_sum_
 
@@ -52,6 +65,7 @@ class GuardParams:
     guard_min_kept: float = 0.6
     guard_max_class_excess: float = 0.3
     guard_min_separation: float = 0.05
+    guard_rollback: bool = True  # undo a collapsed epoch's training of the main model (MW-Net: off)
 
 
 @dataclass
@@ -140,23 +154,48 @@ class CollapseGuard:
     rank: int
     falling_back: bool = False
     fired_epochs: list[int] = field(default_factory=list)
+    rolled_back_epochs: list[int] = field(default_factory=list)
+    # With guard_rollback: the main model's state at the start of the epoch the meta network steers.
+    saved: dict[str, Any] | None = None
 
-    def update(self, epoch: int, reading: GuardReading) -> dict[str, float]:
-        """Decide for the epoch after ``epoch`` (0-based); returns the reading's scalars to log."""
+    def start_epoch(self, epoch: int, steered: bool, net: nn.Module, optimizer: Optimizer) -> None:
+        """Keep the main model's state at the start of ``epoch`` (0-based) if it may have to be undone."""
+        if not (self.limits.guard and self.limits.guard_rollback and steered):
+            self.saved = None
+        elif self.saved is None or self.saved["epoch"] != epoch:  # else resumed inside it: keep the start's
+            self.saved = {
+                "epoch": epoch,
+                "net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
+                "optimizer": copy.deepcopy(_to_cpu(optimizer.state_dict())),
+            }
+
+    def update(
+        self, epoch: int, reading: GuardReading, net: nn.Module, optimizer: Optimizer
+    ) -> dict[str, float]:
+        """Decide for the epoch after ``epoch`` (0-based), undoing ``epoch`` where it collapsed and
+        ``start_epoch`` kept its start; returns the reading's scalars to log."""
+        saved, self.saved = self.saved, None
         if reading.samples == 0:  # nothing to read (no trusted data on any rank): keep the last decision
             return {}
         problems = reading.problems(self.limits)
+        undo = bool(problems) and saved is not None and saved["epoch"] == epoch
+        if undo:
+            net.load_state_dict(saved["net"])
+            optimizer.load_state_dict(saved["optimizer"])
+            self.rolled_back_epochs.append(epoch + 1)
         if problems:
             self.fired_epochs.append(epoch + 1)
+            undone = f"its training of the main model is undone (back to the start of epoch {epoch + 1}). "
             self._warn(
-                f"[guard] {self.method} epoch {epoch + 1}: collapse — {'; '.join(problems)}. "
-                f"Epoch {epoch + 2} trains the main model on the given labels; "
+                f"[guard] {self.method} epoch {epoch + 1}: collapse — {'; '.join(problems)}; "
+                f"{undone if undo else ''}Epoch {epoch + 2} trains the main model on the given labels; "
                 "the meta network keeps learning."
             )
         elif self.falling_back:
             self._warn(f"[guard] {self.method} epoch {epoch + 1}: healthy again ({self._numbers(reading)}).")
         self.falling_back = bool(problems)
-        return reading.scalars() | {"guard_fallback": float(self.falling_back)}
+        scalars = reading.scalars() | {"guard_fallback": float(self.falling_back)}
+        return scalars | ({"guard_rolled_back": float(undo)} if self.limits.guard_rollback else {})
 
     def _warn(self, text: str) -> None:
         if self.rank == 0:
@@ -167,11 +206,35 @@ class CollapseGuard:
         return ", ".join(f"{k.removeprefix('guard_')} {v:.3f}" for k, v in reading.scalars().items())
 
     def summary(self) -> dict[str, Any]:
-        return {"collapse_guard": {"enabled": self.limits.guard, "fired_epochs": list(self.fired_epochs)}}
+        return {
+            "collapse_guard": {
+                "enabled": self.limits.guard,
+                "fired_epochs": list(self.fired_epochs),
+                "rolled_back_epochs": list(self.rolled_back_epochs),
+            }
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"falling_back": self.falling_back, "fired_epochs": list(self.fired_epochs)}
+        return {
+            "falling_back": self.falling_back,
+            "fired_epochs": list(self.fired_epochs),
+            "rolled_back_epochs": list(self.rolled_back_epochs),
+            "saved": self.saved,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.falling_back = bool(state["falling_back"])
         self.fired_epochs = list(state["fired_epochs"])
+        self.rolled_back_epochs = list(state["rolled_back_epochs"])
+        self.saved = state["saved"]
+
+
+def _to_cpu(value: Any) -> Any:
+    """A state dict's tensors on the CPU (nested dicts and lists kept)."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

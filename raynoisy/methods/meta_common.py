@@ -119,6 +119,7 @@ class TrustedMetaMethod(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
+        self.guard.start_epoch(epoch, not self.on_given_labels, self.main.net, self.main.optimizer)
 
     @property
     def on_given_labels(self) -> bool:
@@ -138,7 +139,9 @@ class TrustedMetaMethod(Method):
         if not self.params.guard or epoch + 1 < self.warmup_epochs:  # the next epoch warms up anyway
             return {}
         reading = self.guard_reading()
-        return {} if reading is None else self.guard.update(epoch, reading)
+        if reading is None:
+            return {}
+        return self.guard.update(epoch, reading, self.main.net, self.main.optimizer)
 
     def final_metrics(self) -> dict[str, Any]:
         return self.guard.summary()
