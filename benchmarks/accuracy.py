@@ -264,12 +264,20 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _guard(runs: list[dict]) -> str:
-    """Epochs the collapse guard fired in, per seed; flags a run whose corrected labels end less accurate
-    than the given ones while the guard never fired (a collapse it missed)."""
+    """Epochs the collapse guard fired in, per seed, and of them the epochs it undid (``guard_rollback``);
+    flags a run whose corrected labels end less accurate than the given ones while the guard never fired
+    (a collapse it missed)."""
     guards = [r.get("collapse_guard") for r in runs]
     if all(g is None for g in guards):
         return ""
-    text = " / ".join("off" if g is None or not g["enabled"] else str(len(g["fired_epochs"])) for g in guards)
+
+    def seed(g: dict | None) -> str:
+        if g is None or not g["enabled"]:
+            return "off"
+        undone = len(g.get("rolled_back_epochs", []))  # absent from runs before guard_rollback existed
+        return f"{len(g['fired_epochs'])}" + (f" ({undone} undone)" if undone else "")
+
+    text = " / ".join(seed(g) for g in guards)
     missed = sum(
         1
         for r, g in zip(runs, guards, strict=True)

@@ -211,7 +211,7 @@ def test_table_rows_deltas_and_label_quality() -> None:
             {
                 "test_accuracy": 0.87,
                 "label_correction": {"corrected_label_accuracy": 0.8, "given_label_accuracy": 0.6},
-                "collapse_guard": {"enabled": True, "fired_epochs": [1, 2]},
+                "collapse_guard": {"enabled": True, "fired_epochs": [1, 2], "rolled_back_epochs": [1]},
             },
         ],
         ("flip:0.4", "metalabelnet", ""): [
@@ -245,7 +245,8 @@ def test_table_rows_deltas_and_label_quality() -> None:
     )
     assert "| 0.8600 ± 0.0141 |" in rows[1] and "| +0.0400 |" in rows[1]
     assert "| 0.8500 / 0.8700 |  | +0.0400 |" in rows[1]  # no last-epoch figure in these metrics
-    assert rows[1].endswith("| 0.8500 (0.6000) | off / 2 |")  # the first run has no guard record
+    # the first run has no guard record; the second's guard fired twice and undid one epoch
+    assert rows[1].endswith("| 0.8500 (0.6000) | off / 2 (1 undone) |")
     # worse corrected labels: seed 0's guard stayed silent (flagged), seed 1's fired, seed 2 ran unguarded
     assert rows[2].endswith("| 0 / 1 / off — 2 run(s) with worse corrected labels and a silent guard |")
     # a variant row without its own ce baseline is compared with the plain ce row
