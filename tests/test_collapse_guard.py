@@ -244,7 +244,7 @@ def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
         scalars = method.on_epoch_end(1)
     assert scalars["guard_rolled_back"] == 1.0 and scalars["guard_fallback"] == 1.0
     assert same_state(main_state(method), start)  # bit for bit, network, BatchNorm buffers and momentum
-    assert "its training of the main model is undone (back to the start of epoch 2)" in caplog.text
+    assert "Its training of the main model is undone (back to the start of epoch 2)" in caplog.text
     # The next epoch trains on the given labels: collapsed again at its end, it is not undone.
     method.on_epoch_start(2)
     steer(method)

@@ -185,9 +185,9 @@ class CollapseGuard:
             self.rolled_back_epochs.append(epoch + 1)
         if problems:
             self.fired_epochs.append(epoch + 1)
-            undone = f"its training of the main model is undone (back to the start of epoch {epoch + 1}). "
+            undone = f"Its training of the main model is undone (back to the start of epoch {epoch + 1}). "
             self._warn(
-                f"[guard] {self.method} epoch {epoch + 1}: collapse — {'; '.join(problems)}; "
+                f"[guard] {self.method} epoch {epoch + 1}: collapse — {'; '.join(problems)}. "
                 f"{undone if undo else ''}Epoch {epoch + 2} trains the main model on the given labels; "
                 "the meta network keeps learning."
             )
