@@ -132,6 +132,50 @@ def test_the_report_renders_from_a_finished_run(tmp_path):
     assert "`noisy` (0–2) → `corrected` (2–4)" in report
 
 
+def _with_guard(folder: Path, guard: dict, readings: list[dict]) -> Path:
+    """The finished run as a meta method's: the guard's summary, and its readings in the epochs' ends."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["method"], metrics["collapse_guard"] = "mlc", guard
+    ends = [h for h in metrics["history"] if h["step"] == 0]
+    for entry, reading in zip(ends, readings, strict=True):
+        entry.update(reading)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_the_report_says_what_the_collapse_guard_did(tmp_path):
+    def reading(kept: float, fallback: float, undone: float) -> dict:
+        return {
+            "train_guard_kept": kept,
+            "train_guard_class_excess": 0.1,
+            "train_guard_fallback": fallback,
+            "train_guard_rolled_back": undone,
+        }
+
+    guard = {"enabled": True, "fired_epochs": [2, 3], "rolled_back_epochs": [2]}
+    readings = [reading(0.9, 0, 0), reading(0.2, 1, 1), reading(0.3, 1, 0), reading(0.8, 0, 0)]
+    report = write_run_report(_with_guard(_finished_run(tmp_path / "run"), guard, readings)).read_text()
+    section = report.split("## Collapse guard")[1].split("## ")[0]
+    assert "collapsed after epoch(s) 2, 3" in section
+    assert "undid the main model's training in epoch(s) 2" in section
+    assert "ended collapsed" not in section  # epoch 4 read healthy
+    assert "| 2 | 0.200 | 0.100 | yes | yes | 0.7000 |" in section  # epoch 2's row, val accuracy last
+    table_rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == 1 + 4  # the header, one row per epoch end (not the step evaluation)
+    # A run that ends collapsed says its meta network's view is not to be trusted; one never fired, so.
+    readings[-1] = reading(0.3, 1, 0)
+    guard = {"enabled": True, "fired_epochs": [2, 3, 4], "rolled_back_epochs": [2]}
+    report = write_run_report(_with_guard(_finished_run(tmp_path / "ended"), guard, readings)).read_text()
+    assert "The run ended collapsed" in report
+    quiet = [reading(0.9, 0, 0)] * 4
+    guard = {"enabled": True, "fired_epochs": [], "rolled_back_epochs": []}
+    report = write_run_report(_with_guard(_finished_run(tmp_path / "quiet"), guard, quiet)).read_text()
+    assert "it never fired" in report
+    guard = {"enabled": False, "fired_epochs": []}
+    report = write_run_report(_with_guard(_finished_run(tmp_path / "off"), guard, quiet)).read_text()
+    assert "Off (`method.params.guard=false`)" in report
+
+
 def test_a_run_without_true_labels_or_label_issues_still_renders(tmp_path):
     no_truth = write_run_report(_finished_run(tmp_path / "no-truth", true_labels=False)).read_text()
     assert "no true labels are known" in no_truth and "**empirical**" not in no_truth

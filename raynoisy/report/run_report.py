@@ -149,6 +149,7 @@ def write_run_report(run_dir: str | Path) -> Path:
         _transition_section(run, figures),
         _label_issue_section(run, figures),
         _classes_section(run, figures),
+        _guard_section(run),
         _files_section(run_dir),
     ]
     path = run_dir / REPORT
@@ -617,6 +618,68 @@ def _classes_section(run: RunData, figures: Path) -> str:
             _table(["class", "samples labelled", "flagged", "actually wrong"], rows),
         ]
     )
+
+
+# --- collapse guard ---
+
+GUARD_COLUMNS = {  # history key -> column: the readings of raynoisy.methods.collapse_guard
+    "train_guard_kept": "trusted labels kept",
+    "train_guard_class_excess": "class excess",
+    "train_guard_separation": "weight separation",
+    "train_guard_fallback": "next epoch on given labels",
+    "train_guard_rolled_back": "epoch undone",
+}
+
+
+def _epochs_text(epochs: Sequence[int]) -> str:
+    return ", ".join(str(e) for e in epochs)
+
+
+def _guard_section(run: RunData) -> str:
+    """What the collapse guard read and did, per epoch: a run whose meta network collapsed says so here."""
+    guard = run.metrics.get("collapse_guard")
+    if guard is None:
+        return ""
+    if not guard.get("enabled"):
+        return (
+            "## Collapse guard\n\nOff (`method.params.guard=false`): the meta network steered every epoch"
+            " unchecked."
+        )
+    fired, undone = guard.get("fired_epochs", []), guard.get("rolled_back_epochs", [])
+    ends = [h for h in run.metrics["history"] if not h.get("step") and "train_guard_fallback" in h]
+    if fired:
+        text = (
+            f"The guard read the meta network on the trusted set after every epoch and found it collapsed"
+            f" after epoch(s) {_epochs_text(fired)}; each following epoch trained the main model on the"
+            " given labels."
+        )
+        if undone:
+            text += (
+                f" It undid the main model's training in epoch(s) {_epochs_text(undone)} (back to its state"
+                " at the start of the epoch)."
+            )
+        if ends and ends[-1]["train_guard_fallback"]:
+            text += (
+                " The run ended collapsed: its corrected labels or weights are not the method's view to"
+                " trust, and its label issues come from the best-validation model's predictions."
+            )
+    else:
+        text = "The guard read the meta network on the trusted set after every epoch; it never fired."
+    columns = [key for key in GUARD_COLUMNS if any(key in h for h in ends)]
+
+    def cell(key: str, value: Any) -> str:
+        if key in ("train_guard_fallback", "train_guard_rolled_back"):
+            return "" if value is None else ("yes" if value else "no")
+        return _num(value if value is None else float(value), 3)
+
+    rows = [
+        [h.get("epoch", "?"), *(cell(key, h.get(key)) for key in columns), _num(h.get("val_accuracy"))]
+        for h in ends
+    ]
+    lines = ["## Collapse guard", "", text]
+    if rows:
+        lines += ["", _table(["epoch", *(GUARD_COLUMNS[k] for k in columns), "val accuracy"], rows)]
+    return "\n".join(lines)
 
 
 def _files_section(run_dir: Path) -> str:
