@@ -159,10 +159,10 @@ def test_a_bad_trial_refuses_the_whole_sweep_before_anything_starts(
     assert not out.exists()
 
 
-def _plan(tmp_path, **flags):
+def _plan(tmp_path, method="ce", **flags):
     return plan_sweep(
         dataset="digits",
-        methods=["ce"],
+        methods=[method],
         noise="flip",
         rates=[0.2],
         seeds=1,
@@ -193,15 +193,7 @@ def test_a_trial_run_under_another_method_default_is_not_finished(tmp_path):
     """The driver's config.json records every method param (config_record); a run whose recorded value is not
     this code's default was trained under another default and is not this trial. Params this code does not
     know (since removed) match nothing; a config.json naming only the params set matches on those."""
-    trial = plan_sweep(
-        dataset="digits",
-        methods=["mwnet"],
-        noise="flip",
-        rates=[0.2],
-        seeds=1,
-        output=str(tmp_path),
-        flags={},
-    ).trials[0]
+    trial = _plan(tmp_path, "mwnet").trials[0]
     trial.run_dir.mkdir(parents=True)
     (trial.run_dir / "metrics.json").write_text("{}")
     saved = config_record(trial.cfg)
