@@ -232,7 +232,7 @@ def steer(method: Method, steps: int = 2) -> None:
 def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
-    params = {"warmup_epochs": "0"} if name == "metalabelnet" else {}
+    params = {"warmup_epochs": "0", "guard_rollback": "true"} if name == "metalabelnet" else {}
     method = build(tmp_path, name, **params)  # in its first epoch, as the loop leaves it
     steer(method)  # epoch 1's steps (its end is not read here: epoch 2 steers)
     method.on_epoch_start(1)  # with momentum buffers from epoch 1, so their restore is checked too
@@ -255,15 +255,17 @@ def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
     assert summary["fired_epochs"] == [2, 3] and summary["rolled_back_epochs"] == [2]
 
 
-@pytest.mark.parametrize(("name", "params"), [("mlc", {"guard_rollback": "false"}), ("mwnet", {})])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("mlc", {"guard_rollback": "false"}), ("mwnet", {}), ("metalabelnet", {"warmup_epochs": "0"})],
+)
 def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, params: dict) -> None:
-    """Off by the setting, and by MW-Net's default (weights that do not separate still train on the
-    given labels)."""
+    """Off by the setting, and by MW-Net's and MetaLabelNet's defaults."""
     method = build(tmp_path, name, **params)
     method.on_epoch_start(0)
     steer(method)
     trained = main_state(method)
-    (plant_one_class if name == "mlc" else plant_equal_weights)(method)
+    (plant_equal_weights if name == "mwnet" else plant_one_class)(method)
     scalars = method.on_epoch_end(0)
     assert scalars["guard_fallback"] == 1.0 and "guard_rolled_back" not in scalars
     assert same_state(main_state(method), trained)
