@@ -232,8 +232,8 @@ def steer(method: Method, steps: int = 2) -> None:
 def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
-    params = {"warmup_epochs": "0", "guard_rollback": "true"} if name == "metalabelnet" else {}
-    method = build(tmp_path, name, **params)  # in its first epoch, as the loop leaves it
+    params = {"warmup_epochs": "0"} if name == "metalabelnet" else {}
+    method = build(tmp_path, name, guard_rollback="true", **params)  # in its first epoch, as the loop has it
     steer(method)  # epoch 1's steps (its end is not read here: epoch 2 steers)
     method.on_epoch_start(1)  # with momentum buffers from epoch 1, so their restore is checked too
     start = main_state(method)
@@ -257,10 +257,15 @@ def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("mlc", {"guard_rollback": "false"}), ("mwnet", {}), ("metalabelnet", {"warmup_epochs": "0"})],
+    [
+        ("mlc", {}),
+        ("mwnet", {}),
+        ("metalabelnet", {"warmup_epochs": "0"}),
+        ("mlc", {"guard_rollback": "false"}),
+    ],
 )
 def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, params: dict) -> None:
-    """Off by the setting, and by MW-Net's and MetaLabelNet's defaults."""
+    """The default, and the setting off."""
     method = build(tmp_path, name, **params)
     method.on_epoch_start(0)
     steer(method)
@@ -274,11 +279,11 @@ def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, p
 def test_a_run_resumed_inside_an_epoch_undoes_to_the_epochs_start(tmp_path: Path) -> None:
     """The copy taken at the epoch's start is checkpointed with the guard: a run resumed mid-epoch undoes
     to the same state as the run that was not interrupted, not to where it resumed."""
-    method = build(tmp_path, "mlc")
+    method = build(tmp_path, "mlc", guard_rollback="true")
     method.on_epoch_start(0)
     start = main_state(method)
     steer(method)
-    resumed = build(tmp_path, "mlc")
+    resumed = build(tmp_path, "mlc", guard_rollback="true")
     resumed.load_state_dict(copy.deepcopy(method.state_dict()))
     resumed.on_epoch_start(0)  # as the loop does on resume
     steer(resumed)

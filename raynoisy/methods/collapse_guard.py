@@ -21,17 +21,17 @@ every weight 1; MLC: its loss with the given labels in place of the corrected on
 keeps its meta updates, so it can recover. Each epoch is read again;
 the method steers again after the first healthy reading.
 
-``guard_rollback`` (MLC's default): the collapsed epoch's training of the main model is also undone: its
-network and optimizer state go back to where they were when that epoch started, which the guard kept. Why:
-by the time the reading comes, the main model has trained a whole epoch on the collapsed labels, and a model
-that learns slowly does not come back from that within the epochs left (SST-2 with a 2-layer MiniLM: one
-such epoch left the model at chance for the rest of the run, benchmarks/README.md). Only epochs the meta
-network steered are undone (a fallback epoch trained on the given labels). Off by default for MW-Net, whose
-collapse is weights that do not separate (an epoch under them is an epoch on the given labels, reweighted,
-not one on wrong targets), and for MetaLabelNet, whose soft labels swing from epoch to epoch and recover:
-undoing its swings cost it 3.5 points on Fashion-MNIST flip 0.4 (benchmarks/README.md). The copy is kept
-on the CPU and, in a checkpoint taken inside the epoch, checkpointed with the guard, so a resumed run
-undoes to the same state.
+``guard_rollback`` (off by default): the collapsed epoch's training of the main model is also undone: its
+network and optimizer state go back to where they were when that epoch started, which the guard kept, and
+the next epoch trains from there on the given labels. Why: by the time the reading comes, the main model
+has trained a whole epoch on the collapsed labels, and a model that learns slowly does not come back from
+that within the epochs left (SST-2 with a 2-layer MiniLM: one such epoch left the model at chance for the
+rest of the run). Only epochs the meta network steered are undone (a fallback epoch trained on the given
+labels). Why off: measured on Fashion-MNIST (benchmarks/README.md, "Undoing a collapsed epoch") it leaves
+MLC's accuracy where it was with corrected labels a little worse, and costs MetaLabelNet, whose soft labels
+swing and recover, 3.5 points; it is for the run whose guard caught a swap the model did not recover from.
+The copy is kept on the CPU and, in a checkpoint taken inside the epoch, checkpointed with the guard, so a
+resumed run undoes to the same state.
 
 Every rank computes the same reading (the counts are summed over ranks), so all ranks take the same decision.
 
@@ -67,7 +67,7 @@ class GuardParams:
     guard_min_kept: float = 0.6
     guard_max_class_excess: float = 0.3
     guard_min_separation: float = 0.05
-    guard_rollback: bool = True  # undo a collapsed epoch's main-model training (mwnet, metalabelnet: off)
+    guard_rollback: bool = False  # also undo a collapsed epoch's training of the main model
 
 
 @dataclass

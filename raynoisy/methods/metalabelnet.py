@@ -102,7 +102,6 @@ class MetaLabelNetParams(TrustedMetaParams):
     warmup_epochs: int | None = None
     slp_init: str = "encoder"
     cache_features: bool = True
-    guard_rollback: bool = False  # measured: undoing its swings cost 3.5 points on flip 0.4 (benchmarks)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -125,7 +125,6 @@ class MWNetParams(TrustedMetaParams):
     warmup_epochs: int = 0
     weighting: str = "net"  # net: the paper's weight net v(loss) | example: per-example gradient alignment
     train_on_trusted: bool = False  # the real step also trains on the trusted batch (a deviation)
-    guard_rollback: bool = False  # an epoch under weights that do not separate still trains on given labels
 
     def __post_init__(self) -> None:
         super().__post_init__()
