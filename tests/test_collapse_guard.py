@@ -35,11 +35,12 @@ TRUSTED = toy_batch(128, noise=0.0, seed=7, first_id=10_000)
 NOISY = toy_batch(BATCH, noise=0.4, seed=8)
 
 
-def build(tmp_path: Path, name: str, **params: object) -> Method:
+def build(tmp_path: Path, name: str, schedule: str = "multistep", **params: object) -> Method:
+    flags = {"model.name": MLP, "optim.batch_size": BATCH, "optim.epochs": 3, "optim.schedule": schedule}
     cfg = resolve_config(
         "digits",
         name,
-        flags={"run.output": str(tmp_path), "model.name": MLP, "optim.batch_size": BATCH, "optim.epochs": 3},
+        flags={"run.output": str(tmp_path), **flags},
         overrides=[f"method.params.{k}={v}" for k, v in params.items()],
     )
     trusted = [rows(TRUSTED, slice(i, i + BATCH)) for i in range(0, len(TRUSTED), BATCH)]
@@ -233,17 +234,21 @@ def test_a_collapsed_epoch_is_undone_and_the_fallback_epoch_is_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
     params = {"warmup_epochs": "0"} if name == "metalabelnet" else {}
-    method = build(tmp_path, name, guard_rollback="true", **params)  # in its first epoch, as the loop has it
+    # In its first epoch, as the loop has it; a cosine schedule, so that the lr moves within an epoch.
+    method = build(tmp_path, name, schedule="cosine", guard_rollback="true", **params)
     steer(method)  # epoch 1's steps (its end is not read here: epoch 2 steers)
     method.on_epoch_start(1)  # with momentum buffers from epoch 1, so their restore is checked too
-    start = main_state(method)
+    start, lr_at_start = main_state(method), method.main.lr
     steer(method)
     assert not same_state(main_state(method), start)
+    lr_scheduled = method.main.lr
+    assert lr_scheduled != lr_at_start
     plant_one_class(method)
     with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
         scalars = method.on_epoch_end(1)
     assert scalars["guard_rolled_back"] == 1.0 and scalars["guard_fallback"] == 1.0
     assert same_state(main_state(method), start)  # bit for bit, network, BatchNorm buffers and momentum
+    assert method.main.lr == lr_scheduled  # the schedule goes on: the lr is not undone
     assert "Its training of the main model is undone (back to the start of epoch 2)" in caplog.text
     # The next epoch trains on the given labels: collapsed again at its end, it is not undone.
     method.on_epoch_start(2)
@@ -274,6 +279,18 @@ def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, p
     scalars = method.on_epoch_end(0)
     assert scalars["guard_fallback"] == 1.0 and "guard_rolled_back" not in scalars
     assert same_state(main_state(method), trained)
+
+
+def test_an_old_checkpoint_without_the_rollback_fields_loads(tmp_path: Path) -> None:
+    method = build(tmp_path, "mlc")
+    state = copy.deepcopy(method.state_dict())
+    del state["guard"]["rolled_back_epochs"], state["guard"]["saved"]
+    build(tmp_path, "mlc").load_state_dict(state)
+
+
+def test_mwnet_refuses_a_rollback_it_has_no_reading_for(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="guard_rollback"):
+        build(tmp_path, "mwnet", weighting="example", guard_rollback="true")
 
 
 def test_a_run_resumed_inside_an_epoch_undoes_to_the_epochs_start(tmp_path: Path) -> None:

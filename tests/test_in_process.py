@@ -30,7 +30,7 @@ from raynoisy.models.text_encoder import MINILM
 from raynoisy.train import in_process
 from raynoisy.train.in_process import check_in_process, load_splits, train_in_process
 from raynoisy.train.preflight import resolve_config
-from raynoisy.train.prepare import input_spec, prepare
+from raynoisy.train.prepare import config_record, input_spec, prepare
 
 BATCH = 64
 
@@ -70,7 +70,7 @@ def test_ce_trains_hides_true_labels_and_writes_the_driver_files(tmp_path, monke
     assert metrics["test_accuracy"] > 0.5  # ten classes: chance is 0.1
     assert metrics["epochs"] == 2 and metrics["backend"] == "in-process"
     out = Path(cfg.run.output)
-    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert json.loads((out / "config.json").read_text()) == config_record(cfg)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and history == metrics["history"]

@@ -30,8 +30,11 @@ rest of the run). Only epochs the meta network steered are undone (a fallback ep
 labels). Why off: measured on Fashion-MNIST (benchmarks/README.md, "Undoing a collapsed epoch") it leaves
 MLC's accuracy where it was with corrected labels a little worse, and costs MetaLabelNet, whose soft labels
 swing and recover, 3.5 points; it is for the run whose guard caught a swap the model did not recover from.
-The copy is kept on the CPU and, in a checkpoint taken inside the epoch, checkpointed with the guard, so a
-resumed run undoes to the same state.
+The copy (network and optimizer state; the learning rate stays where the schedule is) is kept on the CPU
+and, in a checkpoint taken inside the epoch, checkpointed with the guard, so a resumed run undoes to the
+same state. The undone epoch's evaluation sees the restored model, so the best-validation selection may
+pick it under that epoch's number (for MetaLabelNet, undoing the first meta epoch restores the warm-up
+stage's best model, which then becomes selectable in the meta stage).
 
 Every rank computes the same reading (the counts are summed over ranks), so all ranks take the same decision.
 
@@ -44,7 +47,6 @@ than the given labels (MLC) may never get to steer, which costs its corrected la
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -167,8 +169,8 @@ class CollapseGuard:
         elif self.saved is None or self.saved["epoch"] != epoch:  # else resumed inside it: keep the start's
             self.saved = {
                 "epoch": epoch,
-                "net": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
-                "optimizer": copy.deepcopy(_to_cpu(optimizer.state_dict())),
+                "net": _to_cpu(net.state_dict()),
+                "optimizer_state": _to_cpu(optimizer.state_dict()["state"]),  # momentum; not the lr
             }
 
     def update(
@@ -181,9 +183,9 @@ class CollapseGuard:
             return {}
         problems = reading.problems(self.limits)
         undo = bool(problems) and saved is not None and saved["epoch"] == epoch
-        if undo:
+        if undo:  # the lr stays where the schedule is: param_groups are the current ones
             net.load_state_dict(saved["net"])
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer.load_state_dict({**optimizer.state_dict(), "state": saved["optimizer_state"]})
             self.rolled_back_epochs.append(epoch + 1)
         if problems:
             self.fired_epochs.append(epoch + 1)
@@ -227,8 +229,9 @@ class CollapseGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.falling_back = bool(state["falling_back"])
         self.fired_epochs = list(state["fired_epochs"])
-        self.rolled_back_epochs = list(state["rolled_back_epochs"])
-        self.saved = state["saved"]
+        self.rolled_back_epochs = list(state.get("rolled_back_epochs", []))  # absent before guard_rollback
+        saved = state.get("saved")
+        self.saved = None if saved is None else _to_cpu(saved)  # checkpoints load onto the run's device
 
 
 def _to_cpu(value: Any) -> Any:

@@ -136,10 +136,11 @@ class TrustedMetaMethod(Method):
         return iter(()) if self.ctx.iter_split is None else self.ctx.iter_split("trusted")
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        if not self.params.guard or epoch + 1 < self.warmup_epochs:  # the next epoch warms up anyway
-            return {}
-        reading = self.guard_reading()
+        reading = None
+        if self.params.guard and epoch + 1 >= self.warmup_epochs:  # else the next epoch warms up anyway
+            reading = self.guard_reading()
         if reading is None:
+            self.guard.saved = None  # nothing read, so nothing to undo
             return {}
         return self.guard.update(epoch, reading, self.main.net, self.main.optimizer)
 

@@ -150,6 +150,12 @@ class MWNetParams(TrustedMetaParams):
             f"is {self.meta_every} with weighting example, whose weights need a trusted batch every step",
             "use meta_every 1 with weighting example",
         )
+        check_param(
+            self.weighting == "net" or not self.guard_rollback,
+            "guard_rollback",
+            "is on with weighting example, which the collapse guard has no reading of (nothing to undo)",
+            "use weighting net, or guard_rollback false",
+        )
 
 
 @register_method

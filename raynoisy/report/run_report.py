@@ -647,11 +647,16 @@ def _guard_section(run: RunData) -> str:
         )
     fired, undone = guard.get("fired_epochs", []), guard.get("rolled_back_epochs", [])
     ends = [h for h in run.metrics["history"] if not h.get("step") and "train_guard_fallback" in h]
-    if fired:
+    read = f"The guard read the meta network on the trusted set after {len(ends)} epoch(s)"
+    if not ends:
         text = (
-            f"The guard read the meta network on the trusted set after every epoch and found it collapsed"
-            f" after epoch(s) {_epochs_text(fired)}; each following epoch trained the main model on the"
-            " given labels."
+            "The guard had nothing to read: no epoch ended with the meta network steering (a warm-up, or a"
+            " setting the guard has no reading of)."
+        )
+    elif fired:
+        text = (
+            f"{read} and found it collapsed after epoch(s) {_epochs_text(fired)}; each following epoch"
+            " trained the main model on the given labels."
         )
         if undone:
             text += (
@@ -664,7 +669,7 @@ def _guard_section(run: RunData) -> str:
                 " trust, and its label issues come from the best-validation model's predictions."
             )
     else:
-        text = "The guard read the meta network on the trusted set after every epoch; it never fired."
+        text = f"{read}; it never fired."
     columns = [key for key in GUARD_COLUMNS if any(key in h for h in ends)]
 
     def cell(key: str, value: Any) -> str:
