@@ -173,6 +173,10 @@ class CollapseGuard:
                 "optimizer_state": _to_cpu(optimizer.state_dict()["state"]),  # momentum; not the lr
             }
 
+    def nothing_read(self) -> None:
+        """The epoch ended without a reading (warm-up, no reading in this setting): nothing to undo."""
+        self.saved = None
+
     def update(
         self, epoch: int, reading: GuardReading, net: nn.Module, optimizer: Optimizer
     ) -> dict[str, float]:

@@ -140,7 +140,7 @@ class TrustedMetaMethod(Method):
         if self.params.guard and epoch + 1 >= self.warmup_epochs:  # else the next epoch warms up anyway
             reading = self.guard_reading()
         if reading is None:
-            self.guard.saved = None  # nothing read, so nothing to undo
+            self.guard.nothing_read()
             return {}
         return self.guard.update(epoch, reading, self.main.net, self.main.optimizer)
 

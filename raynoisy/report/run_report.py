@@ -663,7 +663,7 @@ def _guard_section(run: RunData) -> str:
                 f" It undid the main model's training in epoch(s) {_epochs_text(undone)} (back to its state"
                 " at the start of the epoch)."
             )
-        if ends and ends[-1]["train_guard_fallback"]:
+        if ends[-1]["train_guard_fallback"]:
             text += (
                 " The run ended collapsed: its corrected labels or weights are not the method's view to"
                 " trust, and its label issues come from the best-validation model's predictions."
