@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sklearn.metrics import confusion_matrix
 from test_methods_meta import BATCH, CLASSES, MLP, SIDE, rows, toy_batch
 
 from raynoisy.errors import ConfigError
@@ -106,20 +107,43 @@ def step_matches_cross_entropy(method: Method) -> bool:
 def test_label_reading_by_hand() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     corrected = torch.tensor([0, 0, 0, 1, 0, 2, 3, 0])  # 5 kept; class 0 has 5 of 8 against 2 of 8
+    predicted = torch.tensor([1, 1, 1, 1, 1, 2, 3, 3])  # class 1 takes 3 of the 6 labelled otherwise
     soft = torch.nn.functional.one_hot(corrected, CLASSES).float()
+    logits = torch.nn.functional.one_hot(predicted, CLASSES).float()
     # two batches, as a rank's trusted pass gives them
-    reading = label_reading([(soft[:3], labels[:3]), (soft[3:], labels[3:])], CLASSES, CPU)
+    batches = [(soft[:3], logits[:3], labels[:3]), (soft[3:], logits[3:], labels[3:])]
+    reading = label_reading(batches, CLASSES, CPU)
     assert reading.samples == 8
     assert reading.kept == pytest.approx(5 / 8)
     assert reading.class_excess == pytest.approx((5 - 2) / 8)
+    assert reading.model_one_class == pytest.approx(3 / 6)
     assert reading.separation is None
 
 
 def test_weight_reading_by_hand() -> None:
     right, wrong = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.1, 0.2, 0.9])
-    reading = weight_reading([(right[:1], wrong[:1]), (right[1:], wrong[1:])], CPU)
+    labels, predicted = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1])
+    logits = torch.nn.functional.one_hot(predicted, CLASSES).float()
+    batches = [(right[:1], wrong[:1], logits[:1], labels[:1]), (right[1:], wrong[1:], logits[1:], labels[1:])]
+    reading = weight_reading(batches, CLASSES, CPU)
     assert reading.samples == 3
     assert reading.separation == pytest.approx((2.4 - 1.2) / 3)
+    assert reading.model_one_class == pytest.approx(1 / 2)  # class 1 takes one of the two labelled 0 or 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_model_one_class_against_a_confusion_matrix(seed: int) -> None:
+    """Per class c: off-diagonal entries of column c (predicted c, labelled otherwise) over the samples
+    labelled otherwise, from sklearn's confusion matrix; the largest of them."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (200,), generator=generator)
+    logits = torch.randn(200, CLASSES, generator=generator) + 3 * torch.nn.functional.one_hot(labels, CLASSES)
+    matrix = confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), labels=range(CLASSES))
+    others = matrix.sum() - matrix.sum(axis=1)
+    expected = max((matrix[:, c].sum() - matrix[c, c]) / others[c] for c in range(CLASSES))
+    soft = torch.nn.functional.one_hot(labels, CLASSES).float()
+    reading = label_reading([(soft, logits, labels)], CLASSES, CPU)
+    assert reading.model_one_class == pytest.approx(expected)
 
 
 def test_wrong_labels_are_another_class_fixed_by_the_sample() -> None:
@@ -148,6 +172,9 @@ def test_empty_reading_keeps_the_last_decision() -> None:
         (GuardReading(samples=10, separation=0.04), True),
         (GuardReading(samples=10, separation=-0.5), True),
         (GuardReading(samples=10, separation=0.06), False),
+        (GuardReading(samples=10, kept=0.9, class_excess=0.0, model_one_class=0.91), True),
+        (GuardReading(samples=10, separation=0.5, model_one_class=0.91), True),
+        (GuardReading(samples=10, separation=0.5, model_one_class=0.89), False),
     ],
 )
 def test_limits(reading: GuardReading, fires: bool) -> None:
@@ -207,6 +234,37 @@ def test_a_corrector_that_keeps_the_labels_is_healthy_and_ends_the_fallback(
     assert scalars["guard_fallback"] == 0.0
     assert "[guard] mlc epoch 2: healthy again" in caplog.text
     assert not method.on_given_labels
+
+
+def plant_one_class_model(method: Method) -> None:
+    """The main model predicts class 0 for everything; its features, which MLC's corrector reads, stay."""
+    layer = last_layer(method.main.net)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        layer.bias[0] = 50.0
+
+
+@pytest.mark.parametrize("name", ["mlc", "metalabelnet", "mwnet"])
+def test_a_one_class_main_model_is_caught(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    params = {"mlc": {"skip": "true"}, "metalabelnet": {"warmup_epochs": "0"}, "mwnet": {}}[name]
+    method = build(tmp_path, name, **params)
+    if name == "mlc":  # α = 1: the corrected label is the given one, the corrector reads healthy
+        with torch.no_grad():
+            last_layer(method.corrector).bias[CLASSES] = 50.0
+    before = method.on_epoch_end(0)
+    assert before["guard_model_one_class"] < 0.9  # an untrained model spreads its predictions
+    plant_one_class_model(method)
+    with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
+        scalars = method.on_epoch_end(1)
+    assert scalars["guard_model_one_class"] == pytest.approx(1.0)
+    assert scalars["guard_fallback"] == 1.0
+    assert "the main model puts 100.0% of the other classes' trusted samples into one class" in caplog.text
+    if name == "mlc":  # only the model's reading fired
+        assert before["guard_fallback"] == 0.0 and scalars["guard_kept"] == pytest.approx(1.0)
+    assert step_matches_cross_entropy(method)
 
 
 # ---- undoing a collapsed epoch (guard_rollback) ----------------------------------------------------------

@@ -13,7 +13,15 @@ the guard reads the meta network on the trusted set, whose labels are right by c
   its share of the trusted labels (0 when the histograms match, 1 - 1/K when one class takes everything);
 - sample weights (``mwnet``): the weight of each trusted sample's loss under its label and under a wrong
   label (another class, fixed per sample by its id). ``separation``: mean weight of the right labels minus
-  mean weight of the wrong ones; 0 when the weights are all equal, negative when inverted.
+  mean weight of the wrong ones; 0 when the weights are all equal, negative when inverted;
+- the main model, for every method: ``model_one_class``, the largest share of the other classes' trusted
+  samples that the main model predicts as one class (1 for a model that predicts one class for everything,
+  about 1/K for one that guesses; per class c: trusted samples predicted c but labelled otherwise, over
+  the trusted samples labelled otherwise). Why: the meta network can read healthy while the model it
+  steers has collapsed (SST-2 with a 2-layer MiniLM, benchmarks/README.md: a model at chance for a whole
+  run, predicting one class, with its corrector keeping 77% of the trusted labels); the model's own
+  predictions on the trusted set show it. The limit is set for a degenerate model, not a weak one: a model
+  that learns anything spreads its predictions.
 
 A reading outside the limits (``GuardParams``) is a collapse: rank 0 logs a warning with the numbers, and
 the next epoch's real steps train the main model on the given labels (MetaLabelNet: cross-entropy; MW-Net:
@@ -69,6 +77,7 @@ class GuardParams:
     guard_min_kept: float = 0.6
     guard_max_class_excess: float = 0.3
     guard_min_separation: float = 0.05
+    guard_max_model_one_class: float = 0.9
     guard_rollback: bool = False  # also undo a collapsed epoch's training of the main model
 
 
@@ -80,6 +89,7 @@ class GuardReading:
     kept: float | None = None
     class_excess: float | None = None
     separation: float | None = None
+    model_one_class: float | None = None
 
     def problems(self, limits: GuardParams) -> list[str]:
         out = []
@@ -98,35 +108,71 @@ class GuardReading:
                 f"right labels weigh {self.separation:+.3f} more than wrong ones on average "
                 f"(guard_min_separation {limits.guard_min_separation})"
             )
+        if self.model_one_class is not None and self.model_one_class > limits.guard_max_model_one_class:
+            out.append(
+                f"the main model puts {self.model_one_class:.1%} of the other classes' trusted samples into "
+                f"one class (guard_max_model_one_class {limits.guard_max_model_one_class:.0%})"
+            )
         return out
 
     def scalars(self) -> dict[str, float]:
-        named = {"kept": self.kept, "class_excess": self.class_excess, "separation": self.separation}
+        named = {
+            "kept": self.kept,
+            "class_excess": self.class_excess,
+            "separation": self.separation,
+            "model_one_class": self.model_one_class,
+        }
         return {f"guard_{k}": v for k, v in named.items() if v is not None}
 
 
-def label_reading(
-    pairs: Iterable[tuple[Tensor, Tensor]], num_classes: int, device: torch.device
-) -> GuardReading:
-    """From (soft labels [B, C], trusted labels [B]) of this rank's trusted share, summed over ranks.
+class _ModelCounts:
+    """Per class, over this rank's trusted share: samples labelled with it, predicted as it by the main
+    model, and predicted as it rightly; the counts live on ``device`` from the start, so that a rank without
+    trusted batches still joins the all-reduce with tensors on the device the collective backend expects."""
 
-    The counts live on ``device`` from the start: a rank without trusted batches still joins the all-reduce
-    with tensors on the device the collective backend expects.
-    """
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:
+        predicted = logits.argmax(dim=1)
+        right = predicted[predicted == labels]
+        for row, values in enumerate((labels, predicted, right)):
+            self.counts[row] += torch.bincount(values, minlength=self.num_classes)
+
+    @property
+    def samples(self) -> int:
+        return int(self.counts[0].sum())
+
+    def one_class(self) -> float:
+        """``GuardReading.model_one_class`` from the counts (summed over ranks by then)."""
+        labelled, predicted, right = self.counts
+        others = self.samples - labelled
+        has_others = others > 0
+        return float(((predicted - right)[has_others] / others[has_others]).max())
+
+
+def label_reading(
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]], num_classes: int, device: torch.device
+) -> GuardReading:
+    """From (soft labels [B, C], main model's logits [B, C], trusted labels [B]) of this rank's trusted
+    share, summed over ranks."""
     kept = torch.zeros(1, dtype=torch.float64, device=device)
     corrected_hist = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    label_hist = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for soft, labels in pairs:
+    model = _ModelCounts(num_classes, device)
+    for soft, logits, labels in batches:
         corrected = soft.argmax(dim=1)
         kept += (corrected == labels).sum()
         corrected_hist += torch.bincount(corrected, minlength=num_classes)
-        label_hist += torch.bincount(labels, minlength=num_classes)
-    all_reduce_sum_([kept, corrected_hist, label_hist])
-    n = float(label_hist.sum())
+        model.add(logits, labels)
+    all_reduce_sum_([kept, corrected_hist, model.counts])
+    n = model.samples
     if n == 0:
         return GuardReading(samples=0)
-    excess = float(((corrected_hist - label_hist) / n).max())
-    return GuardReading(samples=int(n), kept=float(kept) / n, class_excess=excess)
+    excess = float(((corrected_hist - model.counts[0]) / n).max())
+    return GuardReading(
+        samples=n, kept=float(kept) / n, class_excess=excess, model_one_class=model.one_class()
+    )
 
 
 def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor:
@@ -135,18 +181,22 @@ def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor
     return (labels + offset) % num_classes
 
 
-def weight_reading(pairs: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> GuardReading:
-    """From (weights of the right labels [B], weights of wrong labels [B]) of this rank's trusted share."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for right, wrong in pairs:
+def weight_reading(
+    batches: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], num_classes: int, device: torch.device
+) -> GuardReading:
+    """From (weights of the right labels [B], weights of wrong labels [B], main model's logits [B, C],
+    trusted labels [B]) of this rank's trusted share, summed over ranks."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    model = _ModelCounts(num_classes, device)
+    for right, wrong, logits, labels in batches:
         sums[0] += right.double().sum()
         sums[1] += wrong.double().sum()
-        sums[2] += len(right)
-    all_reduce_sum_([sums])
-    n = float(sums[2])
+        model.add(logits, labels)
+    all_reduce_sum_([sums, model.counts])
+    n = model.samples
     if n == 0:
         return GuardReading(samples=0)
-    return GuardReading(samples=int(n), separation=float(sums[0] - sums[1]) / n)
+    return GuardReading(samples=n, separation=float(sums[0] - sums[1]) / n, model_one_class=model.one_class())
 
 
 @dataclass

@@ -84,6 +84,12 @@ class TrustedMetaParams(GuardParams):
         check_param(
             -1 <= self.guard_min_separation <= 1, "guard_min_separation", "must be in [-1, 1]", "e.g. 0.05"
         )
+        check_param(
+            0 <= self.guard_max_model_one_class <= 1,
+            "guard_max_model_one_class",
+            "must be in [0, 1]",
+            "e.g. 0.9; 1 never fires",
+        )
 
 
 class TrustedMetaMethod(Method):
@@ -128,8 +134,8 @@ class TrustedMetaMethod(Method):
 
     @abstractmethod
     def guard_reading(self) -> GuardReading | None:
-        """The meta network read on the trusted set (``collapse_guard.label_reading``/``weight_reading``),
-        or None where there is nothing to read yet (MetaLabelNet's warm-up)."""
+        """The meta network and the main model read on the trusted set (``collapse_guard.label_reading``
+        or ``weight_reading``), or None where there is nothing to read yet (MetaLabelNet's warm-up)."""
 
     def trusted_pass(self) -> Iterator[Batch]:
         """An un-augmented pass over this rank's share of the trusted set (none without a split reader)."""

@@ -49,6 +49,7 @@ Export ``corrected_labels.parquet``: argmax and max of the final SLP's soft labe
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,8 +316,14 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         nothing in the warm-up."""
         if self.encoder is None:
             return None
-        pairs = ((self._soft_labels(b), b.y) for b in self.trusted_pass())
-        return label_reading(pairs, self.ctx.num_classes, self.ctx.device)
+
+        def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+            for batch in self.trusted_pass():
+                with evaluating(self.main.net):
+                    logits = self.main.net(batch.x)[0]
+                yield self._soft_labels(batch), logits, batch.y
+
+        return label_reading(batches(), self.ctx.num_classes, self.ctx.device)
 
     @staticmethod
     def _scalars(loss: Tensor, logits: Tensor, soft: Tensor) -> dict[str, float]:

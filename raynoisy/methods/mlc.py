@@ -252,18 +252,18 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
         loss, _ = step_through_outputs(self.main, batch.x, target)
         return {"loss": float(loss)}
 
-    def _soft_labels(self, batch: Batch) -> Tensor:
-        """g(h(x), ỹ) with both networks in eval mode, no graph."""
+    def _soft_labels_and_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """g(h(x), ỹ) and the main model's logits, with both networks in eval mode, no graph."""
         with evaluating(self.main.net, self.corrector):
-            _, features = self.main.net(batch.x)
-            return self.corrector(features, batch.y)
+            logits, features = self.main.net(batch.x)
+            return self.corrector(features, batch.y), logits
 
     def guard_reading(self) -> GuardReading:
-        pairs = ((self._soft_labels(b), b.y) for b in self.trusted_pass())
-        return label_reading(pairs, self.ctx.num_classes, self.ctx.device)
+        batches = ((*self._soft_labels_and_logits(b), b.y) for b in self.trusted_pass())
+        return label_reading(batches, self.ctx.num_classes, self.ctx.device)
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
-        return corrected_label_columns(batch, self._soft_labels(batch))
+        return corrected_label_columns(batch, self._soft_labels_and_logits(batch)[0])
 
     def state_dict(self) -> dict[str, Any]:
         return {

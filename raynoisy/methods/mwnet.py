@@ -298,14 +298,15 @@ class MetaWeightNet(TrustedMetaMethod):
         if self.by_example:
             return None
 
-        def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        def batches() -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
             for batch in self.trusted_pass():
                 logits, _, right = self._weigh(batch)
                 wrong = wrong_labels(batch.y, batch.sample_id, self.ctx.num_classes)
                 with evaluating(self.weight_net):
-                    yield right, self.weight_net(F.cross_entropy(logits, wrong, reduction="none"))
+                    wrong_weights = self.weight_net(F.cross_entropy(logits, wrong, reduction="none"))
+                yield right, wrong_weights, logits, batch.y
 
-        return weight_reading(pairs(), self.ctx.device)
+        return weight_reading(batches(), self.ctx.num_classes, self.ctx.device)
 
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
         _, losses, weights = self._weigh(batch)
