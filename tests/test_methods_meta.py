@@ -281,7 +281,7 @@ def test_mwnet_train_on_trusted_steps_on_the_union_of_both_batches(tmp_path: Pat
 def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: Path) -> None:
     """45% of labels moved to the next class: the trusted loss falls, the weight net is left alone, and the
     exported weights (against the whole trusted set's gradient after the epoch) are lower on the wrong
-    labels; the guard has nothing to read."""
+    labels; the guard reads the main model alone."""
     noisy, trusted = toy_batch(1024, noise=0.45, seed=1), toy_batch(128, noise=0.0, seed=2, first_id=5000)
     method = build(tmp_path, "mwnet", params={"weighting": "example"})
     method.ctx.iter_split = lambda split: iter([trusted]) if split == "trusted" else iter([noisy])
@@ -291,7 +291,9 @@ def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: 
     train(method, noisy, trusted, 40)
     assert clean_loss(method, held_out) < 0.5 * before
     assert all(torch.equal(p, q) for p, q in zip(method.weight_net.parameters(), weight_net, strict=True))
-    assert method.on_epoch_end(0) == {}  # no guard reading
+    reading = method.on_epoch_end(0)  # the main model alone: no weight net to read
+    assert set(reading) == {"guard_model_one_class", "guard_fallback"}
+    assert reading["guard_model_one_class"] < 0.5 and reading["guard_fallback"] == 0.0
     weights = method.per_sample_outputs(noisy)["weight"]
     wrong = (noisy.y != noisy.true_y).numpy()
     assert weights[wrong].mean() < weights[~wrong].mean() - 0.2

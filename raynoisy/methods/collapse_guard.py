@@ -175,6 +175,19 @@ def label_reading(
     )
 
 
+def model_reading(
+    batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, device: torch.device
+) -> GuardReading:
+    """From (main model's logits [B, C], trusted labels [B]) alone: for a method without a meta network to
+    read (MW-Net's ``weighting: example``)."""
+    model = _ModelCounts(num_classes, device)
+    for logits, labels in batches:
+        model.add(logits, labels)
+    all_reduce_sum_([model.counts])
+    n = model.samples
+    return GuardReading(samples=n, model_one_class=model.one_class() if n else None)
+
+
 def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor:
     """Another class per sample, fixed by its id: the same on every rank and in every epoch."""
     offset = 1 + sample_ids.to(labels.device) % (num_classes - 1)

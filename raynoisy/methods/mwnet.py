@@ -20,10 +20,11 @@ Why: on realistic class-conditional noise the mislabelled samples are confusions
 makes, their losses are as low as clean ones, and no function of the loss separates them; their gradients
 still point away from the trusted set's. The step costs 2F + 2B + J (the gold forward and backward at w,
 no look-ahead). A step whose every weight is 0 moves nothing. The weight net is not trained in this mode.
-The collapse guard has nothing to read (the weights are taken from the trusted gradient itself, every
-step), so it stays off. The exported weight is each sample's clip(⟨∇ℓ_i, g⟩ / |g|², 0, 1), g the gradient
-of the whole trusted set after the last epoch (1: helps the trusted loss as much as an average trusted
-sample; 0: hurts it), and ``weight < 0.5`` flags a label issue as in net mode.
+The collapse guard reads the main model only (``model_one_class``): the weights are taken from the trusted
+gradient itself, every step, and have no network that could degenerate. The exported weight is each
+sample's clip(⟨∇ℓ_i, g⟩ / |g|², 0, 1), g the gradient of the whole trusted set after the last epoch (1:
+helps the trusted loss as much as an average trusted sample; 0: hurts it), and ``weight < 0.5`` flags a
+label issue as in net mode.
 
 ``train_on_trusted: true`` (a deviation from both papers, measured beside them): the real step is on the
 weighted noisy loss and the trusted batch's cross-entropy at w together, their mean over the union of the
@@ -82,7 +83,7 @@ from raynoisy.meta.hypergrad import Loss
 from raynoisy.meta.output_hypergrad import alignment_with
 from raynoisy.methods import register_method
 from raynoisy.methods.base import Batch, MethodContext
-from raynoisy.methods.collapse_guard import GuardReading, weight_reading, wrong_labels
+from raynoisy.methods.collapse_guard import GuardReading, model_reading, weight_reading, wrong_labels
 from raynoisy.methods.label_issues import detector_scores, true_labels_of
 from raynoisy.methods.meta_common import (
     TrustedMetaMethod,
@@ -149,12 +150,6 @@ class MWNetParams(TrustedMetaParams):
             "meta_every",
             f"is {self.meta_every} with weighting example, whose weights need a trusted batch every step",
             "use meta_every 1 with weighting example",
-        )
-        check_param(
-            self.weighting == "net" or not self.guard_rollback,
-            "guard_rollback",
-            "is on with weighting example, which the collapse guard has no reading of (nothing to undo)",
-            "use weighting net, or guard_rollback false",
         )
 
 
@@ -293,10 +288,13 @@ class MetaWeightNet(TrustedMetaMethod):
         return {n: g / max(float(count), 1.0) for n, g in sums.items()}
 
     def guard_reading(self) -> GuardReading | None:
-        """Weights of each trusted sample's loss under its label and under another (``wrong_labels``); none
-        with weighting example (see the module docstring)."""
+        """Weights of each trusted sample's loss under its label and under another (``wrong_labels``), and
+        the main model's predictions; with weighting example the predictions alone (see the module
+        docstring)."""
         if self.by_example:
-            return None
+            with evaluating(self.main.net):
+                batches = ((self.main.net(b.x)[0], b.y) for b in self.trusted_pass())
+                return model_reading(batches, self.ctx.num_classes, self.ctx.device)
 
         def batches() -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
             for batch in self.trusted_pass():

@@ -648,12 +648,9 @@ def _guard_section(run: RunData) -> str:
         )
     fired, undone = guard.get("fired_epochs", []), guard.get("rolled_back_epochs", [])
     ends = [h for h in run.metrics["history"] if not h.get("step") and "train_guard_fallback" in h]
-    read = f"The guard read the meta network on the trusted set after {len(ends)} epoch(s)"
+    read = f"The guard read the meta network and the main model on the trusted set after {len(ends)} epoch(s)"
     if not ends:
-        text = (
-            "The guard had nothing to read: no epoch ended with the meta network steering (a warm-up, or a"
-            " setting the guard has no reading of)."
-        )
+        text = "The guard had nothing to read: no epoch ended with the meta network steering (all warm-up)."
     elif fired:
         text = (
             f"{read} and found it collapsed after epoch(s) {_epochs_text(fired)}; each following epoch"
