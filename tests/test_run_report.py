@@ -148,6 +148,7 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
         return {
             "train_guard_kept": kept,
             "train_guard_class_excess": 0.1,
+            "train_guard_model_one_class": 0.4,
             "train_guard_fallback": fallback,
             "train_guard_rolled_back": undone,
         }
@@ -159,7 +160,7 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
     assert "collapsed after epoch(s) 2, 3" in section
     assert "undid the main model's training in epoch(s) 2" in section
     assert "ended collapsed" not in section  # epoch 4 read healthy
-    assert "| 2 | 0.200 | 0.100 | yes | yes | 0.7000 |" in section  # epoch 2's row, val accuracy last
+    assert "| 2 | 0.200 | 0.100 | 0.400 | yes | yes | 0.7000 |" in section  # epoch 2's row, val accuracy last
     table_rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert len(table_rows) == 1 + 4  # the header, one row per epoch end (not the step evaluation)
     # A run that ends collapsed says its meta network's view is not to be trusted; one never fired, so.
