@@ -32,7 +32,7 @@ COLUMNS = {
     "train_guard_kept": "guard: trusted labels kept",
     "train_guard_class_excess": "guard: class excess",
     "train_guard_separation": "guard: weight separation",
-    "train_guard_model_one_class": "guard: model, others into one class",
+    "train_guard_model_skill": "guard: model skill",
     "train_guard_fallback": "guard: next epoch on given labels",
 }
 

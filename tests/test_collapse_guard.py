@@ -11,9 +11,11 @@ import copy
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from sklearn.metrics import confusion_matrix
+from sklearn.dummy import DummyClassifier
+from sklearn.metrics import accuracy_score
 from test_methods_meta import BATCH, CLASSES, MLP, SIDE, rows, toy_batch
 
 from raynoisy.errors import ConfigError
@@ -23,6 +25,7 @@ from raynoisy.methods.collapse_guard import (
     GuardParams,
     GuardReading,
     label_reading,
+    model_reading,
     weight_reading,
     wrong_labels,
 )
@@ -34,6 +37,7 @@ from raynoisy.train.preflight import resolve_config
 CPU = torch.device("cpu")
 TRUSTED = toy_batch(128, noise=0.0, seed=7, first_id=10_000)
 NOISY = toy_batch(BATCH, noise=0.4, seed=8)
+FIT_STEPS = 20
 
 
 def build(tmp_path: Path, name: str, schedule: str = "multistep", **params: object) -> Method:
@@ -56,8 +60,19 @@ def build(tmp_path: Path, name: str, schedule: str = "multistep", **params: obje
         splits={"trusted": trusted},
     )
     method = build_method(ctx)
+    fit(method.main.net)
     start_stage(method, method.stages(cfg)[-1].name)  # metalabelnet: the meta stage, encoder frozen
     return method
+
+
+def fit(net: torch.nn.Module) -> None:
+    """A main model that has learned something, as after a real epoch; with an optimizer of its own, so
+    that the method's optimizer state and lr schedule stay at their start."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(FIT_STEPS):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(TRUSTED.x)[0], TRUSTED.y).backward()
+        optimizer.step()
 
 
 def last_layer(module: torch.nn.Module) -> torch.nn.Linear:
@@ -107,7 +122,7 @@ def step_matches_cross_entropy(method: Method) -> bool:
 def test_label_reading_by_hand() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     corrected = torch.tensor([0, 0, 0, 1, 0, 2, 3, 0])  # 5 kept; class 0 has 5 of 8 against 2 of 8
-    predicted = torch.tensor([1, 1, 1, 1, 1, 2, 3, 3])  # class 1 takes 3 of the 6 labelled otherwise
+    predicted = torch.tensor([1, 1, 1, 1, 1, 2, 3, 3])  # 5 right against 2 for a constant prediction
     soft = torch.nn.functional.one_hot(corrected, CLASSES).float()
     logits = torch.nn.functional.one_hot(predicted, CLASSES).float()
     # two batches, as a rank's trusted pass gives them
@@ -116,7 +131,7 @@ def test_label_reading_by_hand() -> None:
     assert reading.samples == 8
     assert reading.kept == pytest.approx(5 / 8)
     assert reading.class_excess == pytest.approx((5 - 2) / 8)
-    assert reading.model_one_class == pytest.approx(3 / 6)
+    assert reading.model_skill == pytest.approx((5 / 8 - 2 / 8) / (1 - 2 / 8))
     assert reading.separation is None
 
 
@@ -128,22 +143,27 @@ def test_weight_reading_by_hand() -> None:
     reading = weight_reading(batches, CLASSES, CPU)
     assert reading.samples == 3
     assert reading.separation == pytest.approx((2.4 - 1.2) / 3)
-    assert reading.model_one_class == pytest.approx(1 / 2)  # class 1 takes one of the two labelled 0 or 2
+    assert reading.model_skill == pytest.approx((2 / 3 - 1 / 3) / (1 - 1 / 3))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_model_one_class_against_a_confusion_matrix(seed: int) -> None:
-    """Per class c: off-diagonal entries of column c (predicted c, labelled otherwise) over the samples
-    labelled otherwise, from sklearn's confusion matrix; the largest of them."""
+@pytest.mark.parametrize(("seed", "signal"), [(0, 0.0), (1, 1.0), (2, 3.0)])
+def test_model_skill_against_sklearn(seed: int, signal: float) -> None:
+    """Skill = (accuracy - the most-frequent-label dummy's accuracy) / (1 - that), both from sklearn, on
+    imbalanced labels; from a model at chance (signal 0) to a good one."""
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, CLASSES, (200,), generator=generator)
-    logits = torch.randn(200, CLASSES, generator=generator) + 3 * torch.nn.functional.one_hot(labels, CLASSES)
-    matrix = confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), labels=range(CLASSES))
-    others = matrix.sum() - matrix.sum(axis=1)
-    expected = max((matrix[:, c].sum() - matrix[c, c]) / others[c] for c in range(CLASSES))
+    labels = torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), 300, replacement=True, generator=generator)
+    logits = torch.randn(300, CLASSES, generator=generator) + signal * torch.nn.functional.one_hot(
+        labels, CLASSES
+    )
+    accuracy = accuracy_score(labels.numpy(), logits.argmax(1).numpy())
+    dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((300, 1)), labels.numpy())
+    constant = dummy.score(np.zeros((300, 1)), labels.numpy())
     soft = torch.nn.functional.one_hot(labels, CLASSES).float()
-    reading = label_reading([(soft, logits, labels)], CLASSES, CPU)
-    assert reading.model_one_class == pytest.approx(expected)
+    reading = label_reading(
+        [(soft[:100], logits[:100], labels[:100]), (soft[100:], logits[100:], labels[100:])], CLASSES, CPU
+    )
+    assert reading.model_skill == pytest.approx((accuracy - constant) / (1 - constant))
+    assert model_reading([(logits, labels)], CLASSES, CPU).model_skill == pytest.approx(reading.model_skill)
 
 
 def test_wrong_labels_are_another_class_fixed_by_the_sample() -> None:
@@ -172,9 +192,9 @@ def test_empty_reading_keeps_the_last_decision() -> None:
         (GuardReading(samples=10, separation=0.04), True),
         (GuardReading(samples=10, separation=-0.5), True),
         (GuardReading(samples=10, separation=0.06), False),
-        (GuardReading(samples=10, kept=0.9, class_excess=0.0, model_one_class=0.91), True),
-        (GuardReading(samples=10, separation=0.5, model_one_class=0.91), True),
-        (GuardReading(samples=10, separation=0.5, model_one_class=0.89), False),
+        (GuardReading(samples=10, kept=0.9, class_excess=0.0, model_skill=0.09), True),
+        (GuardReading(samples=10, separation=0.5, model_skill=-0.2), True),
+        (GuardReading(samples=10, separation=0.5, model_skill=0.11), False),
     ],
 )
 def test_limits(reading: GuardReading, fires: bool) -> None:
@@ -249,29 +269,36 @@ ONE_CLASS_CASES = {
     "mlc": ("mlc", {"skip": "true"}),
     "metalabelnet": ("metalabelnet", {"warmup_epochs": "0"}),
     "mwnet": ("mwnet", {}),
-    "mwnet-example": ("mwnet", {"weighting": "example", "guard_rollback": "true"}),  # the model alone
+    "mwnet-example": ("mwnet", {"weighting": "example"}),  # the model is all there is to read
 }
 
 
 @pytest.mark.parametrize("case", ONE_CLASS_CASES)
-def test_a_one_class_main_model_is_caught(
+def test_a_main_model_at_chance_is_caught_and_undone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
+    """Without guard_rollback: a model that predicts one class after a steered epoch goes back to the
+    epoch's start, and the next epoch trains on the given labels."""
     name, params = ONE_CLASS_CASES[case]
     method = build(tmp_path, name, **params)
     if name == "mlc":  # α = 1: the corrected label is the given one, the corrector reads healthy
         with torch.no_grad():
             last_layer(method.corrector).bias[CLASSES] = 50.0
-    before = method.on_epoch_end(0)
-    assert before["guard_model_one_class"] < 0.9  # an untrained model spreads its predictions
+    before = method.guard_reading()
+    assert before.model_skill > 0.5  # the fitted model is well above chance
+    method.on_epoch_start(1)  # steered: the guard has not fired
+    start = main_state(method)
     plant_one_class_model(method)
     with caplog.at_level(logging.WARNING, logger="raynoisy.methods.collapse_guard"):
         scalars = method.on_epoch_end(1)
-    assert scalars["guard_model_one_class"] == pytest.approx(1.0)
-    assert scalars["guard_fallback"] == 1.0
-    assert "the main model puts 100.0% of the other classes' trusted samples into one class" in caplog.text
+    shares = torch.bincount(TRUSTED.y, minlength=CLASSES).double() / len(TRUSTED.y)
+    expected = float((shares[0] - shares.max()) / (1 - shares.max()))  # class 0 for everything
+    assert scalars["guard_model_skill"] == pytest.approx(expected)
+    assert scalars["guard_fallback"] == 1.0 and scalars["guard_rolled_back"] == 1.0
+    assert same_state(main_state(method), start)
+    assert "the main model's accuracy on the trusted set has a skill of" in caplog.text
     if name == "mlc":  # only the model's reading fired
-        assert before["guard_fallback"] == 0.0 and scalars["guard_kept"] == pytest.approx(1.0)
+        assert not before.problems(method.params) and scalars["guard_kept"] == pytest.approx(1.0)
     assert step_matches_cross_entropy(method)
 
 
@@ -343,7 +370,7 @@ def test_without_rollback_a_collapsed_epoch_is_kept(tmp_path: Path, name: str, p
     trained = main_state(method)
     (plant_equal_weights if name == "mwnet" else plant_one_class)(method)
     scalars = method.on_epoch_end(0)
-    assert scalars["guard_fallback"] == 1.0 and "guard_rolled_back" not in scalars
+    assert scalars["guard_fallback"] == 1.0 and scalars["guard_rolled_back"] == 0.0
     assert same_state(main_state(method), trained)
 
 

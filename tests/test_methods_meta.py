@@ -292,8 +292,8 @@ def test_mwnet_example_weights_learn_and_separate_pair_flipped_labels(tmp_path: 
     assert clean_loss(method, held_out) < 0.5 * before
     assert all(torch.equal(p, q) for p, q in zip(method.weight_net.parameters(), weight_net, strict=True))
     reading = method.on_epoch_end(0)  # the main model alone: no weight net to read
-    assert set(reading) == {"guard_model_one_class", "guard_fallback"}
-    assert reading["guard_model_one_class"] < 0.5 and reading["guard_fallback"] == 0.0
+    assert set(reading) == {"guard_model_skill", "guard_fallback", "guard_rolled_back"}
+    assert reading["guard_model_skill"] > 0.5 and reading["guard_fallback"] == 0.0
     weights = method.per_sample_outputs(noisy)["weight"]
     wrong = (noisy.y != noisy.true_y).numpy()
     assert weights[wrong].mean() < weights[~wrong].mean() - 0.2

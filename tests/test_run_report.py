@@ -148,7 +148,7 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
         return {
             "train_guard_kept": kept,
             "train_guard_class_excess": 0.1,
-            "train_guard_model_one_class": 0.4,
+            "train_guard_model_skill": 0.4,
             "train_guard_fallback": fallback,
             "train_guard_rolled_back": undone,
         }

@@ -14,35 +14,41 @@ the guard reads the meta network on the trusted set, whose labels are right by c
 - sample weights (``mwnet``): the weight of each trusted sample's loss under its label and under a wrong
   label (another class, fixed per sample by its id). ``separation``: mean weight of the right labels minus
   mean weight of the wrong ones; 0 when the weights are all equal, negative when inverted;
-- the main model, for every method: ``model_one_class``, the largest share of the other classes' trusted
-  samples that the main model predicts as one class (1 for a model that predicts one class for everything,
-  about 1/K for one that guesses; per class c: trusted samples predicted c but labelled otherwise, over
-  the trusted samples labelled otherwise). Why: the meta network can read healthy while the model it
-  steers has collapsed (SST-2 with a 2-layer MiniLM, benchmarks/README.md: a model at chance for a whole
-  run, predicting one class, with its corrector keeping 77% of the trusted labels); the model's own
-  predictions on the trusted set show it. The limit is set for a degenerate model, not a weak one: a model
-  that learns anything spreads its predictions.
+- the main model, for every method: ``model_skill``, its accuracy on the trusted set as a skill score
+  over the best constant prediction, (accuracy - p) / (1 - p) with p the share of the most common trusted
+  label: 0 for a model that predicts one class for everything or guesses, 1 for one that is always right.
+  Why: the meta network can read healthy while the model it steers has learned nothing (SST-2 with a
+  2-layer MiniLM, benchmarks/README.md: a model at chance for a whole run, with its corrector keeping 77%
+  of the trusted labels); the model's own accuracy on the trusted set shows it. The limit
+  (``guard_min_model_skill``, 0.1) is set for a model at chance, not a weak one: a model that has learned
+  anything is well above it (Fashion-MNIST after one epoch: accuracy 0.6 or more, skill 0.55), and on a
+  trusted set of 100 samples a model at chance reads 0 ± 0.1.
 
 A reading outside the limits (``GuardParams``) is a collapse: rank 0 logs a warning with the numbers, and
 the next epoch's real steps train the main model on the given labels (MetaLabelNet: cross-entropy; MW-Net:
 every weight 1; MLC: its loss with the given labels in place of the corrected ones) while the meta network
 keeps its meta updates, so it can recover. Each epoch is read again;
-the method steers again after the first healthy reading.
+the method steers again after the first healthy reading. A main model at chance after an epoch the meta
+network steered is also put back where it was when that epoch started (the undo of ``guard_rollback``
+below, whatever that says): training it on the given labels from where it collapsed did not bring it back
+(SST-2, benchmarks/README.md: an epoch on the given labels left it at chance), and a model that has learned
+nothing loses nothing by the undo.
 
-``guard_rollback`` (off by default): the collapsed epoch's training of the main model is also undone: its
-network and optimizer state go back to where they were when that epoch started, which the guard kept, and
-the next epoch trains from there on the given labels. Why: by the time the reading comes, the main model
-has trained a whole epoch on the collapsed labels, and a model that learns slowly does not come back from
-that within the epochs left (SST-2 with a 2-layer MiniLM: one such epoch left the model at chance for the
-rest of the run). Only epochs the meta network steered are undone (a fallback epoch trained on the given
-labels). Why off: measured on Fashion-MNIST (benchmarks/README.md, "Undoing a collapsed epoch") it leaves
-MLC's accuracy where it was with corrected labels a little worse, and costs MetaLabelNet, whose soft labels
-swing and recover, 3.5 points; it is for the run whose guard caught a swap the model did not recover from.
-The copy (network and optimizer state; the learning rate stays where the schedule is) is kept on the CPU
-and, in a checkpoint taken inside the epoch, checkpointed with the guard, so a resumed run undoes to the
-same state. The undone epoch's evaluation sees the restored model, so the best-validation selection may
-pick it under that epoch's number (for MetaLabelNet, undoing the first meta epoch restores the warm-up
-stage's best model, which then becomes selectable in the meta stage).
+``guard_rollback`` (off by default): the training of the main model in every collapsed epoch is undone,
+whichever reading fired (without it, only a main model at chance is): its network and optimizer state go
+back to where they were when that epoch started, which the guard kept, and the next epoch trains from
+there on the given labels. Why: by the time the reading comes, the main model has trained a whole epoch on
+the collapsed labels, and a model that learns slowly does not come back from that within the epochs left
+(SST-2 with a 2-layer MiniLM: one such epoch left the model at chance for the rest of the run). Only
+epochs the meta network steered are undone (a fallback epoch trained on the given labels). Why off:
+measured on Fashion-MNIST (benchmarks/README.md, "Undoing a collapsed epoch") it leaves MLC's accuracy
+where it was with corrected labels a little worse, and costs MetaLabelNet, whose soft labels swing and
+recover, 3.5 points. The copy (network and optimizer state; the learning rate stays where the schedule
+is) is taken at the start of every steered epoch, kept on the CPU and, in a checkpoint taken inside the
+epoch, checkpointed with the guard, so a resumed run undoes to the same state. The undone epoch's
+evaluation sees the restored model, so the best-validation selection may pick it under that epoch's number
+(for MetaLabelNet, undoing the first meta epoch restores the warm-up stage's best model, which then
+becomes selectable in the meta stage).
 
 Every rank computes the same reading (the counts are summed over ranks), so all ranks take the same decision.
 
@@ -77,7 +83,7 @@ class GuardParams:
     guard_min_kept: float = 0.6
     guard_max_class_excess: float = 0.3
     guard_min_separation: float = 0.05
-    guard_max_model_one_class: float = 0.9
+    guard_min_model_skill: float = 0.1
     guard_rollback: bool = False  # also undo a collapsed epoch's training of the main model
 
 
@@ -89,7 +95,7 @@ class GuardReading:
     kept: float | None = None
     class_excess: float | None = None
     separation: float | None = None
-    model_one_class: float | None = None
+    model_skill: float | None = None
 
     def problems(self, limits: GuardParams) -> list[str]:
         out = []
@@ -108,48 +114,53 @@ class GuardReading:
                 f"right labels weigh {self.separation:+.3f} more than wrong ones on average "
                 f"(guard_min_separation {limits.guard_min_separation})"
             )
-        if self.model_one_class is not None and self.model_one_class > limits.guard_max_model_one_class:
+        if self.model_at_chance(limits):
             out.append(
-                f"the main model puts {self.model_one_class:.1%} of the other classes' trusted samples into "
-                f"one class (guard_max_model_one_class {limits.guard_max_model_one_class:.0%})"
+                f"the main model's accuracy on the trusted set has a skill of {self.model_skill:.3f} over "
+                f"predicting its most common label (guard_min_model_skill {limits.guard_min_model_skill})"
             )
         return out
+
+    def model_at_chance(self, limits: GuardParams) -> bool:
+        return self.model_skill is not None and self.model_skill < limits.guard_min_model_skill
 
     def scalars(self) -> dict[str, float]:
         named = {
             "kept": self.kept,
             "class_excess": self.class_excess,
             "separation": self.separation,
-            "model_one_class": self.model_one_class,
+            "model_skill": self.model_skill,
         }
         return {f"guard_{k}": v for k, v in named.items() if v is not None}
 
 
 class _ModelCounts:
-    """Per class, over this rank's trusted share: samples labelled with it, predicted as it by the main
-    model, and predicted as it rightly; the counts live on ``device`` from the start, so that a rank without
-    trusted batches still joins the all-reduce with tensors on the device the collective backend expects."""
+    """Over this rank's trusted share: the trusted labels per class, and how many the main model gets right.
+    The counts live on ``device`` from the start, so that a rank without trusted batches still joins the
+    all-reduce with tensors on the device the collective backend expects."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.num_classes = num_classes
-        self.counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=device)  # labels, right
 
     def add(self, logits: Tensor, labels: Tensor) -> None:
-        predicted = logits.argmax(dim=1)
-        right = predicted[predicted == labels]
-        for row, values in enumerate((labels, predicted, right)):
-            self.counts[row] += torch.bincount(values, minlength=self.num_classes)
+        self.counts[:-1] += torch.bincount(labels, minlength=self.num_classes)
+        self.counts[-1] += (logits.argmax(dim=1) == labels).sum()
+
+    @property
+    def label_hist(self) -> Tensor:
+        return self.counts[:-1]
 
     @property
     def samples(self) -> int:
-        return int(self.counts[0].sum())
+        return int(self.label_hist.sum())
 
-    def one_class(self) -> float:
-        """``GuardReading.model_one_class`` from the counts (summed over ranks by then)."""
-        labelled, predicted, right = self.counts
-        others = self.samples - labelled
-        has_others = others > 0
-        return float(((predicted - right)[has_others] / others[has_others]).max())
+    def skill(self) -> float:
+        """``GuardReading.model_skill`` from the counts (summed over ranks by then)."""
+        n = self.samples
+        constant = float(self.label_hist.max()) / n
+        accuracy = float(self.counts[-1]) / n
+        return 0.0 if constant == 1 else (accuracy - constant) / (1 - constant)
 
 
 def label_reading(
@@ -169,10 +180,8 @@ def label_reading(
     n = model.samples
     if n == 0:
         return GuardReading(samples=0)
-    excess = float(((corrected_hist - model.counts[0]) / n).max())
-    return GuardReading(
-        samples=n, kept=float(kept) / n, class_excess=excess, model_one_class=model.one_class()
-    )
+    excess = float(((corrected_hist - model.label_hist) / n).max())
+    return GuardReading(samples=n, kept=float(kept) / n, class_excess=excess, model_skill=model.skill())
 
 
 def model_reading(
@@ -185,7 +194,7 @@ def model_reading(
         model.add(logits, labels)
     all_reduce_sum_([model.counts])
     n = model.samples
-    return GuardReading(samples=n, model_one_class=model.one_class() if n else None)
+    return GuardReading(samples=n, model_skill=model.skill() if n else None)
 
 
 def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor:
@@ -209,7 +218,7 @@ def weight_reading(
     n = model.samples
     if n == 0:
         return GuardReading(samples=0)
-    return GuardReading(samples=n, separation=float(sums[0] - sums[1]) / n, model_one_class=model.one_class())
+    return GuardReading(samples=n, separation=float(sums[0] - sums[1]) / n, model_skill=model.skill())
 
 
 @dataclass
@@ -222,12 +231,12 @@ class CollapseGuard:
     falling_back: bool = False
     fired_epochs: list[int] = field(default_factory=list)
     rolled_back_epochs: list[int] = field(default_factory=list)
-    # With guard_rollback: the main model's state at the start of the epoch the meta network steers.
+    # The main model's state at the start of the epoch the meta network steers, for an undo.
     saved: dict[str, Any] | None = None
 
     def start_epoch(self, epoch: int, steered: bool, net: nn.Module, optimizer: Optimizer) -> None:
         """Keep the main model's state at the start of ``epoch`` (0-based) if it may have to be undone."""
-        if not (self.limits.guard and self.limits.guard_rollback and steered):
+        if not (self.limits.guard and steered):
             self.saved = None
         elif self.saved is None or self.saved["epoch"] != epoch:  # else resumed inside it: keep the start's
             self.saved = {
@@ -249,7 +258,10 @@ class CollapseGuard:
         if reading.samples == 0:  # nothing to read (no trusted data on any rank): keep the last decision
             return {}
         problems = reading.problems(self.limits)
-        undo = bool(problems) and saved is not None and saved["epoch"] == epoch
+        undoable = saved is not None and saved["epoch"] == epoch
+        undo = undoable and (
+            reading.model_at_chance(self.limits) or (bool(problems) and self.limits.guard_rollback)
+        )
         if undo:  # the lr stays where the schedule is: param_groups are the current ones
             net.load_state_dict(saved["net"])
             optimizer.load_state_dict({**optimizer.state_dict(), "state": saved["optimizer_state"]})
@@ -266,7 +278,7 @@ class CollapseGuard:
             self._warn(f"[guard] {self.method} epoch {epoch + 1}: healthy again ({self._numbers(reading)}).")
         self.falling_back = bool(problems)
         scalars = reading.scalars() | {"guard_fallback": float(self.falling_back)}
-        return scalars | ({"guard_rolled_back": float(undo)} if self.limits.guard_rollback else {})
+        return scalars | {"guard_rolled_back": float(undo)}
 
     def _warn(self, text: str) -> None:
         if self.rank == 0:

@@ -85,10 +85,10 @@ class TrustedMetaParams(GuardParams):
             -1 <= self.guard_min_separation <= 1, "guard_min_separation", "must be in [-1, 1]", "e.g. 0.05"
         )
         check_param(
-            0 <= self.guard_max_model_one_class <= 1,
-            "guard_max_model_one_class",
-            "must be in [0, 1]",
-            "e.g. 0.9; 1 never fires",
+            -1 <= self.guard_min_model_skill <= 1,
+            "guard_min_model_skill",
+            "must be in [-1, 1]",
+            "e.g. 0.1; -1 never fires",
         )
 
 

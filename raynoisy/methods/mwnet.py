@@ -20,7 +20,7 @@ Why: on realistic class-conditional noise the mislabelled samples are confusions
 makes, their losses are as low as clean ones, and no function of the loss separates them; their gradients
 still point away from the trusted set's. The step costs 2F + 2B + J (the gold forward and backward at w,
 no look-ahead). A step whose every weight is 0 moves nothing. The weight net is not trained in this mode.
-The collapse guard reads the main model only (``model_one_class``): the weights are taken from the trusted
+The collapse guard reads the main model only (``model_skill``): the weights are taken from the trusted
 gradient itself, every step, and have no network that could degenerate. The exported weight is each
 sample's clip(⟨∇ℓ_i, g⟩ / |g|², 0, 1), g the gradient of the whole trusted set after the last epoch (1:
 helps the trusted loss as much as an average trusted sample; 0: hurts it), and ``weight < 0.5`` flags a

@@ -626,7 +626,7 @@ GUARD_COLUMNS = {  # history key -> column: the readings of raynoisy.methods.col
     "train_guard_kept": "trusted labels kept",
     "train_guard_class_excess": "class excess",
     "train_guard_separation": "weight separation",
-    "train_guard_model_one_class": "model: others into one class",
+    "train_guard_model_skill": "model skill",
     "train_guard_fallback": "next epoch on given labels",
     "train_guard_rolled_back": "epoch undone",
 }
