@@ -166,6 +166,15 @@ def test_model_skill_against_sklearn(seed: int, signal: float) -> None:
     assert model_reading([(logits, labels)], CLASSES, CPU).model_skill == pytest.approx(reading.model_skill)
 
 
+def test_no_model_reading_from_one_class_of_trusted_labels() -> None:
+    """A constant prediction is always right there: no skill to read, and nothing fires on it."""
+    labels = torch.zeros(6, dtype=torch.long)
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3, 0, 1]), CLASSES).float()
+    reading = model_reading([(logits, labels)], CLASSES, CPU)
+    assert reading.samples == 6 and reading.model_skill is None
+    assert not reading.problems(GuardParams())
+
+
 def test_wrong_labels_are_another_class_fixed_by_the_sample() -> None:
     labels = torch.arange(100) % CLASSES
     ids = torch.arange(1000, 1100)

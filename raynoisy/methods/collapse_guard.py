@@ -24,9 +24,9 @@ the guard reads the meta network on the trusted set, whose labels are right by c
   (``guard_min_model_skill``, 0.1) is set for a model at chance, not a weak one: on Fashion-MNIST the
   lowest reading measured is 0.15 (MW-Net under uniform 0.8, 80% of the labels wrong, validation accuracy
   0.25 after two epochs), MLC's and MetaLabelNet's 0.40 or more; on a trusted set of 100 samples a model at
-  chance reads 0 ± 0.1. Where the method also trains on trusted
-  samples (MLC's clean half, MW-Net's ``train_on_trusted``) this is partly a training accuracy: it catches
-  a model that does not even fit them, not one that fits them and nothing else.
+  chance reads 0 ± 0.1. Where the method also trains on trusted samples (MLC's clean half, MW-Net's
+  ``train_on_trusted``) this is partly a training accuracy: it catches a model that does not even fit
+  them, not one that fits them and nothing else. No reading where the trusted labels are all one class.
 
 A reading outside the limits (``GuardParams``) is a collapse: rank 0 logs a warning with the numbers, and
 the next epoch's real steps train the main model on the given labels (MetaLabelNet: cross-entropy; MW-Net:
@@ -48,12 +48,11 @@ epochs the meta network steered are undone (a fallback epoch trained on the give
 measured on Fashion-MNIST (benchmarks/README.md, "Undoing a collapsed epoch") it leaves MLC's accuracy
 where it was with corrected labels a little worse, and costs MetaLabelNet, whose soft labels swing and
 recover, 3.5 points. The copy (network and optimizer state; the learning rate stays where the schedule
-is) is taken at the start of every steered epoch (one CPU copy per worker: for a ResNet-50 with momentum,
-about 200 MB), kept on the CPU and, in a checkpoint taken inside the
-epoch, checkpointed with the guard, so a resumed run undoes to the same state. The undone epoch's
-evaluation sees the restored model, so the best-validation selection may pick it under that epoch's number
-(for MetaLabelNet, undoing the first meta epoch restores the warm-up stage's best model, which then
-becomes selectable in the meta stage).
+is) is taken at the start of every steered epoch, one CPU copy per worker (for a ResNet-50 with
+momentum, about 200 MB), and in a checkpoint taken inside the epoch it is checkpointed with the guard, so
+a resumed run undoes to the same state. The undone epoch's evaluation sees the restored model, so the
+best-validation selection may pick it under that epoch's number (for MetaLabelNet, undoing the first meta
+epoch restores the warm-up stage's best model, which then becomes selectable in the meta stage).
 
 Every rank computes the same reading (the counts are summed over ranks), so all ranks take the same decision.
 
@@ -89,7 +88,7 @@ class GuardParams:
     guard_max_class_excess: float = 0.3
     guard_min_separation: float = 0.05
     guard_min_model_skill: float = 0.1
-    guard_rollback: bool = False  # also undo a collapsed epoch's training of the main model
+    guard_rollback: bool = False  # undo every collapsed epoch, not only one that left the model at chance
 
 
 @dataclass
@@ -160,12 +159,14 @@ class _ModelCounts:
     def samples(self) -> int:
         return int(self.label_hist.sum())
 
-    def skill(self) -> float:
-        """``GuardReading.model_skill`` from the counts (summed over ranks by then)."""
+    def skill(self) -> float | None:
+        """``GuardReading.model_skill`` from the counts (summed over ranks by then); None without samples
+        of two classes, where a constant prediction is always right."""
         n = self.samples
-        constant = float(self.label_hist.max()) / n
-        accuracy = float(self.counts[-1]) / n
-        return 0.0 if constant == 1 else (accuracy - constant) / (1 - constant)
+        constant = float(self.label_hist.max()) / max(n, 1)
+        if n == 0 or constant == 1:
+            return None
+        return (float(self.counts[-1]) / n - constant) / (1 - constant)
 
 
 def label_reading(
@@ -198,8 +199,7 @@ def model_reading(
     for logits, labels in batches:
         model.add(logits, labels)
     all_reduce_sum_([model.counts])
-    n = model.samples
-    return GuardReading(samples=n, model_skill=model.skill() if n else None)
+    return GuardReading(samples=model.samples, model_skill=model.skill())
 
 
 def wrong_labels(labels: Tensor, sample_ids: Tensor, num_classes: int) -> Tensor:
