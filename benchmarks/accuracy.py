@@ -25,7 +25,8 @@ config (``Config.to_dict()``, method params as named) less the fields that do no
 logging, checkpoint retention, the CPUs a worker reserves). A run is reused only when its ``metrics.json``
 exists and the ``config.json`` the driver wrote next to it equals the config this command would run, up to
 those fields and with every method param's default filled in (``result_config``: the driver records them,
-so a run trained before a default changed is not taken for one under the new default); otherwise it is
+so a run trained before a default changed or a param was added is not taken for one under this code's
+defaults); otherwise it is
 trained again (a mismatched ``metrics.json`` is first moved aside to metrics.stale.json).
 All configs are built and validated before the first run starts.
 

@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 from benchmark_scripts import load_benchmark
 
-from raynoisy.train.prepare import config_record
+from raynoisy.train.prepare import RECORDS_EVERY_PARAM, config_record
 
 
 @pytest.fixture
@@ -112,8 +112,9 @@ def test_stale_run_in_the_same_directory_is_rerun(bench: ModuleType, tmp_path: P
 
 def test_a_run_trained_under_another_default_is_rerun(bench: ModuleType, tmp_path: Path) -> None:
     """config.json records every method param with its default, so a cached run whose recorded value is not
-    this code's default (trained before the default changed) is trained again; a config.json that names
-    only the params set (written before the defaults were recorded) still matches on those."""
+    this code's default (trained before the default changed), or whose record lacks a param (trained before
+    it was added), is trained again; a config.json that names only the params set (written before the
+    defaults were recorded) still matches on those."""
     argv = bench_args(tmp_path, "--methods", "mlc", "--noise", "uniform:0.4", "--seeds", "0", "--epochs", "2")
     run(bench, argv)
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -125,7 +126,12 @@ def test_a_run_trained_under_another_default_is_rerun(bench: ModuleType, tmp_pat
     assert len(trained) == 1 and trained[0].method.params.get("skip") is None
     assert (out / "metrics.stale.json").exists()
     saved = json.loads((out / "config.json").read_text())
+    del saved["method"]["params"]["guard_min_model_skill"]  # as if trained before the param existed
+    (out / "config.json").write_text(json.dumps(saved))
+    assert len(run(bench, argv)[0]) == 1
+    saved = json.loads((out / "config.json").read_text())
     saved["method"]["params"] = {}
+    del saved[RECORDS_EVERY_PARAM]  # as the driver wrote it before it recorded every param
     (out / "config.json").write_text(json.dumps(saved))
     assert run(bench, argv)[0] == []
 

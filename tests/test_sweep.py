@@ -17,7 +17,7 @@ import ray
 from raynoisy.cli import run
 from raynoisy.errors import ConfigError, TrainingDivergedError
 from raynoisy.report.sweep_files import RESULT_COLUMNS, TrialKey, write_sweep_manifest
-from raynoisy.train.prepare import config_record
+from raynoisy.train.prepare import RECORDS_EVERY_PARAM, config_record
 from raynoisy.tune.plan import plan_sweep
 from raynoisy.tune.resources import size_for_cluster, size_trials
 
@@ -191,21 +191,27 @@ def test_a_trial_is_finished_only_with_metrics_and_the_same_config(tmp_path):
 
 def test_a_trial_run_under_another_method_default_is_not_finished(tmp_path):
     """The driver's config.json records every method param (config_record); a run whose recorded value is not
-    this code's default was trained under another default and is not this trial. Params this code does not
-    know (since removed) match nothing; a config.json naming only the params set matches on those."""
+    this code's default was trained under another default and is not this trial, nor is one whose record
+    lacks a param this code has (added since). Params this code does not know (since removed) match nothing;
+    a config.json written before the records were complete matches on the params it names."""
     trial = _plan(tmp_path, "mwnet").trials[0]
     trial.run_dir.mkdir(parents=True)
     (trial.run_dir / "metrics.json").write_text("{}")
     saved = config_record(trial.cfg)
     assert saved["method"]["params"]["train_on_trusted"] is False  # recorded although the preset leaves it
-    for params, finished in [
-        (saved["method"]["params"], True),
-        ({**saved["method"]["params"], "train_on_trusted": True}, False),
-        ({}, trial.cfg.method.params == {}),
-        ({**trial.cfg.method.params, "removed_param": 1}, False),
+    assert saved[RECORDS_EVERY_PARAM] is True
+    older_code = {k: v for k, v in saved["method"]["params"].items() if k != "guard_min_model_skill"}
+    unmarked = {k: v for k, v in saved.items() if k != RECORDS_EVERY_PARAM}
+    for record, params, finished in [
+        (saved, saved["method"]["params"], True),
+        (saved, {**saved["method"]["params"], "train_on_trusted": True}, False),
+        (saved, older_code, False),  # trained before the param existed: not this code's default
+        (unmarked, older_code, True),  # written before the mark: matches on the params it names
+        (unmarked, {}, trial.cfg.method.params == {}),
+        (unmarked, {**trial.cfg.method.params, "removed_param": 1}, False),
     ]:
         (trial.run_dir / "config.json").write_text(
-            json.dumps({**saved, "method": {**saved["method"], "params": params}})
+            json.dumps({**record, "method": {**record["method"], "params": params}})
         )
         assert trial.is_finished() is finished, params
 

@@ -75,11 +75,18 @@ def prepare_output(cfg: Config, log=print) -> tuple[Path, Prepared, pa.Table]:
     return output, prepared, labels
 
 
+# config.json's mark that its method params are every param the code had (``config_record``): a param
+# missing from such a record did not exist when the run trained, so the run is not one under its default.
+RECORDS_EVERY_PARAM = "records_every_method_param"
+
+
 def config_record(cfg: Config) -> dict:
     """What a run's config.json holds: the config, with every method param, defaults included
-    (``complete_params``), so that a later default change does not pass for this run's setting."""
+    (``complete_params``), so that a later default change does not pass for this run's setting, and the
+    mark that says so (``RECORDS_EVERY_PARAM``), so that neither does a param added later."""
     config = cfg.to_dict()
     config["method"] = complete_params(config["method"])
+    config[RECORDS_EVERY_PARAM] = True
     return config
 
 

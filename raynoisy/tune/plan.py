@@ -5,8 +5,8 @@ before any trial is launched. A trial's run directory is ``DIR/runs/<method>-<no
 the hash a digest of the trial's config less the fields that do not change its results (``IGNORED_FIELDS``):
 the same command finds the same directories again, which is how a re-run skips the finished trials. A
 trial is finished when its directory holds metrics.json and a config.json that matches the trial's config
-with the method's defaults filled in (``result_config``): a run trained before a default changed is trained
-again.
+with the method's defaults filled in (``result_config``): a run trained before a default changed or a
+method param was added is trained again.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from raynoisy.errors import ConfigError
 from raynoisy.methods import complete_params
 from raynoisy.report.sweep_files import METRICS, TrialKey, run_dir_of
 from raynoisy.train.preflight import resolve_config
+from raynoisy.train.prepare import RECORDS_EVERY_PARAM
 
 # Config fields that do not change a trial's results: where it writes, what it is called, how it logs,
 # how many checkpoints / restarts Ray Train keeps, and the CPUs a worker reserves on this cluster.
@@ -72,6 +73,7 @@ class SweepPlan:
 
 def _less_ignored(config: dict) -> dict:
     out = json.loads(json.dumps(config, default=str))
+    out.pop(RECORDS_EVERY_PARAM, None)  # what the record says of itself, not of the run
     for dotted in IGNORED_FIELDS:
         section, _, name = dotted.partition(".")
         if isinstance(out.get(section), dict):
@@ -81,13 +83,15 @@ def _less_ignored(config: dict) -> dict:
 
 def result_config(config: dict) -> dict:
     """What decides whether a finished run is this trial: the config less ``IGNORED_FIELDS``, with the
-    method's params completed by this code's defaults. A run's config.json records every param
-    (``complete_params``), so a run trained before a default changed no longer matches; configs written
-    before config.json did so match on the params they name. Params this code cannot parse (a param since
-    removed) are left as they are, which matches no config of this code."""
+    method's params completed by this code's defaults unless it records every param already
+    (``config_record``'s ``RECORDS_EVERY_PARAM``). So a run trained before a default changed no longer
+    matches, nor one trained before a param was added (its record lacks it); config.json files written
+    before the driver recorded every param match on the params they name. Params this code cannot parse (a
+    param since removed) are left as they are, which matches no config of this code."""
     out = _less_ignored(config)
-    with contextlib.suppress(ConfigError, KeyError, TypeError):
-        out["method"] = json.loads(json.dumps(complete_params(out["method"]), default=str))
+    if not config.get(RECORDS_EVERY_PARAM, False):
+        with contextlib.suppress(ConfigError, KeyError, TypeError):
+            out["method"] = json.loads(json.dumps(complete_params(out["method"]), default=str))
     return out
 
 
