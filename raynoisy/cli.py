@@ -26,6 +26,7 @@ _FLAG_FIELDS = {
     "seed": "run.seed",
     "workers": "scaling.workers",
     "gpus_per_worker": "scaling.gpus_per_worker",
+    "precision": "scaling.precision",
     "output": "run.output",
 }
 
@@ -46,6 +47,7 @@ def add_run_arguments(
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU or CPU slot)")
     parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--precision", help="fp32 (default) or bf16-mixed (bfloat16 autocast)")
     parser.add_argument(
         "--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set"
     )

@@ -25,6 +25,9 @@ from raynoisy.errors import ConfigError
 
 # Data sets that run without --data-root on a generated miniature copy in the official layout.
 EMBEDDED_DATASETS = ("clothing1m", "ag-news")
+# scaling.precision: float32 throughout, or training steps and evaluations under bfloat16 autocast
+# (raynoisy.train.precision says what runs in which precision).
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 @dataclass
@@ -98,6 +101,7 @@ class ScalingConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float | None = None  # None: share the node's CPUs with the Ray Data pipeline
+    precision: str = "fp32"  # fp32 | bf16-mixed (bfloat16 autocast in steps and evaluations)
 
 
 @dataclass
@@ -376,6 +380,11 @@ def validate(cfg: Config) -> None:
             f"{s.gpus_per_worker} would put two DDP ranks on one GPU",
             "use 0 (CPU) or whole GPUs per worker",
         )
+    if s.precision not in PRECISIONS:
+        fix = f"use {' or '.join(PRECISIONS)}"
+        if s.precision.startswith(("fp16", "16")):
+            fix = f"fp16 needs loss scaling, which the meta methods' hypergradients do not carry: {fix}"
+        raise ConfigError("scaling.precision", f"unknown precision {s.precision!r}", fix)
     for name in ("eval_every_steps", "log_every_steps", "keep_checkpoints"):
         value = getattr(cfg.run, name)
         if value is not None and value < 1:

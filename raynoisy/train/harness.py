@@ -26,6 +26,7 @@ from raynoisy.data.batch import Batch
 from raynoisy.data.sample_store import SampleStore
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
+from raynoisy.train.precision import autocast
 
 ModelState = dict[str, torch.Tensor]
 
@@ -169,10 +170,10 @@ def walk_stages(
             started = time.perf_counter()
             method.on_epoch_start(epoch)
             first = epoch_in_stage * method.ctx.steps_per_epoch
-            losses = [
-                method.train_step(batch, pair).get("loss", float("nan"))
-                for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted)
-            ]
+            losses = []
+            for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted):
+                with autocast(method.ctx.cfg.scaling.precision, method.ctx.device):
+                    losses.append(method.train_step(batch, pair).get("loss", float("nan")))
             log = {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
             log |= scalars | method.on_epoch_end(epoch)
             log["seconds"] = time.perf_counter() - started

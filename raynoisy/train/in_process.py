@@ -55,6 +55,7 @@ from raynoisy.methods.label_issues import prediction_columns, summarize_label_is
 from raynoisy.train.evaluate import accuracy, count_hits
 from raynoisy.train.export import LABEL_ISSUES, best_predictor, per_sample_table, summary
 from raynoisy.train.harness import ModelState, build_method, method_context, walk_stages
+from raynoisy.train.precision import autocast, cpu_note
 from raynoisy.train.preflight import check
 from raynoisy.train.prepare import Prepared, input_spec, prepare, prepare_output, steps_per_epoch
 from raynoisy.train.run_files import METRICS_FILE, LoopState, write_metrics
@@ -295,6 +296,8 @@ def _train(
         log,
         data.splits["train"].chunks(pass_batch_size(cfg)) if diagnose else None,
     )
+    if note := cpu_note(cfg.scaling.precision, CPU):
+        log(f"[in-process] {note}")
     walk_stages(method, _epoch_batches(cfg, data, steps), _trusted_batches(cfg, data), record)
     return method, record
 
@@ -410,11 +413,13 @@ class EpochRecord:
             raise TrainingDivergedError(epoch + 1, method.ctx.steps_per_epoch, log["loss"])
         started = time.perf_counter()
         net = method.eval_model()
-        val_top1, _, val_total = count_hits(net, self.val, CPU, {})[""]
+        with autocast(method.ctx.cfg.scaling.precision, CPU):
+            val_top1, _, val_total = count_hits(net, self.val, CPU, {})[""]
         val = accuracy(val_top1, val_total)
         test = {"test_accuracy": float("nan"), "test_top5_accuracy": float("nan")}
         if self._needs_test(stage, epoch, val):
-            test_top1, test_top5, test_total = count_hits(net, self.test, CPU, {})[""]
+            with autocast(method.ctx.cfg.scaling.precision, CPU):
+                test_top1, test_top5, test_total = count_hits(net, self.test, CPU, {})[""]
             test = {
                 "test_accuracy": accuracy(test_top1, test_total),
                 "test_top5_accuracy": accuracy(test_top5, test_total),

@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
 from raynoisy.train.checkpoints import Checkpoints
 from raynoisy.train.export import final_files, per_sample_table, summary
+from raynoisy.train.precision import autocast, check_device, cpu_note
 from raynoisy.train.progress import ProgressLog, emit
 from raynoisy.train.run_files import LoopState, RunInfo
 from raynoisy.train.selection import Selection, evaluate
@@ -65,7 +67,8 @@ def train_loop(cfg: Config, info: RunInfo, services: dict[str, Any]) -> None:
             epoch = EpochTotals()
             for batch, trusted in worker.epoch_pairs(stage):
                 worker.fault_drill()
-                stats = method.train_step(batch, trusted)
+                with worker.autocast():
+                    stats = method.train_step(batch, trusted)
                 worker.after_step(stage, stats, epoch)
             worker.end_epoch(stage, epoch)
     worker.finish(len(stages))
@@ -115,6 +118,7 @@ class Worker:
         context = ray.train.get_context()
         rank, world, device = context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
         _quiet_and_seed(cfg)
+        check_device(cfg.scaling.precision, device)
         streams = Streams(cfg, info, rank, world, device)
         store = SampleStore(ray.get(info.train_ids))
         ctx = MethodContext(
@@ -136,11 +140,17 @@ class Worker:
             tensorboard_dir=Path(info.output) / "tensorboard" if cfg.run.tensorboard else None,
         )
         log.resumed_at(state)
+        if note := cpu_note(cfg.scaling.precision, device):
+            log.line(note)
         if state.global_step(info.steps_per_epoch):
             log.line(
                 f"resumed at epoch {state.epoch + 1} step {state.step} of stage {stages[state.stage].name}"
             )
         return cls(cfg, info, rank, world, device, streams, store, method, selection, checkpoints, log, state)
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """What a training step and an evaluation run under: ``scaling.precision``."""
+        return autocast(self.cfg.scaling.precision, self.device)
 
     def start_stage(self, index: int, stage: Stage) -> None:
         """Hand the finished stage's best model to the method's ``on_stage_start`` (None for the first)."""
@@ -201,7 +211,8 @@ class Worker:
     def evaluate_and_checkpoint(self, stage: Stage, metrics: dict[str, Any]) -> None:
         """Evaluate, let the method see the result, check the replicas, select, log, checkpoint."""
         state, method = self.state, self.method
-        metrics = metrics | evaluate(method, self.streams, self.device)
+        with self.autocast():
+            metrics = metrics | evaluate(method, self.streams, self.device)
         # ``epoch`` is 1-based: the epoch just finished, or the one in progress at a step checkpoint.
         metrics |= {
             "epoch": state.epoch + (1 if state.step else 0),
