@@ -7,6 +7,7 @@ the registries decide (data set and noise, model, method and its params, the out
 import urllib.request
 
 import pytest
+import torch
 import torch.hub
 import torchvision
 
@@ -90,6 +91,34 @@ def test_clean_per_class_zero_means_no_trusted_set_and_negative_is_refused(tmp_p
     with pytest.raises(ConfigError) as info:  # 0 is special to the trusted set only
         load_config("digits", "ce", flags=flags | {"split.val_per_class": 0})
     assert info.value.field == "split.val_per_class"
+
+
+def test_precision_is_fp32_or_bf16_mixed_and_fp16_is_refused_with_the_reason(tmp_path, capsys):
+    flags = {"run.output": str(tmp_path)}
+    assert load_config("digits", "mlc", flags=flags).scaling.precision == "fp32"
+    mixed = load_config("digits", "mlc", flags=flags | {"scaling.precision": "bf16-mixed"})
+    assert mixed.scaling.precision == "bf16-mixed"
+    for bad, reason in (("fp16", "loss scaling"), ("fp16-mixed", "loss scaling"), ("bf16", "use fp32 or")):
+        with pytest.raises(ConfigError) as info:
+            load_config("digits", "mlc", flags=flags | {"scaling.precision": bad})
+        assert info.value.field == "scaling.precision" and reason in info.value.fix
+    code = run(
+        ["train", "--dataset", "digits", "--method", "ce", "--precision", "fp16", "--output", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "scaling.precision" in err and "loss scaling" in err
+
+
+def test_bf16_mixed_on_a_gpu_without_bfloat16_is_refused_in_the_worker(monkeypatch):
+    from raynoisy.train.precision import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    check_device("fp32", torch.device("cuda"))
+    check_device("bf16-mixed", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"scaling\.precision: .*this worker has Tesla V100") as info:
+        check_device("bf16-mixed", torch.device("cuda"))
+    assert info.value.fix == "set scaling.precision=fp32"
 
 
 def test_unknown_dataset_and_method(tmp_path):

@@ -162,6 +162,21 @@ def test_what_the_loop_would_run_differently_is_refused(tmp_path):
         check_in_process(_config(tmp_path, "ce", 1, "run.eval_every_steps=5"))
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("fp32", "torch.float32"), ("bf16-mixed", "torch.bfloat16")]
+)
+def test_precision_decides_the_dtype_of_training_and_evaluation_forwards(tmp_path, precision, dtype):
+    """``scaling.precision``: the probe method (tests/plugins) records the dtypes of its network's logits in
+    the epoch's training steps and its evaluation; the run's lines say where bf16-mixed is slow."""
+    lines: list[str] = []
+    cfg = _config(tmp_path, "probe", 1, "method.module=probe_method", f"scaling.precision={precision}")
+    metrics = train_in_process(cfg, log=lines.append)
+    assert metrics["history"] and (tmp_path / "probe" / "probe-dtypes.jsonl").read_text().splitlines() == [
+        json.dumps({"train": [dtype], "eval": [dtype]})
+    ]
+    assert any("bf16-mixed on a CPU" in line for line in lines) == (precision == "bf16-mixed")
+
+
 def test_trim_padding_cuts_to_the_longest_row():
     lengths = [3, 7, 1, 0]
     x = torch.zeros(len(lengths), 12, dtype=torch.long)

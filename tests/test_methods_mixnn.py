@@ -24,7 +24,7 @@ from torch import Tensor
 from raynoisy.data.batch import Batch
 from raynoisy.errors import ConfigError
 from raynoisy.knn import KnnIndex
-from raynoisy.methods.base import Method, Stage
+from raynoisy.methods.base import Method, Stage, call_service
 from raynoisy.methods.mixnn import (
     CLEAN,
     FEATURES,
@@ -33,7 +33,6 @@ from raynoisy.methods.mixnn import (
     SERVICE,
     SOFT,
     MixNNIndex,
-    call,
     clean_probability,
     ema_update,
     mixing_weights,
@@ -154,13 +153,13 @@ def test_ema_update_formula() -> None:
 
 def test_service_adapter_takes_a_local_object_or_an_actor_like_handle(monkeypatch) -> None:
     local = MixNNIndex(metric="l2", num_threads=1, verbose=False)
-    assert call(local, "version") == -1 and not call(local, "configured")
+    assert call_service(local, "version") == -1 and not call_service(local, "configured")
     with pytest.raises(RuntimeError, match="not configured"):  # IndexNotReadyError is a RuntimeError
-        call(local, "build", 0)
-    call(local, "configure", np.arange(10), 2)
-    call(local, "add", 0, np.arange(10), np.arange(20, dtype=np.float32).reshape(10, 2))
-    call(local, "build", 0)
-    ids, _ = call(local, "search_ids", np.array([3]), 1, exclude_self=True, version=0)
+        call_service(local, "build", 0)
+    call_service(local, "configure", np.arange(10), 2)
+    call_service(local, "add", 0, np.arange(10), np.arange(20, dtype=np.float32).reshape(10, 2))
+    call_service(local, "build", 0)
+    ids, _ = call_service(local, "search_ids", np.array([3]), 1, exclude_self=True, version=0)
     assert int(ids[0, 0]) in (2, 4)
 
     import ray
@@ -173,7 +172,7 @@ def test_service_adapter_takes_a_local_object_or_an_actor_like_handle(monkeypatc
         version = Method(lambda: "ref-7")
 
     monkeypatch.setattr(ray, "get", lambda ref: {"ref-7": 7}[ref])
-    assert call(Handle(), "version") == 7
+    assert call_service(Handle(), "version") == 7
 
 
 # ---- the method ----------------------------------------------------------------------------------------
@@ -382,7 +381,7 @@ def test_a_restarted_index_is_configured_again_and_rebuilt_without_losing_the_ep
     method.on_epoch_start(1)
     log = method.on_epoch_end(1)
     assert (log["knn_index_version"], log["knn_index_attempts"], log["knn_index_configured"]) == (1, 1, 1)
-    assert call(index, "version") == 1
+    assert call_service(index, "version") == 1
     method.on_epoch_start(2)  # nothing lost: no configuring
     log = method.on_epoch_end(2)
     assert (log["knn_index_version"], log["knn_index_attempts"], log["knn_index_configured"]) == (2, 1, 0)

@@ -98,8 +98,15 @@ def test_glc_stages_survive_a_mid_epoch_failure_and_match_one_worker_labels(ray_
 def test_services_and_per_sample_state_survive_a_worker_failure(ray_cluster, tmp_path):
     from raynoisy.train.driver import train
 
+    # Under bf16-mixed too: the restarted workers must keep running steps and evaluations under autocast.
     cfg = _config(
-        tmp_path, "probe", "probe", "run.eval_every_steps=3", "run.keep_checkpoints=50", **{"optim.epochs": 2}
+        tmp_path,
+        "probe",
+        "probe",
+        "run.eval_every_steps=3",
+        "run.keep_checkpoints=50",
+        "scaling.precision=bf16-mixed",
+        **{"optim.epochs": 2},
     )
     steps = steps_per_epoch(cfg, prepare(cfg, log=lambda _: None).shards.count("train"))
     fail_at = steps + 5  # epoch 2, after the step checkpoint at its step 3
@@ -133,6 +140,11 @@ def test_services_and_per_sample_state_survive_a_worker_failure(ray_cluster, tmp
     end.add_dense("times_trained", 1, dtype=torch.float32)
     end.load(final)
     assert float(end.gather("times_trained", end.sample_ids).sum()) == 2 * steps * 64
+    # Every evaluation rank 0 made, before and after the restart, saw bfloat16 logits in its steps and its
+    # own forwards (an evaluation right after the restart may follow no step).
+    dtypes = [json.loads(line) for line in (out / "probe-dtypes.jsonl").read_text().splitlines()]
+    assert len(dtypes) >= 2 * steps // 3 and all(d["eval"] == ["torch.bfloat16"] for d in dtypes)
+    assert {tuple(d["train"]) for d in dtypes} <= {("torch.bfloat16",), ()}
     # The service is gone with the run.
     with pytest.raises(ValueError):
         ray.get_actor("step-counter", namespace=namespace_of(run_name(cfg)))

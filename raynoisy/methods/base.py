@@ -70,6 +70,17 @@ class ServiceSpec:
     max_concurrency: int = 1
 
 
+def call_service(handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``method`` of a service in ``ctx.services``: a Ray actor handle in the loop (``.remote`` and
+    ``ray.get``), or the plain instance the in-process harness holds."""
+    fn = getattr(handle, method)
+    if hasattr(fn, "remote"):
+        import ray
+
+        return ray.get(fn.remote(*args, **kwargs))
+    return fn(*args, **kwargs)
+
+
 @dataclass
 class MethodContext:
     """What a method may know about the run: config, data shape, place in the worker group, data access."""

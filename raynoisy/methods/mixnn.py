@@ -93,7 +93,7 @@ from raynoisy.errors import ConfigError
 from raynoisy.knn import DEFAULT_EXACT_THRESHOLD, IndexNotReadyError, KnnIndex, check_index_config
 from raynoisy.meta.sync import all_reduce_mean_, all_reduce_sum_, world_size
 from raynoisy.methods import register_method
-from raynoisy.methods.base import Batch, Method, MethodContext, ServiceSpec, Stage
+from raynoisy.methods.base import Batch, Method, MethodContext, ServiceSpec, Stage, call_service
 from raynoisy.methods.meta_common import (
     CorrectedLabelExport,
     check_param,
@@ -170,16 +170,6 @@ def ema_update(soft: Tensor, probs: Tensor, momentum: float) -> Tensor:
 def soft_cross_entropy(logits: Tensor, soft: Tensor) -> Tensor:
     """Per-sample −Σ s·log softmax(logits)."""
     return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
-
-
-def call(handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call ``method`` of a service: a Ray actor handle (``.remote`` + ``ray.get``) or a local object."""
-    fn = getattr(handle, method)
-    if hasattr(fn, "remote"):
-        import ray
-
-        return ray.get(fn.remote(*args, **kwargs))
-    return fn(*args, **kwargs)
 
 
 def _barrier() -> None:
@@ -518,11 +508,13 @@ class MixNN(CorrectedLabelExport, Method):
         assert store is not None
         configured = False
         for attempt in range(1, INDEX_ATTEMPTS + 1):
-            if hasattr(handle, "configure") and not call(handle, "configured"):
-                call(handle, "configure", store.sample_ids, int(feats.shape[1]))
+            if hasattr(handle, "configure") and not call_service(handle, "configured"):
+                call_service(handle, "configure", store.sample_ids, int(feats.shape[1]))
                 configured = True
             try:
-                call(handle, "add", epoch, ids_np, feats_np)  # ignored if this version is already built
+                call_service(
+                    handle, "add", epoch, ids_np, feats_np
+                )  # ignored if this version is already built
                 added = True
             except IndexNotReadyError:
                 added = False
@@ -530,11 +522,13 @@ class MixNN(CorrectedLabelExport, Method):
             if _all_ok(added, self.ctx.device) and self.ctx.rank == 0:
                 # idempotent by version; if it fails, every rank's search below fails and all retry together
                 with contextlib.suppress(IndexNotReadyError):
-                    call(handle, "build", epoch)
+                    call_service(handle, "build", epoch)
             _barrier()
             result = None
             try:
-                found, _ = call(handle, "search_ids", ids_np, self.params.k, exclude_self=True, version=epoch)
+                found, _ = call_service(
+                    handle, "search_ids", ids_np, self.params.k, exclude_self=True, version=epoch
+                )
                 result = torch.as_tensor(np.asarray(found), dtype=torch.int64)
                 ok = bool((result >= 0).all())  # -1: an approximate search could not fill the row
             except IndexNotReadyError:

@@ -2,8 +2,9 @@
 
 Cross-entropy plus instruments: a driver-started ``StepCounter`` service every rank adds its steps to, a
 per-sample store column counting how often each sample was trained on, a record of every worker start and
-of the store's digest when a checkpoint is restored, and planted failures (a ConfigError or a NaN loss at a
-chosen global step).
+of the store's digest when a checkpoint is restored, the dtypes of the network's logits in the training
+steps and in the evaluation of each epoch (``probe-dtypes.jsonl``: ``scaling.precision`` decides them),
+and planted failures (a ConfigError or a NaN loss at a chosen global step).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from torch import nn
 
@@ -21,7 +21,7 @@ from raynoisy.config import Config
 from raynoisy.data.batch import Batch
 from raynoisy.errors import ConfigError
 from raynoisy.methods import register_method
-from raynoisy.methods.base import Method, MethodContext, ServiceSpec
+from raynoisy.methods.base import Method, MethodContext, ServiceSpec, call_service
 from raynoisy.methods.supervised import MainModel
 
 
@@ -64,6 +64,15 @@ class Probe(Method):
         assert ctx.sample_store is not None
         ctx.sample_store.add_dense("times_trained", 1, dtype=torch.float32)
         self.counter = ctx.services["step-counter"]
+        self.dtypes: dict[str, set[str]] = {"train": set(), "eval": set()}  # since the last evaluation
+        # A closure over the dict, not a bound method: copies of the network (the export's) must not copy
+        # the method with it.
+        dtypes = self.dtypes
+
+        def record(net: nn.Module, _inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            dtypes["train" if net.training else "eval"].add(str(output[0].dtype))
+
+        self.main.net.register_forward_hook(record)
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if self.steps == self.params.at_step and self.params.fail_with == "config":
@@ -74,13 +83,17 @@ class Probe(Method):
         if self.steps == self.params.at_step and self.params.fail_with == "nan":
             stats["loss"] = float("nan")
         self.steps += 1
-        ray.get(self.counter.add.remote(1))
+        call_service(self.counter, "add", 1)
         return stats
 
     def on_evaluated(self, epoch: int, metrics: dict[str, float]) -> None:
         # After an evaluation (a collective), every rank's steps have reached the counter.
         if self.ctx.rank == 0:
-            (self.output / "probe-service-steps.txt").write_text(str(ray.get(self.counter.total.remote())))
+            (self.output / "probe-service-steps.txt").write_text(str(call_service(self.counter, "total")))
+            with (self.output / "probe-dtypes.jsonl").open("a") as f:
+                f.write(json.dumps({mode: sorted(seen) for mode, seen in self.dtypes.items()}) + "\n")
+        for seen in self.dtypes.values():
+            seen.clear()
 
     def eval_model(self) -> nn.Module:
         return self.main.net
