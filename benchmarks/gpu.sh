@@ -8,12 +8,13 @@
 #
 # The parts: the meta-step table of each model (every method, MLNT's M look-aheads also batched with vmap,
 # the trusted-set meta methods also at meta_every 5, MW-Net's example weights, MixNN with its index on the
-# CPU and on the GPU), and one epoch's kNN refresh at 1,000,000 x 256 against exact torch top-k on the GPU,
-# timed on every query, with the index where a run puts it (knn_refresh) and kept on FAISS (knn_refresh_faiss:
-# CPU FAISS without a faiss-gpu build).
+# CPU and on the GPU); ResNet-32's baselines and trusted-set meta methods under bf16-mixed beside fp32
+# (meta_step_bf16_resnet32); and one epoch's kNN refresh at 1,000,000 x 256 against exact torch top-k on the
+# GPU, timed on every query, with the index where a run puts it (knn_refresh) and kept on FAISS
+# (knn_refresh_faiss: CPU FAISS without a faiss-gpu build).
 set -u
 OUT=${OUT:-runs/gpu}
-PARTS=${PARTS:-meta_step_resnet32 meta_step_small_cnn knn_refresh knn_refresh_faiss}
+PARTS=${PARTS:-meta_step_resnet32 meta_step_small_cnn meta_step_bf16_resnet32 knn_refresh knn_refresh_faiss}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -39,6 +40,10 @@ part meta_step_resnet32 "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.p
     --repeats 20 --models resnet32 --methods $METHODS --meta-every 5
 part meta_step_small_cnn "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.py --device cuda \
     --repeats 20 --models small-cnn --methods $METHODS --meta-every 5
+# bf16-mixed beside fp32 (scaling.precision): the trusted-set meta methods and the baselines.
+BF16_METHODS="ce glc mwnet mlc metalabelnet mwnet-example mixnn"
+part meta_step_bf16_resnet32 "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.py --device cuda \
+    --repeats 20 --models resnet32 --methods $BF16_METHODS --bf16
 part knn_refresh "${KNN_LIMIT:-200}" python3 benchmarks/knn_refresh.py --device cuda --exact-queries 1000000
 part knn_refresh_faiss "${KNN_LIMIT:-200}" python3 benchmarks/knn_refresh.py --device cuda \
     --exact-queries 1000000 --backend faiss

@@ -39,6 +39,10 @@ How each method is built and driven, so that the step timed is the step training
   ``mwnet-trusted`` (``train_on_trusted``: + the trusted F + B at w) and ``mlc-supervised``
   (``corrector_supervision = 1``: + the clean half's no-grad forward), issue 12's deviations, not in the
   default rows either;
+- mixed precision: a row ``ROW+bf16`` (``--bf16`` adds one per row) is ROW under
+  ``scaling.precision = bf16-mixed``, its step under bfloat16 autocast as the loop runs it. Its ratios, peak
+  ratio, pass floor (passes timed under autocast too) and target are against ``ce+bf16``, CE in the same
+  precision, and a further table sets each beside its fp32 twin: the speed-up and the peaks;
 - the stage hooks are run, without steps, up to the first step of the first stage whose models the method
   may select (``Stage.selectable``; ``harness.start_stage``): GLC's ``corrected`` stage (its corruption
   matrix estimated from a trusted pass) and MetaLabelNet's ``meta`` stage (its frozen encoder copied).
@@ -89,6 +93,7 @@ neighbour epochs).
     python benchmarks/meta_step.py --models small-cnn --methods ce mwnet mlc metalabelnet --meta-every 2 5 10
     python benchmarks/meta_step.py --models small-cnn --methods ce mwnet mlc mlc@k5t32 --trusted-batch 32
     python benchmarks/meta_step.py --models resnet32 --methods ce mlc --device cuda
+    python benchmarks/meta_step.py --models resnet32 --methods ce mwnet mlc metalabelnet --bf16 --device cuda
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method
 from raynoisy.train.harness import build_method, method_context, start_stage
+from raynoisy.train.precision import autocast
 from raynoisy.train.preflight import resolve_config
 
 # Kineto prints start/stop lines for every profiled step; level 6 silences them (set before the profiler's
@@ -167,6 +173,8 @@ PASSES["mwnet-trusted"] = {"F": 3, "B": 4, "J": 1}
 PASSES["mlc-supervised"] = {"F": 2, "B": 2, "J": 1, "E": 0.5}
 PASSES["mlnt-first-order"] = {"F": 1 + MLNT_SETS, "B": 1 + 2 * MLNT_SETS, "E": 1}
 BASELINE = "ce"
+# A row under scaling.precision=bf16-mixed (--bf16 adds one per row): its ratios are to ce+bf16.
+BF16_SUFFIX = "+bf16"
 # Rows that are a method under given params: row name -> (method, method.params).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlnt-first-order": (
@@ -195,9 +203,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def split_precision(row: str) -> tuple[str, str]:
+    """A row without its precision suffix, and its ``scaling.precision``: ``ROW+bf16`` is ROW under
+    ``bf16-mixed``, any other row fp32."""
+    base = row.removesuffix(BF16_SUFFIX)
+    return base, "bf16-mixed" if base != row else "fp32"
+
+
 def variant(row: str) -> tuple[str, dict[str, Any], int]:
     """A row's method, its ``method.params`` and its ``meta_every``: ``METHOD@kK`` (meta_every K),
-    ``METHOD@tN`` (trusted_batch_size N), ``METHOD@kKtN`` (both), else a ``VARIANTS`` row or a method."""
+    ``METHOD@tN`` (trusted_batch_size N), ``METHOD@kKtN`` (both), else a ``VARIANTS`` row or a method; any of
+    them with the ``+bf16`` suffix (``split_precision``)."""
+    row = split_precision(row)[0]
     method, suffixed, suffix = row.partition("@")
     if suffixed:
         match = re.fullmatch(r"(?:k(\d+))?(?:t(\d+))?", suffix)
@@ -288,6 +305,7 @@ class MethodRun:
     name: str
     method: Method
     trusted: Batch | None
+    precision: str  # scaling.precision: the step runs under its autocast, as the loop runs it
     stage: str  # the stage whose step is timed
     timed_from_epoch: int  # its first epoch
     total_epochs: int
@@ -303,6 +321,11 @@ class MethodRun:
     refreshes: list[dict[str, float]] = field(default_factory=list)  # MixNN: one refresh log per timed epoch
     # Amortised rows: each cycle's steps, wall seconds in cycle order, one list per round.
     cycle_times: list[list[float]] = field(default_factory=list)
+
+    def step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        """One ``train_step`` in the run's precision."""
+        with autocast(self.precision, self.method.ctx.device):
+            return self.method.train_step(batch, trusted)
 
     @property
     def phase(self) -> str:
@@ -475,12 +498,13 @@ def build_run(
     are the training split (the per-sample store's ids) instead of the data set's nominal size.
     """
     method_name, params, meta_every = variant(name)
+    precision = split_precision(name)[1]
     params = dict(params)
     if method_name == "mlnt" and batch_size <= 10:
         params["neighbors"] = batch_size - 1  # the in-batch neighbours must fit the batch
         notes.append(f"{spec.name}/{name}: {batch_size - 1} in-batch neighbours (10 need a batch of 11+)")
     overrides = [f"method.params.{key}={value}" for key, value in params.items()]
-    flags = {"data.root": root, "run.output": root}
+    flags = {"data.root": root, "run.output": root, "scaling.precision": precision}
     cfg = resolve_config(
         spec.dataset, method_name, flags=flags | {"optim.batch_size": batch_size}, overrides=overrides
     )
@@ -530,7 +554,7 @@ def build_run(
     if meta_every > 1 and cycle != [True] + [False] * (meta_every - 1):
         raise RuntimeError(f"{name}: expected one meta update per cycle of {meta_every} steps, got {cycle}")
     return MethodRun(
-        name, method, trusted, timed.name, first, total, single_stage=len(stages) == 1, cycle=cycle
+        name, method, trusted, precision, timed.name, first, total, single_stage=len(stages) == 1, cycle=cycle
     )
 
 
@@ -568,7 +592,7 @@ def timed_step(run: MethodRun, batch: Batch, device: torch.device) -> tuple[floa
     for takes_trusted in run.cycle:
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        logged = run.method.train_step(batch, run.trusted if takes_trusted else None)
+        logged = run.step(batch, run.trusted if takes_trusted else None)
         synchronize(device)
         steps.append(time.perf_counter() - start)
         cpu_seconds += time.process_time() - cpu_start
@@ -578,8 +602,11 @@ def timed_step(run: MethodRun, batch: Batch, device: torch.device) -> tuple[floa
     return sum(steps) / len(steps), cpu_seconds / len(steps)
 
 
-def pass_times(net: nn.Module, batch: Batch, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each pass in ``PASSES`` on ``batch``, timed interleaved like the steps.
+def pass_times(
+    net: nn.Module, batch: Batch, repeats: int, device: torch.device, precision: str = "fp32"
+) -> dict[str, float]:
+    """Median seconds of each pass in ``PASSES`` on ``batch`` under ``precision``, timed interleaved like the
+    steps.
 
     F: ``net(x)`` in train mode with a graph; B: the cross-entropy backward from it to the parameters (F+B
     timed, F subtracted); J: the engine's forward-mode pass along a random direction of every parameter,
@@ -612,7 +639,8 @@ def pass_times(net: nn.Module, batch: Batch, repeats: int, device: torch.device)
         for name, run in passes.items():
             synchronize(device)
             start = time.perf_counter()
-            run()
+            with autocast(precision, device):
+                run()
             synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
@@ -626,6 +654,7 @@ def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float
     mean over its cycle, (its meta step + (K - 1) ``PLAIN_PASSES``) / K. MetaLabelNet reads its encoder's
     features from its cache instead of an E pass where training does not augment (``unaugmented``) and
     ``cache_features`` is on."""
+    row = split_precision(row)[0]
     method, params, k = variant(row)
     if method not in AMORTISED or (row in VARIANTS and row in PASSES):
         return dict(PASSES[row]) if row in PASSES else None
@@ -664,9 +693,9 @@ def cpu_step_peak(run: MethodRun, batch: Batch) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run.method.train_step(batch, run.trusted)
+        run.step(batch, run.trusted)
         with record_function(MEASURED_STEP):
-            run.method.train_step(batch, run.trusted)
+            run.step(batch, run.trusted)
     nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
     marker = next(n for n in nodes if n.tag == _EventType.TorchOp and n.name == MEASURED_STEP)
     allocations = sorted(
@@ -690,7 +719,7 @@ def cuda_step_peak(run: MethodRun, batch: Batch, device: torch.device) -> int:
     synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    run.method.train_step(batch, run.trusted)
+    run.step(batch, run.trusted)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 
@@ -762,21 +791,26 @@ def measure_model(
         else:
             run.peak_bytes = cpu_step_peak(run, batch)
         run.held_bytes = held_bytes(run.method.state_dict())
-    passes = pass_times(copy.deepcopy(runs[0].method.eval_model()), batch, args.repeats, device)
+    # Every precision's rows are judged against CE in that precision: its step, its peak, its passes.
+    bases = {run.precision: run for run in runs if variant(run.name)[0] == BASELINE}
+    net = runs[0].method.eval_model()
+    passes = {p: pass_times(copy.deepcopy(net), batch, args.repeats, device, p) for p in bases}
     unaugmented = source.transform in UNAUGMENTED_FAMILIES
-    base_floor = floor_seconds(BASELINE, passes, batch_size, unaugmented)
-    assert base_floor is not None
-    print(
-        f"[meta_step] {spec.name} passes (median ms): "
-        + ", ".join(f"{kind} {1e3 * seconds:.1f}" for kind, seconds in passes.items()),
-        flush=True,
-    )
+    for precision, measured in passes.items():
+        suffix = "" if precision == "fp32" else f" under {precision}"
+        print(
+            f"[meta_step] {spec.name} passes{suffix} (median ms): "
+            + ", ".join(f"{kind} {1e3 * seconds:.1f}" for kind, seconds in measured.items()),
+            flush=True,
+        )
 
-    base = runs[0]
-    base_median = statistics.median(base.times)
     rows = []
     for run in runs:
-        floor = floor_seconds(run.name, passes, batch_size, unaugmented)
+        base = bases[run.precision]
+        base_median = statistics.median(base.times)
+        base_floor = floor_seconds(BASELINE, passes[run.precision], batch_size, unaugmented)
+        assert base_floor is not None
+        floor = floor_seconds(run.name, passes[run.precision], batch_size, unaugmented)
         q1, median, q3 = quartiles(run.times)
         per_round = [t / b for t, b in zip(run.times, base.times, strict=True)]
         r1, _, r3 = quartiles(per_round)
@@ -885,6 +919,37 @@ def format_amortised_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_precision_table(rows: Sequence[Row]) -> str:
+    """Each ``+bf16`` row beside its fp32 twin: what bf16-mixed saves in time and memory."""
+    by_name = {(r.model, r.method): r for r in rows}
+    header = (
+        "| model | row | fp32 step ms | bf16-mixed step ms | speed-up | fp32 peak MiB | bf16-mixed peak MiB "
+        "| ratio vs CE, fp32 | ratio vs CE, bf16-mixed |"
+    )
+    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
+    for mixed in rows:
+        base, precision = split_precision(mixed.method)
+        single = by_name.get((mixed.model, base))
+        if precision == "fp32" or single is None:
+            continue
+        lines.append(
+            f"| {mixed.model} | {base} | {single.median_ms:.1f} | {mixed.median_ms:.1f} "
+            f"| {single.median_ms / mixed.median_ms:.2f}x | {single.peak_mib:.1f} | {mixed.peak_mib:.1f} "
+            f"| {single.ratio:.2f}x | {mixed.ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def with_bf16_rows(names: Sequence[str], every: bool) -> list[str]:
+    """``names``, then a ``ROW+bf16`` twin of every row if ``every``; ``ce+bf16`` (the bf16 rows' baseline)
+    goes before the first bf16 row."""
+    out = list(names) + ([f"{name}{BF16_SUFFIX}" for name in names] if every else [])
+    mixed = [index for index, name in enumerate(out) if split_precision(name)[1] != "fp32"]
+    if mixed:
+        out.insert(mixed[0], BASELINE + BF16_SUFFIX)
+    return list(dict.fromkeys(out))
+
+
 def with_amortised_rows(names: Sequence[str], ks: Sequence[int], trusted: Sequence[int] = ()) -> list[str]:
     """``names`` with ``METHOD@kK`` after each trusted-set meta method among them, for every K in ``ks``,
     and ``METHOD@tN`` for every N in ``trusted``."""
@@ -938,6 +1003,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "METHOD@kKtN rows combine both and may be named in --methods)",
     )
     parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time every row under scaling.precision=bf16-mixed (rows ROW+bf16, judged against ce+bf16; "
+        "ROW+bf16 rows may also be named in --methods)",
+    )
+    parser.add_argument(
         "--mixnn-train",
         type=int,
         help="samples of MixNN's synthetic training split (default: the data set's nominal training size)",
@@ -969,6 +1040,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if any(n < 2 for n in args.trusted_batch):
         parser.error("--trusted-batch N needs N >= 2: MLC splits its trusted batch in halves")
     args.methods = with_amortised_rows(args.methods, args.meta_every, args.trusted_batch)
+    args.methods = with_bf16_rows(args.methods, args.bf16)
     for name in args.methods:
         try:
             variant(name)
@@ -1044,6 +1116,14 @@ def run(args: argparse.Namespace) -> Report:
         "time",
         flush=True,
     )
+    if any(split_precision(r.method)[1] != "fp32" for r in rows):
+        print(format_precision_table(rows), flush=True)
+        print(
+            "bf16-mixed = train_step under torch.autocast(bfloat16), as scaling.precision=bf16-mixed runs it "
+            "(parameters, gradients and optimizer state float32); a ROW+bf16 row's ratios, peak ratio, floor "
+            "and target are against ce+bf16; speed-up = fp32 step / bf16-mixed step",
+            flush=True,
+        )
     amortised = [r for r in rows if r.meta_every > 1]
     if amortised:
         print(format_amortised_table(amortised), flush=True)

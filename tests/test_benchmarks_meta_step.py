@@ -114,6 +114,24 @@ def test_amortised_rows_are_named_method_at_k() -> None:
     assert bench.with_amortised_rows(["ce", "mlc", "glc"], [2, 5]) == ["ce", "mlc", "mlc@k2", "mlc@k5", "glc"]
 
 
+def test_bf16_rows_are_judged_against_ce_in_bf16(capsys: pytest.CaptureFixture[str]) -> None:
+    """--bf16 adds a ROW+bf16 twin of every row, ce+bf16 among them; their ratios are to ce+bf16."""
+    bench = load_benchmark("meta_step")
+    assert bench.with_bf16_rows(["ce", "mlc@k5"], True) == ["ce", "mlc@k5", "ce+bf16", "mlc@k5+bf16"]
+    assert bench.with_bf16_rows(["ce", "mlc+bf16"], False) == ["ce", "ce+bf16", "mlc+bf16"]
+    assert bench.with_bf16_rows(["ce", "mlc"], False) == ["ce", "mlc"]
+    assert bench.variant("mlc@k5+bf16") == bench.variant("mlc@k5") and bench.target_of("mlc+bf16") == 2.5
+    report = bench.main(["--small", "--models", "small-cnn", "--device", "cpu", "--methods", "mlc", "--bf16"])
+    rows = {row.method: row for row in report.rows}
+    assert list(rows) == ["ce", "mlc", "ce+bf16", "mlc+bf16"]
+    assert rows["ce+bf16"].ratio == 1.0 and all(row.finite for row in rows.values())
+    mixed = rows["mlc+bf16"]
+    assert mixed.ratio == pytest.approx(mixed.median_ms / rows["ce+bf16"].median_ms)
+    assert mixed.floor_ratio is not None and mixed.floor_ratio > 1
+    out = capsys.readouterr().out
+    assert "passes under bf16-mixed" in out and "| small-cnn | mlc | " in out.split("| speed-up |")[1]
+
+
 def test_a_smaller_trusted_batch_prices_its_gold_passes_by_its_size(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -145,15 +163,16 @@ def test_a_smaller_trusted_batch_prices_its_gold_passes_by_its_size(
         assert rows[f"{name}@t4"].finite and rows[f"{name}@t4"].floor_ratio < rows[name].floor_ratio
 
 
-def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
+def _counted_passes(run: Any, batch: Any, batch_size: int, dtypes: set[torch.dtype]) -> dict[str, float]:
     """The network passes one step (an amortised row: its whole cycle, divided by K) really makes, counted by
     hooks on the main network and MetaLabelNet's frozen encoder, in units of the noisy batch: a forward with
     a tangent is J; one in eval mode or without grad is E; any other is F, and every backward through its
-    logits (a hook on them) is B."""
+    logits (a hook on them) is B. The dtypes of the logits go into ``dtypes``."""
     counts: Counter[str] = Counter()
 
     def on_forward(module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
         logits, share = output[0], inputs[0].shape[0] / batch_size
+        dtypes.add(logits.dtype)
         if forward_ad.unpack_dual(logits).tangent is not None:
             counts["J"] += share
         elif not module.training or not torch.is_grad_enabled():
@@ -168,7 +187,7 @@ def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
     handles = [net.register_forward_hook(on_forward) for net in nets]
     try:
         for takes_trusted in run.cycle:
-            method.train_step(batch, run.trusted if takes_trusted else None)
+            run.step(batch, run.trusted if takes_trusted else None)
     finally:
         for handle in handles:
             handle.remove()
@@ -191,10 +210,13 @@ def _counted_passes(run: Any, batch: Any, batch_size: int) -> dict[str, float]:
         "mwnet-example",
         "mwnet-trusted",
         "mlc-supervised",
+        "mlc+bf16",
+        "metalabelnet+bf16",
     ],
 )
 def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
-    """``PASSES`` (and what the trusted-batch and amortised rows derive from it) against hook counts."""
+    """``PASSES`` (and what the trusted-batch, amortised and bf16 rows derive from it) against hook counts;
+    a ``+bf16`` row's passes all give bfloat16 logits, the others float32."""
     bench = load_benchmark("meta_step")
     spec, batch_size = bench.MODELS["small-cnn"], 8
     source = get_source(spec.dataset)
@@ -207,5 +229,7 @@ def test_passes_are_the_passes_a_step_makes(row: str, tmp_path: Path) -> None:
     split = bench.split_of(row, (), batch)
     run = bench.build_run(row, spec, batch_size, torch.device("cpu"), str(tmp_path), pool, [], split)
     expected = bench.pass_counts(row, batch_size, source.transform in UNAUGMENTED_FAMILIES)
-    counted = _counted_passes(run, batch, batch_size)
+    dtypes: set[torch.dtype] = set()
+    counted = _counted_passes(run, batch, batch_size, dtypes)
     assert counted == pytest.approx({kind: n for kind, n in expected.items() if n})
+    assert dtypes == {torch.bfloat16 if row.endswith("+bf16") else torch.float32}
