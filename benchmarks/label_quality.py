@@ -21,6 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
+from raynoisy.report.run_report import GUARD_COLUMNS
+
 COLUMNS = {
     "val_accuracy": "val acc",
     "diag_model_train_accuracy": "model acc on train images",
@@ -29,11 +31,7 @@ COLUMNS = {
     "diag_corrected_agrees_with_model": "corrected = model's prediction",
     "diag_weight_clean": "mean weight, clean",
     "diag_weight_mislabelled": "mean weight, mislabelled",
-    "train_guard_kept": "guard: trusted labels kept",
-    "train_guard_class_excess": "guard: class excess",
-    "train_guard_separation": "guard: weight separation",
-    "train_guard_model_skill": "guard: model skill",
-    "train_guard_fallback": "guard: next epoch on given labels",
+    **{key: f"guard: {column}" for key, column in GUARD_COLUMNS.items()},
 }
 
 
