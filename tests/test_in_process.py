@@ -119,6 +119,28 @@ def test_meta_method_reports_label_correction(tmp_path):
     assert table.num_rows == metrics["train_size"]
 
 
+def test_the_history_averages_every_step_scalar_as_the_loop_does(tmp_path, monkeypatch):
+    """MW-Net amortised (meta_every 2): ``meta_loss`` is logged on meta-update steps only and averaged over
+    those, ``loss`` and ``mean_weight`` over every step: the loop's ``train_*`` keys and values."""
+    from raynoisy.methods.mwnet import MetaWeightNet
+
+    logged: list[list[dict[str, float]]] = [[], []]  # per epoch
+    step = MetaWeightNet.train_step
+
+    def recording(self: MetaWeightNet, batch, trusted) -> dict[str, float]:
+        stats = step(self, batch, trusted)
+        logged[len(logged[0]) >= self.ctx.steps_per_epoch].append(stats)
+        return stats
+
+    monkeypatch.setattr(MetaWeightNet, "train_step", recording)
+    metrics = train_in_process(_config(tmp_path, "mwnet", 2, "method.params.meta_every=2"), log=_quiet)
+    for epoch, steps in zip(metrics["history"], logged, strict=True):
+        for key in ("loss", "mean_weight", "meta_loss"):
+            values = [s[key] for s in steps if key in s]
+            assert epoch[f"train_{key}"] == pytest.approx(float(np.mean(values)))
+        assert 0 < sum("meta_loss" in s for s in steps) < len(steps)
+
+
 def test_best_validation_epoch_is_reported_and_handed_to_the_next_stage(tmp_path, monkeypatch):
     models: list[dict[str, torch.Tensor]] = []  # eval_model() after each evaluation
     handed: list[dict[str, torch.Tensor] | None] = []  # what each stage started from

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from raynoisy.methods.base import Stage
-from raynoisy.train.loop import EpochTotals, Worker
+from raynoisy.train.epoch_totals import EpochTotals
+from raynoisy.train.loop import Worker
 from raynoisy.train.run_files import LoopState
 from raynoisy.train.streams import Streams
 

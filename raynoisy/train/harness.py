@@ -26,6 +26,7 @@ from raynoisy.data.batch import Batch
 from raynoisy.data.sample_store import SampleStore
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
+from raynoisy.train.epoch_totals import EpochTotals
 from raynoisy.train.precision import autocast
 
 ModelState = dict[str, torch.Tensor]
@@ -150,9 +151,10 @@ def walk_stages(
     ``ctx.steps_per_epoch`` steps on trusted batches with None as the trusted batch (``batches`` is not
     called for it). With an ``evaluation``, each epoch is evaluated and selected as in the loop and a stage
     starts from the previous stage's best-validation model; without one, from the model the previous stage
-    ended with (see the module docstring). Returns one log per epoch: ``stage``, the mean ``loss`` of its
-    steps (NaN without steps), the ``seconds`` from ``on_epoch_start`` to the end of ``on_epoch_end``, the
-    scalars of ``on_stage_start`` (first epoch of a stage) and of ``on_epoch_end``.
+    ended with (see the module docstring). Returns one log per epoch: ``stage``, the mean of every scalar
+    its steps logged, each over the steps that logged it, as the loop's ``train_*`` metrics (``loss`` NaN
+    without steps), the scalars of ``on_epoch_end`` and of ``on_stage_start`` (first epoch of a stage), and
+    the ``seconds`` from ``on_epoch_start`` to the end of ``on_epoch_end``.
     """
     logs: list[dict[str, Any]] = []
     previous: ModelState | None = None
@@ -170,12 +172,12 @@ def walk_stages(
             started = time.perf_counter()
             method.on_epoch_start(epoch)
             first = epoch_in_stage * method.ctx.steps_per_epoch
-            losses = []
+            totals = EpochTotals()
             for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted):
                 with autocast(method.ctx.cfg.scaling.precision, method.ctx.device):
-                    losses.append(method.train_step(batch, pair).get("loss", float("nan")))
-            log = {"stage": stage.name, "loss": float(np.mean(losses)) if losses else float("nan")}
-            log |= scalars | method.on_epoch_end(epoch)
+                    totals.add(method.train_step(batch, pair))
+            log = {"stage": stage.name, "loss": float("nan")} | totals.means()
+            log |= method.on_epoch_end(epoch) | scalars
             log["seconds"] = time.perf_counter() - started
             if evaluation is not None:
                 metrics = evaluation.evaluate(method, stage, epoch, log)

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from raynoisy.meta.sync import assert_replicas_identical, state_tensors
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
 from raynoisy.train.checkpoints import Checkpoints
+from raynoisy.train.epoch_totals import EpochTotals
 from raynoisy.train.export import final_files, per_sample_table, summary
 from raynoisy.train.precision import autocast, check_device, cpu_note
 from raynoisy.train.progress import ProgressLog, emit
@@ -72,27 +73,6 @@ def train_loop(cfg: Config, info: RunInfo, services: dict[str, Any]) -> None:
                 worker.after_step(stage, stats, epoch)
             worker.end_epoch(stage, epoch)
     worker.finish(len(stages))
-
-
-@dataclass
-class EpochTotals:
-    """What one (possibly resumed) epoch ran: steps, summed step scalars and their counts, its start time."""
-
-    steps: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-
-    def add(self, stats: dict[str, float]) -> None:
-        self.steps += 1
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        """Each scalar's mean over the steps that logged it: a meta method with ``meta_every`` > 1 logs its
-        ``meta_loss`` on meta-update steps only, and a mean over all steps would shrink it by k."""
-        return {key: total / self.counts[key] for key, total in self.sums.items()}
 
 
 @dataclass
