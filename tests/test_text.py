@@ -239,8 +239,13 @@ def corpus(tmp_path_factory) -> Catalog:
     return load_catalog("ag-news", build_miniature_ag_news(tmp_path_factory.mktemp("ag"), train_per_class=4))
 
 
-@pytest.mark.parametrize("name", sorted({*method_names(), "mixnn-batch"}))
+# Under bf16-mixed too: second-order and forward-mode passes through the transformer under bfloat16 autocast.
+BF16 = ("mlc+bf16", "mwnet+bf16", "mlnt+bf16", "mixnn+bf16")
+
+
+@pytest.mark.parametrize("name", [*sorted({*method_names(), "mixnn-batch"}), *BF16])
 def test_every_method_takes_steps_on_text(tmp_path, sst2, corpus, name):
+    name, bf16, _ = name.partition("+bf16")
     method = name.removesuffix("-batch")
     no_trusted = method in ("mixnn", "mlnt")
     cfg = resolve_config(
@@ -252,6 +257,7 @@ def test_every_method_takes_steps_on_text(tmp_path, sst2, corpus, name):
             "optim.epochs": 2,
             "optim.batch_size": BATCH,
             "split.clean_per_class": 0 if no_trusted else 2,
+            "scaling.precision": "bf16-mixed" if bf16 else "fp32",
         },
         overrides=[
             f"model.pretrained={MINILM}",
