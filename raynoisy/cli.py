@@ -152,6 +152,7 @@ def _add_sweep_arguments(
     parser.add_argument("--lr", type=float)
     parser.add_argument("--workers", type=int, help="Ray Train workers per trial")
     parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--precision", help="fp32 (default) or bf16-mixed (bfloat16 autocast)")
     parser.add_argument(
         "--train-subset", type=int, help="seeded, class-balanced subset of the noisy train set"
     )

@@ -142,11 +142,16 @@ def _refused(argv: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize(
-    ("methods", "rates", "field"),
-    [("ce,nope", "0,0.2", "method.name"), ("ce", "0,1.5", "--rates"), ("ce", "-0.1", "--rates")],
+    ("methods", "rates", "field", "extra"),
+    [
+        ("ce,nope", "0,0.2", "method.name", []),
+        ("ce", "0,1.5", "--rates", []),
+        ("ce", "-0.1", "--rates", []),
+        ("ce", "0.2", "scaling.precision", ["--precision", "fp16"]),
+    ],
 )
 def test_a_bad_trial_refuses_the_whole_sweep_before_anything_starts(
-    methods, rates, field, tmp_path, monkeypatch, capsys
+    methods, rates, field, extra, tmp_path, monkeypatch, capsys
 ):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray started although the sweep should have been refused")
@@ -154,7 +159,7 @@ def test_a_bad_trial_refuses_the_whole_sweep_before_anything_starts(
     monkeypatch.setattr(ray, "init", refuse)
     out = tmp_path / "sweep"
     argv = ["sweep", "--dataset", "digits", "--methods", methods, "--noise", "flip", "--rates", rates,
-            "--seeds", "2", "--output", str(out)]  # fmt: skip
+            "--seeds", "2", "--output", str(out), *extra]  # fmt: skip
     assert _refused(argv, capsys).startswith(f"raynoisy: error: {field}: ")
     assert not out.exists()
 
