@@ -246,7 +246,10 @@ def _facts(m: dict[str, Any]) -> list[list[str]]:
         ["final-epoch test accuracy", _num(m.get("final_test_accuracy"))],
         ["wall time", f"{_num(m.get('wall_seconds'), 0)} s"],
         ["training throughput", f"{_num(m.get('train_samples_per_second'), 0)} samples/s"],
-        ["workers / seed", f"{m.get('workers', '?')} / {m.get('seed', '?')}"],
+        [
+            "workers / precision / seed",
+            f"{m.get('workers', '?')} / {m.get('precision', 'fp32')} / {m.get('seed', '?')}",
+        ],
     ]
     lc = m.get("label_correction")
     if lc and lc.get("corrected_label_accuracy") is not None:
