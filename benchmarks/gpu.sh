@@ -40,7 +40,7 @@ part meta_step_resnet32 "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.p
     --repeats 20 --models resnet32 --methods $METHODS --meta-every 5
 part meta_step_small_cnn "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.py --device cuda \
     --repeats 20 --models small-cnn --methods $METHODS --meta-every 5
-# bf16-mixed beside fp32 (scaling.precision): the trusted-set meta methods and the baselines.
+# bf16-mixed beside fp32 (scaling.precision): the baselines, the trusted-set meta methods, MixNN.
 BF16_METHODS="ce glc mwnet mlc metalabelnet mwnet-example mixnn"
 part meta_step_bf16_resnet32 "${META_STEP_LIMIT:-240}" python3 benchmarks/meta_step.py --device cuda \
     --repeats 20 --models resnet32 --methods $BF16_METHODS --bf16

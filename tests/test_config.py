@@ -112,7 +112,7 @@ def test_precision_is_fp32_or_bf16_mixed_and_fp16_is_refused_with_the_reason(tmp
 def test_bf16_mixed_on_a_gpu_without_bfloat16_is_refused_in_the_worker(monkeypatch):
     from raynoisy.train.precision import check_device
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     check_device("fp32", torch.device("cuda"))
     check_device("bf16-mixed", torch.device("cpu"))

@@ -18,8 +18,8 @@ What differs from a Ray run: one worker (``scaling.workers`` must be 1), on the 
 reshuffled whole each epoch by a generator seeded with ``run.seed`` and the epoch, where Ray Data shuffles
 files, blocks and a local buffer; the trusted stream cycles on from the start of the run instead of
 restarting each epoch; evaluation happens at epoch ends only (``run.eval_every_steps`` is refused), over the
-test split as one set (no per-set metrics); an epoch's history logs the mean step loss but no other step
-scalar; and there are no checkpoints, so an interrupted run starts again. A family whose training transform
+test split as one set (no per-set metrics); and there are no checkpoints, so an interrupted run starts
+again. A family whose training transform
 augments (``cifar``, ``imagenet``) decodes and augments each training batch from the shard payloads with
 the pipeline's own transform; ``small`` (no augmentation) trains on the decoded tensors. Text is tokenised
 once per split by the pipeline's own transform, and every batch taken from it is cut to its longest text
@@ -381,8 +381,8 @@ class EpochRecord:
     """``walk_stages``'s evaluation: accuracies as the loop measures them, its selection, its history.
 
     Each epoch's metrics have the loop's keys (``epoch`` 1-based, ``stage``, ``lr``, ``train_loss``,
-    ``train_seconds``, ``train_<scalar>`` of ``on_stage_start`` / ``on_epoch_end``, ``val_accuracy``,
-    ``test_accuracy``, ``test_top5_accuracy``, ``best_val_accuracy``) and ``eval_seconds``.
+    ``train_seconds``, ``train_<scalar>`` of the steps' means and of ``on_stage_start`` / ``on_epoch_end``,
+    ``val_accuracy``, ``test_accuracy``, ``test_top5_accuracy``, ``best_val_accuracy``) and ``eval_seconds``.
     """
 
     def __init__(

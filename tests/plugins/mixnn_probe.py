@@ -18,8 +18,8 @@ import ray
 
 from raynoisy.data.batch import Batch
 from raynoisy.methods import register_method
-from raynoisy.methods.base import MethodContext
-from raynoisy.methods.mixnn import SERVICE, MixNN, MixNNParams, call
+from raynoisy.methods.base import MethodContext, call_service
+from raynoisy.methods.mixnn import SERVICE, MixNN, MixNNParams
 
 RESTART_TIMEOUT_S = 120  # a loaded 2-core machine restarts actors slowly
 
@@ -55,7 +55,7 @@ class MixNNProbe(MixNN):
 
     def _kill_index(self) -> None:
         handle = self.ctx.services[SERVICE]
-        version = call(handle, "version")
+        version = call_service(handle, "version")
         assert version >= 0, "the drill kills an index that a refresh has built"
         ray.kill(handle, no_restart=False)
         deadline = time.monotonic() + RESTART_TIMEOUT_S
@@ -68,7 +68,7 @@ class MixNNProbe(MixNN):
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         logged = super().on_epoch_end(epoch)
         if self.ctx.rank == 0:
-            self._write({"epoch": epoch, "version": call(self.ctx.services[SERVICE], "version")})
+            self._write({"epoch": epoch, "version": call_service(self.ctx.services[SERVICE], "version")})
         return logged
 
     def _write(self, entry: dict) -> None:
