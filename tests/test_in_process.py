@@ -193,7 +193,7 @@ def test_precision_decides_the_dtype_of_training_and_evaluation_forwards(tmp_pat
     lines: list[str] = []
     cfg = _config(tmp_path, "probe", 1, "method.module=probe_method", f"scaling.precision={precision}")
     metrics = train_in_process(cfg, log=lines.append)
-    assert metrics["precision"] == precision
+    assert metrics["compute_precision"] == precision
     assert metrics["history"] and (tmp_path / "probe" / "probe-dtypes.jsonl").read_text().splitlines() == [
         json.dumps({"train": [dtype], "eval": [dtype]})
     ]

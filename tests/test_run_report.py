@@ -82,7 +82,7 @@ def _finished_run(folder: Path, *, true_labels: bool = True, issues: bool = True
         "wall_seconds": 12.0,
         "train_samples_per_second": 300.0,
         "workers": 2,
-        "precision": "bf16-mixed",
+        "compute_precision": "bf16-mixed",
         "seed": 0,
         "num_classes": K,
         "class_names": ["ant", "bee", "cat", "dog"],
@@ -130,7 +130,7 @@ def test_the_report_renders_from_a_finished_run(tmp_path):
     li = json.loads((folder / "metrics.json").read_text())["label_issues"]
     assert f"{li['precision']:.3f} / {li['recall']:.3f} / {li['f1']:.3f}" in report
     assert "dog (3)" in report  # class names in the top-classes table
-    assert "| workers / precision / seed | 2 / bf16-mixed / 0 |" in report
+    assert "| workers / compute precision / seed | 2 / bf16-mixed / 0 |" in report
     assert "`noisy` (0–2) → `corrected` (2–4)" in report
 
 

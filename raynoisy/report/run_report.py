@@ -247,8 +247,8 @@ def _facts(m: dict[str, Any]) -> list[list[str]]:
         ["wall time", f"{_num(m.get('wall_seconds'), 0)} s"],
         ["training throughput", f"{_num(m.get('train_samples_per_second'), 0)} samples/s"],
         [
-            "workers / precision / seed",
-            f"{m.get('workers', '?')} / {m.get('precision', 'fp32')} / {m.get('seed', '?')}",
+            "workers / compute precision / seed",
+            f"{m.get('workers', '?')} / {m.get('compute_precision', 'fp32')} / {m.get('seed', '?')}",
         ],
     ]
     lc = m.get("label_correction")

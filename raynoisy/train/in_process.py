@@ -505,7 +505,7 @@ def _metrics(
         "wall_seconds": wall,
         "train_samples_per_second": values["train_samples_per_second"],
         "workers": 1,
-        "precision": cfg.scaling.precision,
+        "compute_precision": cfg.scaling.precision,
         "seed": cfg.run.seed,
         "skipped_samples": len(prepared.shards.manifest["skipped"]),
         "shards": prepared.shards.uri,
