@@ -512,9 +512,8 @@ class MixNN(CorrectedLabelExport, Method):
                 call_service(handle, "configure", store.sample_ids, int(feats.shape[1]))
                 configured = True
             try:
-                call_service(
-                    handle, "add", epoch, ids_np, feats_np
-                )  # ignored if this version is already built
+                # ignored if this version is already built
+                call_service(handle, "add", epoch, ids_np, feats_np)
                 added = True
             except IndexNotReadyError:
                 added = False

@@ -19,11 +19,11 @@ reshuffled whole each epoch by a generator seeded with ``run.seed`` and the epoc
 files, blocks and a local buffer; the trusted stream cycles on from the start of the run instead of
 restarting each epoch; evaluation happens at epoch ends only (``run.eval_every_steps`` is refused), over the
 test split as one set (no per-set metrics); and there are no checkpoints, so an interrupted run starts
-again. A family whose training transform
-augments (``cifar``, ``imagenet``) decodes and augments each training batch from the shard payloads with
-the pipeline's own transform; ``small`` (no augmentation) trains on the decoded tensors. Text is tokenised
-once per split by the pipeline's own transform, and every batch taken from it is cut to its longest text
-(``trim_padding``), the dynamic padding the loop's batches have.
+again. A family whose training transform augments (``cifar``, ``imagenet``) decodes and augments each
+training batch from the shard payloads with the pipeline's own transform; ``small`` (no augmentation)
+trains on the decoded tensors. Text is tokenised once per split by the pipeline's own transform, and every
+batch taken from it is cut to its longest text (``trim_padding``), the dynamic padding the loop's batches
+have.
 """
 
 from __future__ import annotations
