@@ -804,11 +804,14 @@ def measure_model(
             flush=True,
         )
 
+    base_floors = {
+        p: floor_seconds(BASELINE, measured, batch_size, unaugmented) for p, measured in passes.items()
+    }
     rows = []
     for run in runs:
         base = bases[run.precision]
         base_median = statistics.median(base.times)
-        base_floor = floor_seconds(BASELINE, passes[run.precision], batch_size, unaugmented)
+        base_floor = base_floors[run.precision]
         assert base_floor is not None
         floor = floor_seconds(run.name, passes[run.precision], batch_size, unaugmented)
         q1, median, q3 = quartiles(run.times)
