@@ -123,7 +123,8 @@ from raynoisy.data.sources import get_source
 from raynoisy.data.transforms import UNAUGMENTED_FAMILIES
 from raynoisy.meta.output_hypergrad import jvp
 from raynoisy.methods import get_method_class
-from raynoisy.methods.base import Method
+from raynoisy.methods.base import Method, Stage
+from raynoisy.methods.meta_common import TrustedMetaMethod
 from raynoisy.train.harness import build_method, method_context, start_stage
 from raynoisy.train.precision import autocast
 from raynoisy.train.preflight import resolve_config
@@ -153,17 +154,15 @@ TRUSTED_PASSES: dict[str, dict[str, float]] = {
     "mlc": {"F": 1, "B": 1},
     "metalabelnet": {"F": 1, "B": 1},
 }
-# MLNT first order, per synthetic set m: the inner gradient (a backward from the logits), the look-ahead
-# forward and the KL's backward to the fast weights; plus the student forward, the given labels' inner
-# gradient and the teacher's no-grad forward (train mode, priced as E). Second order adds a double backward
-# through the M inner gradients, which has no price among these passes: no floor.
 # The plain steps between meta updates (``meta_every`` > 1): a training forward and a backward, MetaLabelNet's
-# also its frozen encoder's forward.
+# also its frozen encoder's forward, MLC's also its clean half's F + B (``plain_trusted_term``).
 PLAIN_PASSES: dict[str, dict[str, float]] = {
     "mwnet": {"F": 1, "B": 1},
-    "mlc": {"F": 1, "B": 1},
+    "mlc": {"F": 1.5, "B": 1.5},
     "metalabelnet": {"E": 1, "F": 1, "B": 1},
 }
+# The part of ``PLAIN_PASSES`` over the trusted batch, scaled as ``TRUSTED_PASSES``: MLC's clean half.
+PLAIN_TRUSTED_PASSES: dict[str, dict[str, float]] = {"mlc": {"F": 0.5, "B": 0.5}}
 MLNT_SETS = 10
 # MW-Net's example weighting: the gold F + B at w (no look-ahead), the training F, J, the real-step B.
 PASSES["mwnet-example"] = {"F": 2, "B": 2, "J": 1}
@@ -171,6 +170,10 @@ PASSES["mwnet-example"] = {"F": 2, "B": 2, "J": 1}
 PASSES["mwnet-trusted"] = {"F": 3, "B": 4, "J": 1}
 # ``corrector_supervision``: MLC's passes plus the clean half's no-grad forward for the corrector's features.
 PASSES["mlc-supervised"] = {"F": 2, "B": 2, "J": 1, "E": 0.5}
+# MLNT first order, per synthetic set m: the inner gradient (a backward from the logits), the look-ahead
+# forward and the KL's backward to the fast weights; plus the student forward, the given labels' inner
+# gradient and the teacher's no-grad forward (train mode, priced as E). Second order adds a double backward
+# through the M inner gradients, which has no price among these passes: no floor.
 PASSES["mlnt-first-order"] = {"F": 1 + MLNT_SETS, "B": 1 + 2 * MLNT_SETS, "E": 1}
 BASELINE = "ce"
 # A row under scaling.precision=bf16-mixed (--bf16 adds one per row): its ratios are to ce+bf16.
@@ -306,7 +309,7 @@ class MethodRun:
     method: Method
     trusted: Batch | None
     precision: str  # scaling.precision: the step runs under its autocast, as the loop runs it
-    stage: str  # the stage whose step is timed
+    stage: Stage  # the stage whose step is timed
     timed_from_epoch: int  # its first epoch
     total_epochs: int
     single_stage: bool  # the method trains in one stage
@@ -322,10 +325,11 @@ class MethodRun:
     # Amortised rows: each cycle's steps, wall seconds in cycle order, one list per round.
     cycle_times: list[list[float]] = field(default_factory=list)
 
-    def step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
-        """One ``train_step`` in the run's precision."""
+    def step(self, batch: Batch, trusted: Batch | None, index: int = 0) -> dict[str, float]:
+        """The loop's step ``index`` of the timed stage (``train_step_at``) in the run's precision; the
+        stage's first step, a meta update, unless told otherwise."""
         with autocast(self.precision, self.method.ctx.device):
-            return self.method.train_step(batch, trusted)
+            return self.method.train_step_at(self.stage, index, batch, trusted)
 
     @property
     def phase(self) -> str:
@@ -333,10 +337,8 @@ class MethodRun:
         if self.single_stage:
             return "every epoch"
         share = (self.total_epochs - self.timed_from_epoch) / self.total_epochs
-        return (
-            f"{self.stage}: epochs {self.timed_from_epoch}-{self.total_epochs - 1} of {self.total_epochs} "
-            f"({share:.0%})"
-        )
+        epochs = f"epochs {self.timed_from_epoch}-{self.total_epochs - 1} of {self.total_epochs}"
+        return f"{self.stage.name}: {epochs} ({share:.0%})"
 
 
 @dataclass
@@ -551,10 +553,16 @@ def build_run(
     first = sum(s.epochs for s in stages[: stages.index(timed)])
     total = sum(s.epochs for s in stages)
     cycle = [method.takes_trusted_at(timed, step) for step in range(meta_every)]
-    if meta_every > 1 and cycle != [True] + [False] * (meta_every - 1):
-        raise RuntimeError(f"{name}: expected one meta update per cycle of {meta_every} steps, got {cycle}")
+    if meta_every > 1:
+        if not isinstance(method, TrustedMetaMethod):
+            raise TypeError(f"{name}: meta_every is a parameter of the trusted-set meta methods only")
+        updates = [method.meta_update_at(step) for step in range(meta_every)]
+        if updates != [True] + [False] * (meta_every - 1):
+            raise RuntimeError(
+                f"{name}: expected one meta update per cycle of {meta_every} steps, got {updates}"
+            )
     return MethodRun(
-        name, method, trusted, precision, timed.name, first, total, single_stage=len(stages) == 1, cycle=cycle
+        name, method, trusted, precision, timed, first, total, single_stage=len(stages) == 1, cycle=cycle
     )
 
 
@@ -589,10 +597,10 @@ def timed_step(run: MethodRun, batch: Batch, device: torch.device) -> tuple[floa
     amortised row, of its whole cycle divided by its length (each step's own time kept in ``cycle_times``).
     """
     steps, cpu_seconds = [], 0.0
-    for takes_trusted in run.cycle:
+    for index, takes_trusted in enumerate(run.cycle):
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        logged = run.step(batch, run.trusted if takes_trusted else None)
+        logged = run.step(batch, run.trusted if takes_trusted else None, index)
         synchronize(device)
         steps.append(time.perf_counter() - start)
         cpu_seconds += time.process_time() - cpu_start
@@ -650,18 +658,21 @@ def pass_times(
 
 def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float] | None:
     """The passes one step of ``row`` makes by its algorithm (``PASSES``), None without a count. A row with a
-    trusted batch of N takes N / ``batch_size`` of its ``TRUSTED_PASSES``; an amortised row's step is the
-    mean over its cycle, (its meta step + (K - 1) ``PLAIN_PASSES``) / K. MetaLabelNet reads its encoder's
-    features from its cache instead of an E pass where training does not augment (``unaugmented``) and
-    ``cache_features`` is on."""
+    trusted batch of N takes N / ``batch_size`` of its ``TRUSTED_PASSES`` and ``PLAIN_TRUSTED_PASSES``; an
+    amortised row's step is the mean over its cycle, (its meta step + (K - 1) ``PLAIN_PASSES``) / K.
+    MetaLabelNet reads its encoder's features from its cache instead of an E pass where training does not
+    augment (``unaugmented``) and ``cache_features`` is on."""
     row = split_precision(row)[0]
     method, params, k = variant(row)
     if method not in AMORTISED or (row in VARIANTS and row in PASSES):
         return dict(PASSES[row]) if row in PASSES else None
     meta, plain = dict(PASSES[method]), dict(PLAIN_PASSES[method])
     if params.get("trusted_batch_size"):
+        unread = 1 - params["trusted_batch_size"] / batch_size
         for kind, n in TRUSTED_PASSES[method].items():
-            meta[kind] -= (1 - params["trusted_batch_size"] / batch_size) * n
+            meta[kind] -= unread * n
+        for kind, n in PLAIN_TRUSTED_PASSES.get(method, {}).items():
+            plain[kind] -= unread * n
     if method == "metalabelnet" and unaugmented and params.get("cache_features", True):
         meta["E"] = plain["E"] = 0
     kinds = meta.keys() | plain.keys()

@@ -491,6 +491,8 @@ WORLD = 2
 HALF = BATCH // WORLD
 AMORTISED = {"meta_every": 2}
 EXAMPLE = {"weighting": "example"}  # mwnet only
+# mwnet only: plain steps that read a trusted batch (plain_trusted_term) and synchronise its term too
+TRUSTED_EVERY2 = {"train_on_trusted": True, **AMORTISED}
 DEVIATIONS = {  # each method's deviations from its paper that change what the ranks exchange
     "mwnet": {"weighting": "example", "train_on_trusted": True},
     "mlc": {"corrector_supervision": 1.0},
@@ -569,6 +571,11 @@ def _rank_main(rank: int, init_file: str, tmp_path: Path) -> None:
         example = _run_distributed(tmp_path, "mwnet", MLP, rank, WORLD, EXAMPLE)
         assert_replicas_identical(state_tensors(example.state_dict()))
         torch.save(state_tensors(example.state_dict()), tmp_path / f"mwnet-example-rank{rank}.pt")
+        trusted_every2 = _run_distributed(tmp_path, "mwnet", MLP, rank, WORLD, TRUSTED_EVERY2)
+        assert_replicas_identical(state_tensors(trusted_every2.state_dict()))
+        torch.save(
+            state_tensors(trusted_every2.state_dict()), tmp_path / f"mwnet-trusted-every2-rank{rank}.pt"
+        )
         for name, params in DEVIATIONS.items():
             deviated = _run_distributed(tmp_path, name, MLP, rank, WORLD, params)
             assert_replicas_identical(state_tensors(deviated.state_dict()))
@@ -580,7 +587,8 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     ranks, for the MLP and the BatchNorm small-cnn; for the MLP also equal, to float tolerance, to one
     process on the concatenated batches, with a meta update every step and every second step
     (``meta_every=2``: plain steps between), for MW-Net's example weighting (each rank weighs its own
-    samples, normalised over the global batch) and for the deviations in ``DEVIATIONS`` (MW-Net's trusted
+    samples, normalised over the global batch), for MW-Net's trusted term every step with ``meta_every=2``
+    (plain steps that read a trusted batch) and for the deviations in ``DEVIATIONS`` (MW-Net's trusted
     term, MLC's corrector supervision with its draws and transition counts). The small-cnn is left out of
     that comparison on purpose: BatchNorm normalises with the statistics of each rank's half, which
     legitimately differ from the full batch's. The small-cnn also runs under ``bf16-mixed`` (bfloat16
@@ -596,6 +604,7 @@ def test_two_ranks_are_identical_and_match_one_process(tmp_path: Path) -> None:
     )
     runs = [*itertools.product(METHODS, [("", None), ("-every2", AMORTISED)])]
     runs.append(("mwnet", ("-example", EXAMPLE)))
+    runs.append(("mwnet", ("-trusted-every2", TRUSTED_EVERY2)))
     runs += [(name, ("-deviations", params)) for name, params in DEVIATIONS.items()]
     for name, (tag, params) in runs:
         single = state_tensors(_run_distributed(tmp_path, name, MLP, 0, 1, params).state_dict())
@@ -626,14 +635,15 @@ def test_meta_every_one_is_the_step_without_it(tmp_path: Path, name: str) -> Non
 
 
 def _record_steps(method: Method) -> list[tuple[bool, bool, bool]]:
-    """Wrap ``method.train_step``: per step, (got a trusted batch, the meta net moved, the main net moved)."""
+    """Wrap ``method.train_step_at`` (the loop's step): per step, (got a trusted batch, the meta net moved,
+    the main net moved)."""
     record: list[tuple[bool, bool, bool]] = []
-    step = method.train_step
+    step = method.train_step_at
 
-    def recorded(batch: Batch, trusted: Batch | None) -> dict[str, float]:
+    def recorded(stage: Stage, index: int, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         meta, main = getattr(method, meta_net(method)), method.eval_model()
         meta_before, main_before = params_of(meta), params_of(main)
-        stats = step(batch, trusted)
+        stats = step(stage, index, batch, trusted)
         moved = [
             any(not torch.equal(p, q) for p, q in zip(module.parameters(), old, strict=True))
             for module, old in ((meta, meta_before), (main, main_before))
@@ -641,23 +651,29 @@ def _record_steps(method: Method) -> list[tuple[bool, bool, bool]]:
         record.append((trusted is not None, *moved))
         return stats
 
-    method.train_step = recorded  # type: ignore[method-assign]
+    method.train_step_at = recorded  # type: ignore[method-assign]
     return record
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_meta_every_updates_the_meta_net_on_every_kth_step_of_the_stage(tmp_path: Path, name: str) -> None:
-    """k=3 over 6 steps: trusted batches and meta updates on steps 0 and 3 of the stage only; the main net
-    moves every step. MetaLabelNet counts from its meta stage's first step: its 2 warm-up steps come first.
-    """
+    """k=3 over 6 steps: meta updates on steps 0 and 3 of the stage only, the main net moving every step.
+    Trusted batches on those steps only, except MLC's, whose plain steps keep its clean half (every step,
+    unless ``plain_trusted_term`` is off). MetaLabelNet counts from its meta stage's first step: its 2
+    warm-up steps come first."""
     noisy, trusted = _global_batches()
-    method = build(tmp_path, name, **_short(name, {"meta_every": 3}))
-    record = _record_steps(method)
-    steps = {"warmup": 2, "meta": 6} if name == "metalabelnet" else {"train": 6}
-    walk(method, noisy, trusted, steps)
-    warmup = [(False, False, True)] * steps.get("warmup", 0)
-    meta_steps = [(True, True, True), (False, False, True), (False, False, True)] * 2
-    assert record == warmup + meta_steps
+    variants = [{"meta_every": 3}]
+    if name == "mlc":
+        variants.append({"meta_every": 3, "plain_trusted_term": False})
+    for params in variants:
+        method = build(tmp_path, name, **_short(name, params))
+        record = _record_steps(method)
+        steps = {"warmup": 2, "meta": 6} if name == "metalabelnet" else {"train": 6}
+        walk(method, noisy, trusted, steps)
+        plain_reads = name == "mlc" and params.get("plain_trusted_term", True)
+        warmup = [(False, False, True)] * steps.get("warmup", 0)
+        meta_steps = [(True, True, True), (plain_reads, False, True), (plain_reads, False, True)] * 2
+        assert record == warmup + meta_steps, params
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -673,11 +689,64 @@ def test_plain_steps_take_no_trusted_batch_only_with_meta_every(tmp_path: Path, 
 
 
 def test_meta_every_phase_is_the_step_in_the_stage(tmp_path: Path) -> None:
-    """The loop asks with epoch in stage x steps per epoch + step in epoch; 20 steps per epoch here."""
-    method = build(tmp_path, "mwnet", params={"meta_every": 3})
-    stage = method.stages(method.ctx.cfg)[0]
-    assert [s for s in range(45) if method.takes_trusted_at(stage, s)] == list(range(0, 45, 3))
-    assert all(build(tmp_path, "mlc").takes_trusted_at(stage, s) for s in range(45))
+    """The loop asks with epoch in stage x steps per epoch + step in epoch; 20 steps per epoch here. A
+    method whose real step trains on trusted samples (MLC; MW-Net with ``train_on_trusted``) reads a
+    trusted batch on its plain steps too, unless ``plain_trusted_term`` is off."""
+    every3 = list(range(0, 45, 3))
+
+    def reads(name: str, **params: Any) -> list[int]:
+        method = build(tmp_path, name, params=params)
+        stage = method.stages(method.ctx.cfg)[0]
+        return [s for s in range(45) if method.takes_trusted_at(stage, s)]
+
+    assert reads("mwnet", meta_every=3) == every3
+    assert reads("mwnet", meta_every=3, train_on_trusted=True) == list(range(45))
+    assert reads("mwnet", meta_every=3, train_on_trusted=True, plain_trusted_term=False) == every3
+    assert reads("mlc") == reads("mlc", meta_every=3) == list(range(45))
+    assert reads("mlc", meta_every=3, plain_trusted_term=False) == every3
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("mlc", {}), ("mlc", {"skip": True}), ("mwnet", {"train_on_trusted": True})]
+)
+def test_plain_step_with_trusted_batch_is_the_real_step_without_the_meta_update(
+    tmp_path: Path, name: str, params: dict[str, Any]
+) -> None:
+    """A plain step that keeps the trusted term (``plain_trusted_term``) takes the main model where the meta
+    step's real step takes it, when the meta network is the same. MLC's real step uses the gradient of
+    L_s taken before its corrector moves, so the two agree from identical copies; MW-Net's real step uses
+    the updated weight net, so its plain step is checked against the step by hand: SGD on
+    (1 - t)·mean(v(ℓ_i)·ℓ_i) + t·CE(trusted), t = |trusted| / (|noisy| + |trusted|). The small CNN has
+    BatchNorm: its running statistics must move as the meta step moves them too (MLC's clean half moves
+    them, MW-Net's trusted forward uses copies)."""
+    noisy, trusted = toy_batch(BATCH, noise=0.4, seed=1), toy_batch(BATCH, noise=0.0, seed=2, first_id=5000)
+    plain = start(build(tmp_path, name, model="small-cnn", params={"meta_every": 2, **params}))
+    stage = plain.stages(plain.ctx.cfg)[0]
+    reference = copy.deepcopy(plain)
+    before = params_of(plain.eval_model())
+    plain.train_step_at(stage, 1, noisy, trusted)  # step 1 of k = 2: plain
+    if name == "mlc":
+        reference.train_step_at(stage, 0, noisy, trusted)  # step 0: the meta update
+    else:
+        net, weight_net = reference.main.net, reference.weight_net
+        logits = net(noisy.x)[0]
+        losses = F.cross_entropy(logits, noisy.y, reduction="none")
+        with torch.no_grad():
+            weights = weight_net(losses.detach())
+        share = len(trusted) / (len(noisy) + len(trusted))
+        buffers = copy.deepcopy(net.state_dict())  # the trusted forward leaves the running statistics
+        gold = F.cross_entropy(net(trusted.x)[0], trusted.y)
+        loss = (1 - share) * (weights * losses).mean() + share * gold
+        grads = list(torch.autograd.grad(loss, list(net.parameters())))
+        with torch.no_grad():
+            for key, buffer in net.named_buffers():
+                buffer.copy_(buffers[key])
+        reference.main.apply_grads(grads)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.eval_model().parameters(), before, strict=True))
+    for (key, a), b in zip(
+        plain.eval_model().state_dict().items(), reference.eval_model().state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
 
 
 # ---- export ------------------------------------------------------------------------------------------

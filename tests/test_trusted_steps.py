@@ -79,6 +79,12 @@ def test_the_loop_asks_with_the_step_in_the_stage() -> None:
     got = list(Worker.epoch_pairs(worker, STAGE))  # type: ignore[arg-type]
     assert got == [(1, 0), (2, None), (3, None)]
     assert asked == [8, 9, 10, 11]
+    # The step the loop then runs is told the same numbering (``Method.train_step_at``), step by step.
+    told = []
+    for _ in got:
+        told.append(Worker.step_in_stage(worker))  # type: ignore[arg-type]
+        worker.state.step += 1
+    assert told == [9, 10, 11]
 
 
 def test_epoch_means_count_only_the_steps_that_logged_a_scalar() -> None:

@@ -221,6 +221,13 @@ class Method(ABC):
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         """One optimisation step on this rank's part of the global batch; returns scalars to log."""
 
+    def train_step_at(self, stage: Stage, step: int, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        """The step the loop takes: ``train_step``, told the step's place in the stage (``step`` counted as
+        ``takes_trusted_at`` counts it), for a method whose kind of step depends on it and not only on
+        whether a trusted batch came (``TrustedMetaMethod``: a plain step between meta updates that reads
+        a trusted batch too)."""
+        return self.train_step(batch, trusted)
+
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         """Called on every rank after the epoch's last step; returns scalars to log."""
         return {}

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,9 +51,15 @@ class TrustedMetaParams(GuardParams):
 
     ``meta_every`` = k: the meta network is updated (look-ahead, hypergradient, meta optimizer step, on a
     trusted batch) on steps 0, k, 2k, ... of the stage, counted from the stage's first step; the k - 1 steps
-    between are plain steps with the meta network as it is, and read no trusted batch. Users of the
-    reference codes ask for this because the meta step costs several plain steps; 1 (the default) is the
-    papers' algorithm, a meta update every step.
+    between are plain steps with the meta network as it is. Users of the reference codes ask for this
+    because the meta step costs several plain steps; 1 (the default) is the papers' algorithm, a meta
+    update every step.
+
+    ``plain_trusted_term`` (default on): a plain step is the real step without the meta update, so where
+    the real step trains on trusted samples too (MLC's clean half; MW-Net with ``train_on_trusted``) the
+    plain step reads a trusted batch and keeps that term. Off, plain steps train on the noisy batch alone
+    and read no trusted batch: cheaper, but then the main model sees the trusted set only on every k-th
+    step; MLC at k = 5 lost 6 points that way (benchmarks/README.md, issue 13).
 
     ``trusted_batch_size``: trusted samples per meta update over all workers (split evenly between them); 0
     (the default) is ``optim.batch_size``, as in the papers. The hypergradient is linear in the trusted
@@ -63,6 +69,7 @@ class TrustedMetaParams(GuardParams):
 
     meta_every: int = 1
     trusted_batch_size: int = 0
+    plain_trusted_term: bool = True
 
     def __post_init__(self) -> None:
         check_param(
@@ -95,11 +102,14 @@ class TrustedMetaParams(GuardParams):
 class TrustedMetaMethod(Method):
     """A method with a main model trained on noisy batches, a meta network, and a trusted batch per meta step.
 
-    ``train_step`` is a meta update (``meta_update_step``) when the loop passes a trusted batch and a plain
-    step (``plain_step``) when it passes None. The loop passes one exactly on the steps ``takes_trusted_at``
-    names, a function of the step's place in the stage only: every rank takes the same decision, and a
-    resumed run, whose loop state (epoch in stage, step in epoch) is checkpointed, keeps the same phase.
-    The method itself counts nothing, so there is no second counter that could disagree with the loop's.
+    The loop's step (``train_step_at``) is a meta update (``meta_update_step``) on the steps
+    ``meta_update_at`` names and a plain step (``plain_step``) on the others; the loop passes a trusted batch
+    exactly where ``takes_trusted_at`` asks for one: every meta update, and the plain steps that keep the
+    real step's trusted term (``TrustedMetaParams.plain_trusted_term``). Both are functions of the step's
+    place in the stage only: every rank takes the same decisions, and a resumed run, whose loop state
+    (epoch in stage, step in epoch) is checkpointed, keeps the same phase. The method itself counts
+    nothing, so there is no second counter that could disagree with the loop's. ``train_step`` without the
+    step's place (a caller with one batch pair) is a meta update when given a trusted batch.
 
     The real steps train the main model on the given labels (``given_label_loss``) instead of the meta
     network's targets or weights (``on_given_labels``) in the first ``warmup_epochs`` epochs, while the
@@ -116,6 +126,8 @@ class TrustedMetaMethod(Method):
     needs_trusted = True
     # Whether some step is a plain DDP step (MetaLabelNet's warm-up); the meta steps synchronise by hand.
     plain_steps: ClassVar[bool] = False
+    # Whether the real step also trains on trusted samples (MLC's clean half; set per run by MW-Net).
+    trains_on_trusted: bool = False
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -180,24 +192,39 @@ class TrustedMetaMethod(Method):
         size = self.params.trusted_batch_size
         return self.ctx.local_batch_size if size == 0 else size // self.ctx.world_size
 
-    def takes_trusted_at(self, stage: Stage, step: int) -> bool:
-        """A meta update, and so a trusted batch, on steps 0, k, 2k, ... of the stage (k = ``meta_every``)."""
+    def meta_update_at(self, step: int) -> bool:
+        """A meta update on steps 0, k, 2k, ... of the stage (k = ``meta_every``)."""
         return step % self.params.meta_every == 0
+
+    @property
+    def plain_steps_read_trusted(self) -> bool:
+        """Whether the plain steps keep the real step's trusted term, and so read a trusted batch."""
+        return self.params.plain_trusted_term and self.trains_on_trusted
+
+    def takes_trusted_at(self, stage: Stage, step: int) -> bool:
+        """A trusted batch for every meta update, and for the plain steps that keep the trusted term."""
+        return self.meta_update_at(step) or self.plain_steps_read_trusted
+
+    def train_step_at(self, stage: Stage, step: int, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        if trusted is not None and not self.meta_update_at(step):
+            return self.plain_step(batch, trusted)
+        return self.train_step(batch, trusted)
 
     def train_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
         if trusted is not None:
             return self.meta_update_step(batch, trusted)
         if self.params.meta_every == 1:  # a caller that lost the trusted batch must not skip the update
             raise ValueError(f"{self.name} updates its meta network every step: it needs a trusted batch")
-        return self.plain_step(batch)
+        return self.plain_step(batch, None)
 
     @abstractmethod
     def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
         """Update the meta network on ``trusted`` and take the real step; returns scalars to log."""
 
     @abstractmethod
-    def plain_step(self, batch: Batch) -> dict[str, float]:
-        """A step between meta updates, with the meta network as it is (``step_through_outputs``)."""
+    def plain_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        """A step between meta updates, with the meta network as it is (``step_through_outputs``); with
+        ``trusted`` (``plain_steps_read_trusted``) it keeps the real step's trusted term."""
 
     @staticmethod
     def meta_step(
@@ -264,7 +291,14 @@ def real_step_through_outputs(
     ``trusted`` the step also trains on the trusted batch (``TrustedTerm``).
     """
     value, grad_logits = logit_gradient(loss, hyper.logits, hyper.features, create_graph=False)
-    grads = output_grads(main.net, hyper.logits, grad_logits)
+    return _apply_with_trusted(main, value, output_grads(main.net, hyper.logits, grad_logits), trusted)
+
+
+def _apply_with_trusted(
+    main: MainModel, value: Tensor, grads: list[Tensor | None], trusted: TrustedTerm | None
+) -> Tensor:
+    """Step the main model on the noisy loss's gradients, mixed with ``trusted``'s where given; returns the
+    step's loss."""
     if trusted is not None:
         keep = 1.0 - trusted.weight
         value = keep * value + trusted.weight * trusted.loss
@@ -285,18 +319,25 @@ def _mix(noisy: Tensor | None, gold: Tensor | None, keep: float, weight: float) 
     return keep * noisy if gold is None else keep * noisy + weight * gold
 
 
-def step_through_outputs(main: MainModel, x: Tensor, loss: OutputLoss) -> tuple[Tensor, Tensor]:
+def step_through_outputs(
+    main: MainModel,
+    x: Tensor,
+    loss: OutputLoss,
+    trusted: Callable[[], TrustedTerm] | None = None,
+) -> tuple[Tensor, Tensor]:
     """A plain step on ``loss(logits, features)`` of a fresh training forward; returns its value and logits.
 
-    The step between meta updates: no look-ahead, no trusted batch, the meta model only evaluated. One
-    forward (it moves BatchNorm's running statistics once, as a meta step's training forward does) and one
-    backward, whose gradients ``output_grads`` averages over the ranks by hand, as the meta steps' real
-    steps: the main model of MW-Net and MLC is not DDP-wrapped. The logits come back detached, for the
-    method's logged scalars.
+    The step between meta updates: no look-ahead, the meta model only evaluated. One forward (it moves
+    BatchNorm's running statistics once, as a meta step's training forward does) and one backward, whose
+    gradients ``output_grads`` averages over the ranks by hand, as the meta steps' real steps: the main
+    model of MW-Net and MLC is not DDP-wrapped. ``trusted`` computes the real step's trusted term, called
+    after the noisy forward as the meta steps order their forwards, so the running statistics move in
+    the same order. The logits come back detached, for the method's logged scalars.
     """
     logits, features = main.net(x)
     value, grad_logits = logit_gradient(loss, logits, features, create_graph=False)
-    main.apply_grads(output_grads(main.net, logits, grad_logits))
+    grads = output_grads(main.net, logits, grad_logits)
+    value = _apply_with_trusted(main, value, grads, None if trusted is None else trusted())
     return value, logits.detach()
 
 

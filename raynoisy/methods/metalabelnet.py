@@ -296,7 +296,8 @@ class MetaLabelNet(CorrectedLabelExport, TrustedMetaMethod):
         loss = real_step_through_outputs(self.main, hyper, self._real_loss(soft, batch.y))
         return self._scalars(loss, hyper.logits.detach(), soft) | {"meta_loss": float(hyper.gold_loss_after)}
 
-    def plain_step(self, batch: Batch) -> dict[str, float]:
+    def plain_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        """The soft labels as they are; never a trusted batch (the real step trains on none)."""
         with torch.no_grad():
             soft = self.soft_label_net(self._training_features(batch))
         loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(soft, batch.y))

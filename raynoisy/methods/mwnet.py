@@ -170,6 +170,7 @@ class MetaWeightNet(TrustedMetaMethod):
             self.weight_net.parameters(), lr=self.params.meta_lr, weight_decay=self.params.meta_weight_decay
         )
         self.warmup_epochs = self.params.warmup_epochs
+        self.trains_on_trusted = self.params.train_on_trusted
         self.by_example = self.params.weighting == "example"
         # weighting example: the whole trusted set's gradient after the last epoch (exports, diagnosis)
         self.trusted_grad: dict[str, Tensor] | None = None
@@ -183,11 +184,18 @@ class MetaWeightNet(TrustedMetaMethod):
 
         return loss
 
-    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
+    def _gold_loss(self, trusted: Batch) -> Loss:
+        """CE of the trusted batch at the given parameters: the meta objective, and the trusted term."""
         net = self.main.net
 
-        def outer(params: dict[str, Tensor]) -> Tensor:
+        def loss(params: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(functional_forward(net, params, trusted.x)[0], trusted.y)
+
+        return loss
+
+    def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
+        net = self.main.net
+        outer = self._gold_loss(trusted)
 
         if self.by_example:
             return self._example_step(batch, trusted, outer)
@@ -247,8 +255,15 @@ class MetaWeightNet(TrustedMetaMethod):
             return given_label_loss(labels)
         return self._weighted_loss(labels) if weighted is None else weighted
 
-    def plain_step(self, batch: Batch) -> dict[str, float]:
-        loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(batch.y))
+    def plain_step(self, batch: Batch, trusted: Batch | None) -> dict[str, float]:
+        trusted_term = None
+        if trusted is not None:
+
+            def trusted_term() -> TrustedTerm:
+                gold = gold_gradient(self.main.net, self._gold_loss(trusted))
+                return self._trusted_term(batch, trusted, *gold)
+
+        loss, logits = step_through_outputs(self.main, batch.x, self._real_loss(batch.y), trusted_term)
         with torch.no_grad():
             weights = self.weight_net(F.cross_entropy(logits, batch.y, reduction="none"))
         return {"loss": float(loss), "mean_weight": float(weights.mean())}

@@ -173,9 +173,10 @@ def walk_stages(
             method.on_epoch_start(epoch)
             first = epoch_in_stage * method.ctx.steps_per_epoch
             totals = EpochTotals()
-            for batch, pair in _pairs(method, stage, epoch, first, size, batches, trusted):
+            pairs = _pairs(method, stage, epoch, first, size, batches, trusted)
+            for index, (batch, pair) in enumerate(pairs):
                 with autocast(method.ctx.cfg.scaling.precision, method.ctx.device):
-                    totals.add(method.train_step(batch, pair))
+                    totals.add(method.train_step_at(stage, first + index, batch, pair))
             log = {"stage": stage.name, "loss": float("nan")} | totals.means()
             log |= method.on_epoch_end(epoch) | scalars
             log["seconds"] = time.perf_counter() - started

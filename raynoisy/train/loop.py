@@ -69,7 +69,7 @@ def train_loop(cfg: Config, info: RunInfo, services: dict[str, Any]) -> None:
             for batch, trusted in worker.epoch_pairs(stage):
                 worker.fault_drill()
                 with worker.autocast():
-                    stats = method.train_step(batch, trusted)
+                    stats = method.train_step_at(stage, worker.step_in_stage(), batch, trusted)
                 worker.after_step(stage, stats, epoch)
             worker.end_epoch(stage, epoch)
     worker.finish(len(stages))
@@ -137,6 +137,10 @@ class Worker:
         previous_best = self.selection.next_stage(self.state) if index else None
         self.state.stage, self.state.epoch_in_stage = index, 0
         self.state.stage_scalars = self.method.on_stage_start(stage, previous_best)
+
+    def step_in_stage(self) -> int:
+        """The step about to run, counted from its stage's first step (as ``Method.takes_trusted_at``)."""
+        return self.state.epoch_in_stage * self.info.steps_per_epoch + self.state.step
 
     def epoch_pairs(self, stage: Stage) -> Iterator[tuple[Batch, Batch | None]]:
         """The epoch's (batch, trusted batch) pairs from the loop state's step on.
