@@ -59,9 +59,11 @@ class TrustedMetaParams(GuardParams):
     the real step trains on trusted samples too (MLC's clean half; MW-Net with ``train_on_trusted``) the
     plain step reads a trusted batch and keeps that term. Off, plain steps train on the noisy batch alone
     and read no trusted batch: cheaper, but then the main model sees the trusted set only on every k-th
-    step; MLC at k = 5 lost 6 points that way (benchmarks/README.md, issue 13).
+    step; MLC at k = 5 lost 6.9 points that way against the default at k = 5, 3.7 against k = 1
+    (benchmarks/README.md, issue 13).
 
-    ``trusted_batch_size``: trusted samples per meta update over all workers (split evenly between them); 0
+    ``trusted_batch_size``: trusted samples per step that reads a trusted batch (every meta update, and the
+    plain steps that keep the trusted term) over all workers (split evenly between them); 0
     (the default) is ``optim.batch_size``, as in the papers. The hypergradient is linear in the trusted
     loss's gradient, so a smaller trusted batch gives an unbiased, noisier meta-gradient for less work:
     the trusted forward and backward at the looked-ahead weights shrink with it (MLC's clean half too).

@@ -24,7 +24,8 @@ With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps (and on
 of the accumulation); the steps between are plain steps on L_s with the current g: step 4 without the meta
 update, the clean half of their own trusted batch in the loss (its gold half is not used). With
 ``plain_trusted_term: false`` they train on softCE(f(x), g(h, ỹ)) of the noisy batch alone and read no
-trusted batch, which at k = 5 cost 6 points on Fashion-MNIST (benchmarks/README.md, issue 13).
+trusted batch, which at k = 5 cost 6.9 points on Fashion-MNIST against the default (benchmarks/README.md,
+issue 13).
 
 ``corrector_supervision`` = β > 0 (a deviation from the paper, measured beside it in benchmarks/README.md)
 also teaches the corrector directly on the trusted batch's clean half, whose true labels are known: each

@@ -35,7 +35,9 @@ nothing (the trusted gradient at w is already there); with the weight net, one t
 at w. The fallback epochs (warm-up, the guard) train on the trusted batch too, which makes them ``ce-all``.
 
 With ``meta_every`` = k > 1 only steps 0, k, 2k, ... are such meta steps; the steps between are plain steps
-on mean(v(ℓ)·ℓ) with the current weight net (one forward, one backward, no trusted batch).
+on mean(v(ℓ)·ℓ) with the current weight net: one forward and one backward, and no trusted batch unless
+``train_on_trusted`` is on, where they keep the trusted term too (its forward and backward at w;
+``plain_trusted_term: false`` drops it).
 
 The look-ahead is plain SGD at the current scheduled lr, as the reference (``lookahead_rule="sgd-plain"``);
 ``"optimizer"`` looks ahead with the real rule (momentum, weight decay). The hypergradient is the exact

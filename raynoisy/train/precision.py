@@ -52,6 +52,6 @@ def cpu_note(precision: str, device: torch.device) -> str | None:
         return None
     return (
         "bf16-mixed on a CPU: bfloat16 convolutions and matrix products are fast only on CPUs with AMX or "
-        "AVX512-BF16 (1.35-1.78x faster than fp32 on one), and slower than fp32 elsewhere (10-12x on an "
+        "AVX512-BF16 (1.35-1.78x faster than fp32 on one), and slower than fp32 elsewhere (10-12.5x on an "
         "AVX2 CPU)"
     )
