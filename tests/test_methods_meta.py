@@ -749,6 +749,41 @@ def test_plain_step_with_trusted_batch_is_the_real_step_without_the_meta_update(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize(("name", "params"), [("mlc", {}), ("mwnet", {"train_on_trusted": True})])
+def test_a_smaller_trusted_batch_keeps_the_trusted_term_an_unbiased_estimate(
+    tmp_path: Path, name: str, params: dict[str, Any]
+) -> None:
+    """With ``trusted_batch_size`` = B/4, the four plain steps on four trusted batches whose trusted-term rows
+    partition a full-size batch's move the main model, on average, exactly as the full-size plain step
+    does: the first SGD step is linear in the gradient, so this holds only if the term keeps its default
+    weight (B_t counted at full size). Weighted by the rows read, MLC's clean half would count a ninth of
+    L_s instead of a third, and the mean step would miss by that difference."""
+    quarter = BATCH // 4
+    noisy, full = toy_batch(BATCH, noise=0.4, seed=1), toy_batch(BATCH, noise=0.0, seed=2, first_id=5000)
+    reference = start(build(tmp_path, name, params={"meta_every": 2, **params}))
+    small = start(build(tmp_path, name, params={"meta_every": 2, "trusted_batch_size": quarter, **params}))
+    stage = reference.stages(reference.ctx.cfg)[0]
+    assert reference.trusted_batch_size(stage) == BATCH and small.trusted_batch_size(stage) == quarter
+    before = params_of(reference.eval_model())
+    for a, b in zip(before, small.eval_model().parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same seed, same start
+
+    if name == "mlc":  # the term reads the second half: gold rows first, then the clean rows they stand for
+        gold, clean = torch.arange(BATCH // 2), torch.arange(BATCH // 2, BATCH)
+        parts = [torch.cat([gold[i::4][: quarter // 2], clean[i::4]]) for i in range(4)]
+    else:  # MW-Net's term reads the whole trusted batch
+        parts = [torch.arange(BATCH)[i::4] for i in range(4)]
+    moved = []
+    for part in parts:
+        step = copy.deepcopy(small)
+        step.train_step_at(stage, 1, noisy, rows(full, part))  # step 1 of k = 2: plain
+        moved.append([a - b for a, b in zip(params_of(step.eval_model()), before, strict=True)])
+    reference.train_step_at(stage, 1, noisy, full)
+    expected = [a - b for a, b in zip(params_of(reference.eval_model()), before, strict=True)]
+    for got, want in zip(zip(*moved, strict=True), expected, strict=True):
+        torch.testing.assert_close(torch.stack(got).mean(0), want, rtol=1e-4, atol=1e-7)
+
+
 # ---- export ------------------------------------------------------------------------------------------
 
 

@@ -67,6 +67,9 @@ class TrustedMetaParams(GuardParams):
     (the default) is ``optim.batch_size``, as in the papers. The hypergradient is linear in the trusted
     loss's gradient, so a smaller trusted batch gives an unbiased, noisier meta-gradient for less work:
     the trusted forward and backward at the looked-ahead weights shrink with it (MLC's clean half too).
+    Where the real step trains on trusted samples, their term keeps the weight it has at the default size
+    (``TrustedMetaMethod.trusted_rows_at_full_size``), so the step stays an unbiased estimate of the
+    default one too, rather than one that weighs the trusted labels less.
     """
 
     meta_every: int = 1
@@ -193,6 +196,18 @@ class TrustedMetaMethod(Method):
         """This rank's share of ``trusted_batch_size`` (0: the noisy batch's size)."""
         size = self.params.trusted_batch_size
         return self.ctx.local_batch_size if size == 0 else size // self.ctx.world_size
+
+    def trusted_rows_at_full_size(self, rows: int) -> float:
+        """``rows`` of a trusted batch counted as the rows they stand for at the default trusted batch size
+        (``rows`` itself there), for the weight of the real step's trusted term, B_t / (B_noisy + B_t).
+
+        Why: that weight is the trusted term's share of the union mean; counting the rows a smaller
+        ``trusted_batch_size`` reads would shrink it with the batch (MLC's clean half from a third of L_s to
+        a ninth at 32 of 128), which is a different loss, not a cheaper estimate of the same one, and cost
+        MLC 4 points on Fashion-MNIST (benchmarks/README.md, issue 13).
+        """
+        size = self.params.trusted_batch_size
+        return float(rows) if size == 0 else rows * self.ctx.local_batch_size / (size // self.ctx.world_size)
 
     def meta_update_at(self, step: int) -> bool:
         """A meta update on steps 0, k, 2k, ... of the stage (k = ``meta_every``)."""

@@ -173,10 +173,11 @@ class MetaLabelCorrection(CorrectedLabelExport, TrustedMetaMethod):
 
         return loss
 
-    @staticmethod
-    def _share(batch: Batch, trusted: Batch) -> float:
-        """B_s / (B_s + B_c): the noisy batch's weight in L_s, the clean half's being 1 - it."""
-        return len(batch) / (len(batch) + len(trusted) - len(trusted) // 2)
+    def _share(self, batch: Batch, trusted: Batch) -> float:
+        """B_s / (B_s + B_c): the noisy batch's weight in L_s, the clean half's being 1 - it; B_c counted at
+        the default trusted batch size (``trusted_rows_at_full_size``)."""
+        clean_rows = self.trusted_rows_at_full_size(len(trusted) - len(trusted) // 2)
+        return len(batch) / (len(batch) + clean_rows)
 
     def meta_update_step(self, batch: Batch, trusted: Batch) -> dict[str, float]:
         net = self.main.net

@@ -229,7 +229,8 @@ class MetaWeightNet(TrustedMetaMethod):
         self, batch: Batch, trusted: Batch, loss: Tensor, grads: dict[str, Tensor]
     ) -> TrustedTerm:
         """The trusted batch's share of the real step (``train_on_trusted``): its loss and gradient at w."""
-        return TrustedTerm(loss, grads, len(trusted) / (len(batch) + len(trusted)))
+        rows = self.trusted_rows_at_full_size(len(trusted))
+        return TrustedTerm(loss, grads, rows / (len(batch) + rows))
 
     def _example_step(self, batch: Batch, trusted: Batch, gold_loss: Loss) -> dict[str, float]:
         """``weighting: example``: weights from each sample's gradient against the trusted one, then the real
