@@ -204,7 +204,7 @@ class TrustedMetaMethod(Method):
         Why: that weight is the trusted term's share of the union mean; counting the rows a smaller
         ``trusted_batch_size`` reads would shrink it with the batch (MLC's clean half from a third of L_s to
         a ninth at 32 of 128), which is a different loss, not a cheaper estimate of the same one, and cost
-        MLC 4 points on Fashion-MNIST (benchmarks/README.md, issue 13).
+        MLC 5-6 points on Fashion-MNIST (benchmarks/README.md, issue 13).
         """
         size = self.params.trusted_batch_size
         return float(rows) if size == 0 else rows * self.ctx.local_batch_size / (size // self.ctx.world_size)
