@@ -5,7 +5,8 @@ soft label; the main model trains on those soft labels, and g is trained so that
 look-ahead step does well on trusted data. Per step, with a trusted batch as large as the noisy one:
 
 1. the trusted batch is split in halves: the first is the gold batch of the meta loss, the second joins
-   the training loss, L_s = (B_s·softCE(f(x_s), g(h_s, ỹ_s)) + B_c·CE(f(x_c), y_c)) / (B_s + B_c);
+   the training loss, L_s = (B_s·softCE(f(x_s), g(h_s, ỹ_s)) + B_c·CE(f(x_c), y_c)) / (B_s + B_c), B_c counted
+   at the default trusted batch size (so that a smaller ``trusted_batch_size`` estimates the same loss);
 2. MLC's one-step hypergradient -c·∂/∂α⟨g_s, gw'⟩ with g_s = ∇_w L_s, gw' = ∇CE_gold(w') after a virtual
    step with the real SGD rule at the current lr, synchronised over ranks. The reference differentiates
    the dot product through a double backward; ``output_hypergrad`` evaluates the same number in logit

@@ -28,7 +28,8 @@ label issue as in net mode.
 
 ``train_on_trusted: true`` (a deviation from both papers, measured beside them): the real step is on the
 weighted noisy loss and the trusted batch's cross-entropy at w together, their mean over the union of the
-two batches (``meta_common.TrustedTerm``), as MLC's loss has its clean half. Why: MW-Net only weighs with the
+two batches (``meta_common.TrustedTerm``; a smaller ``trusted_batch_size`` keeps the default size's weight),
+as MLC's loss has its clean half. Why: MW-Net only weighs with the
 trusted labels, and where the weights cannot single out the mislabels (the annotator matrix) it ends below
 plain cross-entropy on the noisy and the trusted labels (``ce-all``). With ``weighting: example`` it costs
 nothing (the trusted gradient at w is already there); with the weight net, one trusted forward and backward
