@@ -192,10 +192,14 @@ class TrustedMetaMethod(Method):
                 else f"use --batch-size {least} or more (the trusted batch is as large by default)",
             )
 
-    def trusted_batch_size(self, stage: Stage) -> int:
+    @property
+    def local_trusted_rows(self) -> int:
         """This rank's share of ``trusted_batch_size`` (0: the noisy batch's size)."""
         size = self.params.trusted_batch_size
         return self.ctx.local_batch_size if size == 0 else size // self.ctx.world_size
+
+    def trusted_batch_size(self, stage: Stage) -> int:
+        return self.local_trusted_rows
 
     def trusted_rows_at_full_size(self, rows: int) -> float:
         """``rows`` of a trusted batch counted as the rows they stand for at the default trusted batch size
@@ -206,8 +210,7 @@ class TrustedMetaMethod(Method):
         a ninth at 32 of 128), which is a different loss, not a cheaper estimate of the same one, and cost
         MLC 5-6 points on Fashion-MNIST (benchmarks/README.md, issue 13).
         """
-        size = self.params.trusted_batch_size
-        return float(rows) if size == 0 else rows * self.ctx.local_batch_size / (size // self.ctx.world_size)
+        return rows * self.ctx.local_batch_size / self.local_trusted_rows
 
     def meta_update_at(self, step: int) -> bool:
         """A meta update on steps 0, k, 2k, ... of the stage (k = ``meta_every``)."""
