@@ -28,6 +28,8 @@ EMBEDDED_DATASETS = ("clothing1m", "ag-news")
 # scaling.precision: float32 throughout, or training steps and evaluations under bfloat16 autocast
 # (raynoisy.train.precision says what runs in which precision).
 PRECISIONS = ("fp32", "bf16-mixed")
+# model.pretrained: torchvision's ImageNet weights, a name and never a path (a folder so named is not read).
+IMAGENET_WEIGHTS = "imagenet"
 
 
 @dataclass
@@ -323,8 +325,37 @@ def load_config(
         layered = _deep_merge(layered, _nest(*parse_set_override(text)))
     _merge_into(cfg, layered)
     cfg.data.dataset, cfg.method.name = dataset, method
+    _make_local_paths_absolute(cfg)
     validate(cfg)
     return cfg
+
+
+def absolute_path(path: str | None, field_name: str) -> str | None:
+    """``path`` as an absolute local path (``~`` expanded); None and URIs (``s3://...``) unchanged."""
+    if path is None or "://" in path:
+        return path
+    try:
+        return str(user_path(path, field_name).resolve())
+    except (OSError, ValueError) as exc:  # a NUL character, a symlink loop
+        raise ConfigError(field_name, f"{path!r} is no usable path ({exc})", "write a valid path") from None
+
+
+def _make_local_paths_absolute(cfg: Config) -> None:
+    """Resolve the config's local paths against the folder the command runs in, once, here: Ray Train
+    workers and Tune trials run in folders of their own, where a relative path names another file (a
+    relative ``data.shard_root`` made every worker's evaluation fail to find its shards). A
+    ``model.pretrained`` is a path only where one exists and it is not ``IMAGENET_WEIGHTS``; otherwise it
+    names weights (a Hugging Face hub model)."""
+    cfg.data.root = absolute_path(cfg.data.root, "data.root")
+    cfg.data.shard_root = absolute_path(cfg.data.shard_root, "data.shard_root")
+    cfg.run.output = absolute_path(cfg.run.output, "run.output")
+    cfg.run.storage_path = absolute_path(cfg.run.storage_path, "run.storage_path")
+    kind, sep, matrix = cfg.noise.type.partition(":")
+    if sep and kind.strip().lower() == "matrix" and matrix.strip():
+        cfg.noise.type = f"{kind}:{absolute_path(matrix.strip(), 'noise.type')}"
+    pretrained = cfg.model.pretrained
+    if pretrained not in (None, IMAGENET_WEIGHTS) and user_path(pretrained, "model.pretrained").exists():
+        cfg.model.pretrained = absolute_path(pretrained, "model.pretrained")
 
 
 def validate(cfg: Config) -> None:

@@ -42,6 +42,33 @@ def test_preset_and_layering(tmp_path):
     assert resolved.to_dict() == cfg.to_dict()  # the full check layers the same way and changes nothing
 
 
+def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """Ray Train workers and Tune trials run in folders of their own: every local path is absolute by then."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "imagenet").mkdir()  # a folder named like torchvision's weights does not replace them
+    relative = ["data.root=data", "data.shard_root=./shards", "run.storage_path=../elsewhere"]
+    cfg = load_config(
+        "fashion-mnist",
+        "ce",
+        flags={"run.output": "out/ce", "noise.type": "matrix:T.csv", "model.pretrained": "weights"},
+        overrides=relative,
+    )
+    assert (cfg.data.root, cfg.data.shard_root) == (str(tmp_path / "data"), str(tmp_path / "shards"))
+    assert cfg.run.output == str(tmp_path / "out" / "ce")
+    assert cfg.run.storage_path == str(tmp_path.parent / "elsewhere")
+    assert cfg.noise.type == f"matrix:{tmp_path / 'T.csv'}" and cfg.model.pretrained == str(
+        tmp_path / "weights"
+    )
+    # URIs, weight names and a pretrained name that is no local path stay as written.
+    kept = ["data.shard_root=s3://bucket/shards", "run.storage_path=gs://bucket/runs"]
+    for pretrained in ("imagenet", "sentence-transformers/all-MiniLM-L6-v2"):
+        flags = {"model.pretrained": pretrained, "run.output": "out"}
+        cfg = load_config("fashion-mnist", "ce", flags=flags, overrides=kept)
+        assert (cfg.data.shard_root, cfg.run.storage_path) == ("s3://bucket/shards", "gs://bucket/runs")
+        assert cfg.model.pretrained == pretrained
+
+
 def test_embedded_overlay_only_without_root(tmp_path):
     embedded = load_config("clothing1m", "ce", flags={"run.output": str(tmp_path)})
     real = load_config("clothing1m", "ce", flags={"run.output": str(tmp_path), "data.root": str(tmp_path)})

@@ -15,6 +15,7 @@ import torch
 from raynoisy.cli import run
 from raynoisy.data.sample_store import SampleStore
 from raynoisy.errors import TrainingDivergedError
+from raynoisy.methods.label_issues import CONFIDENT_LEARNING, detector_of
 from raynoisy.train.driver import run_name
 from raynoisy.train.preflight import resolve_config
 from raynoisy.train.prepare import prepare, steps_per_epoch
@@ -140,6 +141,10 @@ def test_services_and_per_sample_state_survive_a_worker_failure(ray_cluster, tmp
     end.add_dense("times_trained", 1, dtype=torch.float32)
     end.load(final)
     assert float(end.gather("times_trained", end.sample_ids).sum()) == 2 * steps * 64
+    # The label issues came from the model-prediction path (confident learning), gathered from both ranks.
+    issues = pq.read_table(out / "label_issues.parquet")
+    assert detector_of(issues) == CONFIDENT_LEARNING
+    assert issues.column("sample_id").to_pylist() == _train_ids(out).tolist()
     # Every evaluation rank 0 made, before and after the restart, saw bfloat16 logits in its steps and its
     # own forwards (an evaluation right after the restart may follow no step).
     dtypes = [json.loads(line) for line in (out / "probe-dtypes.jsonl").read_text().splitlines()]
@@ -252,35 +257,3 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_checkpoint(ray_c
     assert (info.value.epoch, info.value.step) == (2, 2)
     kept = _checkpoints(tmp_path / "nan" / "ray_results")
     assert [loop["epoch"] for loop, _ in kept] == [1]
-
-
-# One meta method end to end: every meta method's 2-rank replica identity is checked without Ray in
-# test_methods_meta.py (gloo processes) and its per-sample tables in test_label_issues.py; metalabelnet is
-# the one with stages, a per-sample store and corrected labels, so it exercises the most of the real loop.
-@pytest.mark.parametrize("method", ["metalabelnet"])
-def test_meta_methods_keep_replicas_identical_on_two_workers(ray_cluster, tmp_path, method):
-    # The loop asserts after every evaluation that every tensor of the method's state (main net, meta net,
-    # optimizers, accumulators) and the per-sample store are bit-identical on both ranks.
-    from raynoisy.train.driver import train
-
-    extra = ["split.train_subset=640", "run.tensorboard=false"]
-    if method == "metalabelnet":
-        extra.append("method.params.warmup_epochs=1")
-    cfg = _config(
-        tmp_path,
-        method,
-        method,
-        *extra,
-        **{"optim.epochs": 2 if method == "metalabelnet" else 1, "optim.batch_size": 32},
-    )
-    metrics = train(cfg, log=lambda _: None)
-    assert metrics["history"] and all(h["replicas_identical"] for h in metrics["history"])
-    if method == "metalabelnet":
-        assert [h["stage"] for h in metrics["history"]] == ["warmup", "meta"] and metrics["best_epoch"] == 2
-    if method == "mwnet":
-        assert (tmp_path / method / "sample_weights.parquet").exists()
-    else:
-        table = pq.read_table(tmp_path / method / "corrected_labels.parquet")
-        assert table.num_rows == metrics["train_size"]
-        lc = metrics["label_correction"]
-        assert 0 <= lc["fraction_changed"] <= 1 and lc["given_label_accuracy"] < 0.7

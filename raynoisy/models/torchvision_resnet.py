@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, WeightsEnum
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from raynoisy.config import user_path
+from raynoisy.config import IMAGENET_WEIGHTS, user_path
 from raynoisy.errors import ConfigError
 from raynoisy.models.registry import register_model
 
@@ -139,7 +139,7 @@ def _check_pretrained(name: str, weights: type[WeightsEnum], pretrained: str | N
             f"{name} uses a 3x3 stem for {image_size} px images, which ImageNet weights do not fit",
             f"resize the images to at least {SMALL_IMAGE_SIZE} px, or set model.pretrained to null",
         )
-    if pretrained != "imagenet":
+    if pretrained != IMAGENET_WEIGHTS:
         if not user_path(pretrained, "model.pretrained").is_file():
             raise ConfigError(
                 "model.pretrained", f"{pretrained} does not exist", "pass a local torchvision state dict file"
@@ -223,7 +223,7 @@ def _register(name: str) -> None:
             check(pretrained, image_size)  # refuses: ImageNet weights do not fit the small stem
         # Weights are read before the network is built, so a bad file or no network fails fast.
         state, source = None, ""
-        if pretrained == "imagenet":
+        if pretrained == IMAGENET_WEIGHTS:
             state, source = _fetch_imagenet(name, weights), f"torchvision's {weights.DEFAULT}"
         elif pretrained is not None:
             path = Path(pretrained).expanduser()

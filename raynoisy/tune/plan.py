@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raynoisy.config import Config
+from raynoisy.config import Config, absolute_path
 from raynoisy.errors import ConfigError
 from raynoisy.methods import complete_params
 from raynoisy.report.sweep_files import METRICS, TrialKey, run_dir_of
@@ -105,14 +105,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def _absolute(path: str | None) -> str | None:
-    """Trials run in Tune's processes, in another working directory: local paths of the command are made
-    absolute here (URIs are left alone)."""
-    if path is None or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 def parse_methods(text: str) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     if not methods:
@@ -142,11 +134,11 @@ def plan_sweep(
             raise ConfigError("--rates", f"{rate:g} is outside [0, 1]", "pass noise rates in [0, 1]")
     if seeds < 1:
         raise ConfigError("--seeds", f"must be >= 1, got {seeds}", "pass the number of seeds, e.g. --seeds 3")
-    out = Path(_absolute(output) or ".")
+    # Trials run in Tune's processes, in other folders: the sweep's own paths are absolute from here on
+    # (the trials' configs are made so by load_config).
+    out = Path(absolute_path(output, "--output") or ".")
     if noise.startswith("matrix:"):
-        noise = "matrix:" + (_absolute(noise.removeprefix("matrix:")) or "")
-    flags = dict(flags)
-    flags["data.root"] = _absolute(flags.get("data.root"))
+        noise = "matrix:" + (absolute_path(noise.removeprefix("matrix:"), "--noise") or "")
     trials: dict[str, Trial] = {}
     for method in methods:
         for rate in rates:
@@ -172,7 +164,7 @@ def plan_sweep(
                     )
                 cfg.run.output = str(run_dir_of(out, name))
                 cfg.run.name = name  # the Ray Train run: a re-run of an interrupted trial resumes it
-                cfg.data.shard_root = _absolute(cfg.data.shard_root) or str(out / SHARDS)
+                cfg.data.shard_root = cfg.data.shard_root or str(out / SHARDS)
                 trials[name] = Trial(TrialKey(name, method, noise, rate, cfg.run.seed), cfg)
     grid = {
         "dataset": dataset,
