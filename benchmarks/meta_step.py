@@ -29,6 +29,7 @@ How each method is built and driven, so that the step timed is the step training
 - a smaller trusted batch: a row ``METHOD@tN`` (``--trusted-batch N`` adds one per trusted-set meta method)
   is the method with ``trusted_batch_size = N`` (its gold forward and backward, MLC's clean half too, on N
   samples instead of a batch), judged against the method's own target; ``METHOD@kKtN`` combines both;
+  a ``VARIANTS`` row of a trusted-set meta method takes the same suffixes (``mlc-supervised@k5t32``);
 - rows that are a method under given params (``VARIANTS``): ``mlnt-first-order`` and ``mlnt-second-order``
   with ``start_iter = mid_iter = 0`` (the meta step from the round's first step, at full consistency weight;
   the defaults run 500 plain CE steps first) and M = 10, and their ``-vmap`` twins (``vmap = true``: the M
@@ -166,10 +167,18 @@ PLAIN_TRUSTED_PASSES: dict[str, dict[str, float]] = {"mlc": {"F": 0.5, "B": 0.5}
 MLNT_SETS = 10
 # MW-Net's example weighting: the gold F + B at w (no look-ahead), the training F, J, the real-step B.
 PASSES["mwnet-example"] = {"F": 2, "B": 2, "J": 1}
-# ``train_on_trusted``: MW-Net's passes plus the trusted batch's F + B at w, for the real step.
+# ``train_on_trusted``: MW-Net's passes plus the trusted batch's F + B at w, for the real step; its plain
+# steps keep that term (``plain_trusted_term``).
 PASSES["mwnet-trusted"] = {"F": 3, "B": 4, "J": 1}
-# ``corrector_supervision``: MLC's passes plus the clean half's no-grad forward for the corrector's features.
+TRUSTED_PASSES["mwnet-trusted"] = {"F": 2, "B": 2}
+PLAIN_PASSES["mwnet-trusted"] = {"F": 2, "B": 2}
+PLAIN_TRUSTED_PASSES["mwnet-trusted"] = {"F": 1, "B": 1}
+# ``corrector_supervision``: MLC's passes plus the clean half's no-grad forward for the corrector's features,
+# in the meta update only (its plain steps are MLC's).
 PASSES["mlc-supervised"] = {"F": 2, "B": 2, "J": 1, "E": 0.5}
+TRUSTED_PASSES["mlc-supervised"] = {"F": 1, "B": 1, "E": 0.5}
+PLAIN_PASSES["mlc-supervised"] = PLAIN_PASSES["mlc"]
+PLAIN_TRUSTED_PASSES["mlc-supervised"] = PLAIN_TRUSTED_PASSES["mlc"]
 # MLNT first order, per synthetic set m: the inner gradient (a backward from the logits), the look-ahead
 # forward and the KL's backward to the fast weights; plus the student forward, the given labels' inner
 # gradient and the teacher's no-grad forward (train mode, priced as E). Second order adds a double backward
@@ -218,19 +227,19 @@ def variant(row: str) -> tuple[str, dict[str, Any], int]:
     ``METHOD@tN`` (trusted_batch_size N), ``METHOD@kKtN`` (both), else a ``VARIANTS`` row or a method; any of
     them with the ``+bf16`` suffix (``split_precision``)."""
     row = split_precision(row)[0]
-    method, suffixed, suffix = row.partition("@")
-    if suffixed:
-        match = re.fullmatch(r"(?:k(\d+))?(?:t(\d+))?", suffix)
-        if method not in AMORTISED or not suffix or match is None or "0" in (match[1], match[2]):
-            raise ValueError(
-                f"{row!r}: rows are METHOD@kK (meta_every), METHOD@tN (trusted batch) or METHOD@kKtN, "
-                f"K, N >= 1, METHOD one of {AMORTISED}"
-            )
-        k = int(match[1] or 1)
-        params = {"meta_every": k} if match[1] else {}
-        return method, params | ({"trusted_batch_size": int(match[2])} if match[2] else {}), k
-    method, params = VARIANTS.get(row, (row, {}))
-    return method, params, 1
+    base, suffixed, suffix = row.partition("@")
+    method, params = VARIANTS.get(base, (base, {}))
+    if not suffixed:
+        return method, params, 1
+    match = re.fullmatch(r"(?:k(\d+))?(?:t(\d+))?", suffix)
+    if method not in AMORTISED or not suffix or match is None or "0" in (match[1], match[2]):
+        raise ValueError(
+            f"{row!r}: rows are METHOD@kK (meta_every), METHOD@tN (trusted batch) or METHOD@kKtN, "
+            f"K, N >= 1, METHOD one of {AMORTISED} or a VARIANTS row of one"
+        )
+    k = int(match[1] or 1)
+    params = params | ({"meta_every": k} if match[1] else {})
+    return method, params | ({"trusted_batch_size": int(match[2])} if match[2] else {}), k
 
 
 def target_of(row: str) -> float | None:
@@ -664,15 +673,20 @@ def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float
     augment (``unaugmented``) and ``cache_features`` is on."""
     row = split_precision(row)[0]
     method, params, k = variant(row)
-    if method not in AMORTISED or (row in VARIANTS and row in PASSES):
+    if method not in AMORTISED:
         return dict(PASSES[row]) if row in PASSES else None
-    meta, plain = dict(PASSES[method]), dict(PLAIN_PASSES[method])
+    # The counts of the method, or of the VARIANTS row the suffixes apply to where it has its own.
+    base = row.partition("@")[0]
+    counted = base if base in PASSES else method
+    if counted not in PLAIN_PASSES:  # a variant counted for its one-step row only
+        return dict(PASSES[row]) if row in PASSES else None
+    meta, plain = dict(PASSES[counted]), dict(PLAIN_PASSES[counted])
     if params.get("trusted_batch_size"):
         unread = 1 - params["trusted_batch_size"] / batch_size
-        for kind, n in TRUSTED_PASSES[method].items():
-            meta[kind] -= unread * n
-        for kind, n in PLAIN_TRUSTED_PASSES.get(method, {}).items():
-            plain[kind] -= unread * n
+        for kind, n in TRUSTED_PASSES[counted].items():
+            meta[kind] = meta.get(kind, 0) - unread * n
+        for kind, n in PLAIN_TRUSTED_PASSES.get(counted, {}).items():
+            plain[kind] = plain.get(kind, 0) - unread * n
     if method == "metalabelnet" and unaugmented and params.get("cache_features", True):
         meta["E"] = plain["E"] = 0
     kinds = meta.keys() | plain.keys()

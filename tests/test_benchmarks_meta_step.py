@@ -110,6 +110,10 @@ def test_amortised_rows_are_named_method_at_k() -> None:
             bench.variant(bad)
     assert bench.variant("mlc@t32") == ("mlc", {"trusted_batch_size": 32}, 1)
     assert bench.variant("mlc@k5t32") == ("mlc", {"meta_every": 5, "trusted_batch_size": 32}, 5)
+    supervised = {"corrector_supervision": 1.0, "meta_every": 5, "trusted_batch_size": 32}
+    assert bench.variant("mlc-supervised@k5t32") == ("mlc", supervised, 5)
+    with pytest.raises(ValueError, match="VARIANTS row"):
+        bench.variant("mlnt-first-order@k2")
     assert bench.target_of("mlc@t32") == bench.TARGETS["mlc"] and bench.target_of("mlc@k5t32") == 1.5
     assert bench.with_amortised_rows(["ce", "mlc", "glc"], [2, 5]) == ["ce", "mlc", "mlc@k2", "mlc@k5", "glc"]
 
@@ -212,6 +216,8 @@ def _counted_passes(run: Any, batch: Any, batch_size: int, dtypes: set[torch.dty
         "mwnet-example",
         "mwnet-trusted",
         "mlc-supervised",
+        "mwnet-trusted@k2t4",
+        "mlc-supervised@k3t4",
         "mlc+bf16",
         "metalabelnet+bf16",
     ],
