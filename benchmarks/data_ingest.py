@@ -7,8 +7,9 @@ difference is the machinery that moves the work onto the CPUs:
 
 - ``ray-data``: ``sample_dataset`` (the shard reads planned once, read tasks that shuffle raw rows and
   decode them) consumed by one ``iter_torch_batches`` loop, exactly as a training worker consumes its shard;
-- ``ray-data split x2``: the same Dataset through ``streaming_split(2, equal=True)``, two consumer threads,
-  as Ray Train feeds two workers (each takes half the global batch);
+- ``ray-data split x2``: the same Dataset through ``streaming_split(2, equal=True)``, each split drained by
+  a consumer in a process of its own (a 0-CPU actor holding its split's iterator), as Ray Train feeds two
+  workers (each takes half the global batch);
 - ``dataloader``: a map-style ``torch.utils.data.Dataset`` over the same Parquet rows, decoding one sample
   at a time with ``ImageTransform.decode_one`` in ``num_workers`` worker processes, ``shuffle=True``.
 
@@ -32,8 +33,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -224,7 +225,13 @@ class Bench:
     def __post_init__(self) -> None:
         # Built once, like the driver builds the Dataset it hands to Ray Train; each epoch re-executes it.
         self.dataset = sample_dataset(self.files, self.spec, train=True, read_task_rows=self.read_task_rows)
-        self.splits = self.dataset.streaming_split(SPLIT_WAYS, equal=True) if self.split else None
+        self.ranks: list[ray.actor.ActorHandle] = []  # one SplitRank per split, gone with this object
+        if self.split:
+            rank = ray.remote(num_cpus=0)(SplitRank)
+            for split in self.dataset.streaming_split(SPLIT_WAYS, equal=True):
+                self.ranks.append(
+                    rank.remote(split, self.spec, self.batch_size // SPLIT_WAYS, self.shuffle_rows)
+                )
 
     def pipelines(self) -> dict[str, Callable[[list[np.ndarray]], None]]:
         runs = {DATALOADER: self.run_dataloader, RAY_DATA: self.run_ray}
@@ -235,44 +242,56 @@ class Bench:
     def run_dataloader(self, out: list[np.ndarray]) -> None:
         _consume(dataloader_batches(self.files, self.spec, self.batch_size, self.workers), out)
 
-    def _worker_batches(
-        self, iterable: ray.data.Dataset | ray.data.DataIterator, batch_size: int
-    ) -> Iterator[Batch]:
-        """Same call as the training worker's epoch loop, except ``drop_last=False`` so that every image is
-        counted and both pipelines must deliver the same ids."""
-        return iter_batches(
-            iterable,
-            batch_size=batch_size,
-            family=self.spec.family,
-            device=torch.device("cpu"),
-            counter=BadSampleCounter(),
-            drop_last=False,
-            shuffle_rows=self.shuffle_rows,
-        )
-
     def run_ray(self, out: list[np.ndarray]) -> None:
-        _consume(self._worker_batches(self.dataset, self.batch_size), out)
+        _consume(worker_batches(self.dataset, self.spec, self.batch_size, self.shuffle_rows), out)
 
     def run_ray_split(self, out: list[np.ndarray]) -> None:
         """Both split iterators must be consumed at once (they advance together), as two Train ranks do."""
-        parts: list[list[np.ndarray]] = [[] for _ in range(SPLIT_WAYS)]
-        errors: list[BaseException] = []
+        out.extend(ray.get([rank.epoch.remote() for rank in self.ranks]))
 
-        def rank(i: int) -> None:
-            try:
-                _consume(self._worker_batches(self.splits[i], self.batch_size // SPLIT_WAYS), parts[i])
-            except BaseException as exc:  # re-raised in the calling thread below
-                errors.append(exc)
 
-        threads = [threading.Thread(target=rank, args=(i,), daemon=True) for i in range(SPLIT_WAYS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        for part in parts:
-            out.extend(part)
+def worker_batches(
+    iterable: ray.data.Dataset | ray.data.DataIterator,
+    spec: InputSpec,
+    batch_size: int,
+    shuffle_rows: int | None,
+) -> Iterator[Batch]:
+    """Same call as the training worker's epoch loop, except ``drop_last=False`` so that every image is
+    counted and both pipelines must deliver the same ids."""
+    return iter_batches(
+        iterable,
+        batch_size=batch_size,
+        family=spec.family,
+        device=torch.device("cpu"),
+        counter=BadSampleCounter(),
+        drop_last=False,
+        shuffle_rows=shuffle_rows,
+    )
+
+
+class SplitRank:
+    """One Train rank's consumer, in a process of its own as Ray Train runs each rank: it holds its split's
+    iterator (handed over once, as Train hands a worker its shard) and drains one epoch per call on one
+    intra-op thread (a 1-CPU Train worker's)."""
+
+    def __init__(
+        self, iterator: ray.data.DataIterator, spec: InputSpec, batch_size: int, shuffle_rows: int | None
+    ) -> None:
+        torch.set_num_threads(1)
+        self.iterator = iterator
+        self.spec = spec
+        self.batch_size = batch_size
+        self.shuffle_rows = shuffle_rows
+
+    def epoch(self) -> np.ndarray:
+        """The sample ids of one epoch of this rank's split, in the order they came."""
+        out: list[np.ndarray] = []
+        _consume(worker_batches(self.iterator, self.spec, self.batch_size, self.shuffle_rows), out)
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+
+if __name__ != "__main__":  # imported by path (the tests): Ray ships this module's classes by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def build_shards(
