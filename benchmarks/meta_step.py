@@ -232,7 +232,7 @@ def variant(row: str) -> tuple[str, dict[str, Any], int]:
     if not suffixed:
         return method, params, 1
     match = re.fullmatch(r"(?:k(\d+))?(?:t(\d+))?", suffix)
-    if method not in AMORTISED or not suffix or match is None or "0" in (match[1], match[2]):
+    if method not in AMORTISED or not suffix or match is None or 0 in {int(n) for n in match.groups() if n}:
         raise ValueError(
             f"{row!r}: rows are METHOD@kK (meta_every), METHOD@tN (trusted batch) or METHOD@kKtN, "
             f"K, N >= 1, METHOD one of {AMORTISED} or a VARIANTS row of one"

@@ -211,13 +211,14 @@ def sweep_job(
 def _shard(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from raynoisy.config import absolute_path
     from raynoisy.train.prepare import prepare
 
     if args.output is None:
         args.output = args.shard_root or "."
     cfg = config_from_args(args)
     if args.shard_root:
-        cfg.data.shard_root = args.shard_root
+        cfg.data.shard_root = absolute_path(args.shard_root, "--shard-root")
     prepared = prepare(cfg)
     out = Path(cfg.run.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -440,7 +440,10 @@ def _check_range(
 
 
 def default_shard_root() -> str:
-    return os.environ.get("RAYNOISY_SHARD_ROOT", str(Path("~/.cache/raynoisy/shards").expanduser()))
+    """Where shards go without ``data.shard_root``: ``RAYNOISY_SHARD_ROOT`` (absolute, as a config's paths are
+    made: the workers read the shards from their own folders), else ``~/.cache/raynoisy/shards``."""
+    root = absolute_path(os.environ.get("RAYNOISY_SHARD_ROOT"), "RAYNOISY_SHARD_ROOT")
+    return root or str(Path("~/.cache/raynoisy/shards").expanduser())
 
 
 def config_from_dict(values: dict) -> Config:

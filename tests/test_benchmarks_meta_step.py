@@ -105,7 +105,7 @@ def test_amortised_rows_are_named_method_at_k() -> None:
     assert bench.variant("mlnt-first-order")[0] == "mlnt"
     assert bench.target_of("mlc@k5") == bench.target_of("mlc@k10") == 1.5
     assert bench.target_of("mlc@k2") is None and bench.target_of("mlc") == bench.TARGETS["mlc"]
-    for bad in ("ce@k2", "mwnet@k0", "mwnet@kx", "mwnet@t0", "mwnet@", "mlc@t4k2"):
+    for bad in ("ce@k2", "mwnet@k0", "mwnet@k00", "mwnet@kx", "mwnet@t0", "mwnet@t00", "mwnet@", "mlc@t4k2"):
         with pytest.raises(ValueError, match="METHOD@kK"):
             bench.variant(bad)
     assert bench.variant("mlc@t32") == ("mlc", {"trusted_batch_size": 32}, 1)

@@ -12,7 +12,7 @@ import torch.hub
 import torchvision
 
 from raynoisy.cli import run
-from raynoisy.config import load_config, preset_path
+from raynoisy.config import default_shard_root, load_config, preset_path
 from raynoisy.errors import ConfigError
 from raynoisy.train.preflight import resolve_config
 
@@ -60,6 +60,8 @@ def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypa
     assert cfg.noise.type == f"matrix:{tmp_path / 'T.csv'}" and cfg.model.pretrained == str(
         tmp_path / "weights"
     )
+    monkeypatch.setenv("RAYNOISY_SHARD_ROOT", "cache/shards")  # the default root, from the environment
+    assert default_shard_root() == str(tmp_path / "cache" / "shards")
     # URIs, weight names and a pretrained name that is no local path stay as written.
     kept = ["data.shard_root=s3://bucket/shards", "run.storage_path=gs://bucket/runs"]
     for pretrained in ("imagenet", "sentence-transformers/all-MiniLM-L6-v2"):

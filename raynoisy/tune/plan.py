@@ -137,8 +137,9 @@ def plan_sweep(
     # Trials run in Tune's processes, in other folders: the sweep's own paths are absolute from here on
     # (the trials' configs are made so by load_config).
     out = Path(absolute_path(output, "--output") or ".")
-    if noise.startswith("matrix:"):
-        noise = "matrix:" + (absolute_path(noise.removeprefix("matrix:"), "--noise") or "")
+    kind, sep, matrix = noise.partition(":")
+    if sep and kind.strip().lower() == "matrix" and matrix.strip():
+        noise = f"{kind}:{absolute_path(matrix.strip(), '--noise')}"
     trials: dict[str, Trial] = {}
     for method in methods:
         for rate in rates:
