@@ -673,12 +673,11 @@ def pass_counts(row: str, batch_size: int, unaugmented: bool) -> dict[str, float
     augment (``unaugmented``) and ``cache_features`` is on."""
     row = split_precision(row)[0]
     method, params, k = variant(row)
-    if method not in AMORTISED:
-        return dict(PASSES[row]) if row in PASSES else None
-    # The counts of the method, or of the VARIANTS row the suffixes apply to where it has its own.
+    # The counts of the method, or of the VARIANTS row the suffixes apply to where it has its own; a row
+    # without plain-step counts (no meta_every: CE, MLNT, a variant counted for its one-step row) as counted.
     base = row.partition("@")[0]
     counted = base if base in PASSES else method
-    if counted not in PLAIN_PASSES:  # a variant counted for its one-step row only
+    if method not in AMORTISED or counted not in PLAIN_PASSES:
         return dict(PASSES[row]) if row in PASSES else None
     meta, plain = dict(PASSES[counted]), dict(PLAIN_PASSES[counted])
     if params.get("trusted_batch_size"):

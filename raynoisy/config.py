@@ -340,6 +340,15 @@ def absolute_path(path: str | None, field_name: str) -> str | None:
         raise ConfigError(field_name, f"{path!r} is no usable path ({exc})", "write a valid path") from None
 
 
+def absolute_noise_type(noise: str, field_name: str) -> str:
+    """``noise`` with the file of ``matrix:PATH`` made absolute (``absolute_path``); other types unchanged.
+    The type is matched as ``raynoisy.data.noise.NoiseSpec.parse`` matches it (case and spaces ignored)."""
+    kind, sep, matrix = noise.partition(":")
+    if sep and kind.strip().lower() == "matrix" and matrix.strip():
+        return f"{kind}:{absolute_path(matrix.strip(), field_name)}"
+    return noise
+
+
 def _make_local_paths_absolute(cfg: Config) -> None:
     """Resolve the config's local paths against the folder the command runs in, once, here: Ray Train
     workers and Tune trials run in folders of their own, where a relative path names another file (a
@@ -350,9 +359,7 @@ def _make_local_paths_absolute(cfg: Config) -> None:
     cfg.data.shard_root = absolute_path(cfg.data.shard_root, "data.shard_root")
     cfg.run.output = absolute_path(cfg.run.output, "run.output")
     cfg.run.storage_path = absolute_path(cfg.run.storage_path, "run.storage_path")
-    kind, sep, matrix = cfg.noise.type.partition(":")
-    if sep and kind.strip().lower() == "matrix" and matrix.strip():
-        cfg.noise.type = f"{kind}:{absolute_path(matrix.strip(), 'noise.type')}"
+    cfg.noise.type = absolute_noise_type(cfg.noise.type, "noise.type")
     pretrained = cfg.model.pretrained
     if pretrained not in (None, IMAGENET_WEIGHTS) and user_path(pretrained, "model.pretrained").exists():
         cfg.model.pretrained = absolute_path(pretrained, "model.pretrained")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raynoisy.config import Config, absolute_path
+from raynoisy.config import Config, absolute_noise_type, absolute_path
 from raynoisy.errors import ConfigError
 from raynoisy.methods import complete_params
 from raynoisy.report.sweep_files import METRICS, TrialKey, run_dir_of
@@ -137,9 +137,7 @@ def plan_sweep(
     # Trials run in Tune's processes, in other folders: the sweep's own paths are absolute from here on
     # (the trials' configs are made so by load_config).
     out = Path(absolute_path(output, "--output") or ".")
-    kind, sep, matrix = noise.partition(":")
-    if sep and kind.strip().lower() == "matrix" and matrix.strip():
-        noise = f"{kind}:{absolute_path(matrix.strip(), '--noise')}"
+    noise = absolute_noise_type(noise, "--noise")
     trials: dict[str, Trial] = {}
     for method in methods:
         for rate in rates:
