@@ -61,6 +61,7 @@ from pathlib import Path
 
 from raynoisy.config import Config, parse_set_override
 from raynoisy.errors import ConfigError
+from raynoisy.methods.meta_common import FROM_MODEL
 from raynoisy.train.driver import train
 from raynoisy.train.in_process import check_in_process, train_in_process
 from raynoisy.train.preflight import resolve_config
@@ -244,7 +245,18 @@ def _label_quality(runs: list[dict]) -> str:
     if lc:
         c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
         g = statistics.mean(x["given_label_accuracy"] for x in lc)
-        return f"{c:.4f} ({g:.4f})"
+        from_model = [r for r, x in zip(runs, lc, strict=True) if x.get("source") == FROM_MODEL]
+        if not from_model:
+            return f"{c:.4f} ({g:.4f})"
+        # The guard rejected the meta network's labels at the end of these runs: the exported ones are the
+        # model's (confident learning); the meta network's own last labels, where --diagnose scored them.
+        own = [
+            h[-1]["diag_corrected_accuracy"]
+            for r in from_model
+            if (h := r.get("history")) and "diag_corrected_accuracy" in h[-1]
+        ]
+        meta = f"; the meta network's own {statistics.mean(own):.4f}" if len(own) == len(from_model) else ""
+        return f"{c:.4f} ({g:.4f}), from the model in {len(from_model)} of {len(lc)} runs{meta}"
     sw = [
         r["sample_weights"]
         for r in runs

@@ -13,6 +13,14 @@ over every epoch of every matching run of a label-correcting method: the mean ga
 trusted labels the corrected labels keep and the corrected labels' accuracy on the noisy training set, and
 how often the guard fired in the epochs whose corrected labels were worse than the given ones and in the
 others.
+
+``--corrections``: per matching run, how accurate the labels its ``label_issues.parquet`` stands behind are:
+its ``corrected_label`` where the method fills one, else confident learning's corrections (the predicted
+label where flagged, the given label elsewhere; the rule a guarded run that ends falling back exports), so
+that CE's model and a meta method's model are compared as correctors by the same rule; then the mean per
+method and variant over the seeds.
+
+    python benchmarks/label_quality.py runs/i12-export --match annotator --corrections
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+
+from raynoisy.methods.label_issues import CONFIDENT_LEARNING, detector_of, true_labels_of
+from raynoisy.methods.meta_common import confident_corrections
 from raynoisy.report.run_report import GUARD_COLUMNS
 
 COLUMNS = {
@@ -90,6 +103,40 @@ def guard_check(folders: list[Path]) -> str:
     )
 
 
+def corrections(folders: list[Path]) -> str:
+    lines = [
+        "| run | flagged by | corrected-label acc | given-label acc | changed |",
+        "|---|---|---|---|---|",
+    ]
+    by_config: dict[str, list[tuple[float, float, float]]] = {}
+    for folder in folders:
+        issues = pq.read_table(folder / "label_issues.parquet")
+        truth = true_labels_of(
+            issues.column("sample_id").to_numpy(), pq.read_table(folder / "labels.parquet")
+        )
+        given = issues.column("given_label").to_numpy()
+        own = issues.column("corrected_label")
+        corrected = own.to_numpy() if own.null_count == 0 else confident_corrections(issues)
+        source = "confident learning" if detector_of(issues) == CONFIDENT_LEARNING else "the method's rule"
+        known = truth >= 0
+        figures = (
+            float(np.mean(corrected[known] == truth[known])),
+            float(np.mean(given[known] == truth[known])),
+            float(np.mean(corrected != given)),
+        )
+        lines.append(f"| `{folder.name}` | {source} | " + " | ".join(f"{x:.4f}" for x in figures) + " |")
+        by_config.setdefault(folder.name.split("-seed")[0], []).append(figures)
+    lines += [
+        "",
+        "| method and noise | runs | corrected-label acc | given-label acc | changed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rows in by_config.items():
+        means = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(f"{x:.4f}" for x in means) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,12 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--match", action="append", default=[], help="keep run folders whose name has this")
     parser.add_argument("--every", type=int, default=1, help="show every N-th epoch (and the last)")
     parser.add_argument("--guard-check", action="store_true", help="the guard's reading against the truth")
+    parser.add_argument(
+        "--corrections", action="store_true", help="the accuracy of the labels each run's label issues imply"
+    )
     args = parser.parse_args(argv)
     folders = run_folders(args.paths, args.match)
     if not folders:
         parser.error("no run folder with a metrics.json matches")
     if args.guard_check:
         print(guard_check(folders))
+        return
+    if args.corrections:
+        print(corrections(folders))
         return
     print("\n\n".join(table(f, args.every) for f in folders))
 

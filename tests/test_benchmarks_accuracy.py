@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
@@ -262,6 +263,26 @@ def test_table_rows_deltas_and_label_quality() -> None:
     assert rows[3].endswith("| weights 0.90 / 0.10 |  |")
 
 
+def test_the_label_cell_says_when_the_exported_labels_are_the_models() -> None:
+    bench = load_benchmark("accuracy")
+
+    def run(corrected: float, source: str | None, meta_own: float | None) -> dict:
+        correction = {"corrected_label_accuracy": corrected, "given_label_accuracy": 0.6}
+        history = [{"epoch": 1}, {"epoch": 2} | ({"diag_corrected_accuracy": meta_own} if meta_own else {})]
+        return {
+            "test_accuracy": 0.8,
+            "label_correction": correction | ({"source": source} if source else {}),
+        } | {"history": history}
+
+    cell = bench._label_quality(
+        [run(0.7, bench.FROM_MODEL, 0.4), run(0.8, None, 0.8), run(0.9, bench.FROM_MODEL, 0.5)]
+    )
+    assert cell == "0.8000 (0.6000), from the model in 2 of 3 runs; the meta network's own 0.4500"
+    # without --diagnose the meta network's own labels are not known, and the cell does not guess
+    assert bench._label_quality([run(0.7, bench.FROM_MODEL, None)]).endswith("from the model in 1 of 1 runs")
+    assert bench._label_quality([run(0.7, None, 0.4)]) == "0.7000 (0.6000)"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"), [("flip:0.4", ("flip", 0.4)), ("uniform:0.8", ("uniform", 0.8))]
 )
@@ -285,3 +306,41 @@ def test_label_quality_guard_check_by_hand(tmp_path: Path) -> None:
     lines = quality.guard_check(quality.run_folders([tmp_path], [])).splitlines()
     # gaps 0.10, 0.20, 0.05; worse epochs: 1 (fired) and 2 (silent); the better one fired
     assert lines[2] == "| 3 | 0.117 | 0.200 | 1 of 2 | 1 of 1 |"
+
+
+def test_label_quality_corrections_by_hand(tmp_path: Path) -> None:
+    """Six samples, true labels 0..2: CE's flags imply corrections; a method's own corrected_label is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raynoisy.methods.label_issues import PRED_PROBS, build_label_issues
+
+    quality = load_benchmark("label_quality")
+    true = np.array([0, 0, 1, 1, 2, 2])
+    given = np.array([0, 1, 1, 0, 2, 2])  # samples 1 and 3 mislabelled
+    labels = pa.table({"sample_id": np.arange(6), "true_label": true})
+    runs = {"ce-x-seed0": None, "mlc-x-seed0": np.array([0, 0, 1, 2, 2, 2])}
+    for name, own in runs.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(labels, folder / "labels.parquet")
+        (folder / "metrics.json").write_text("{}")  # what marks a run folder
+        if own is None:  # the prediction path: a model sure of the true class everywhere
+            probs = np.full((6, 3), 0.01, dtype=np.float32)
+            probs[np.arange(6), true] = 0.98
+            issues = build_label_issues({"sample_id": np.arange(6), "given_label": given, PRED_PROBS: probs})
+        else:
+            columns = {"sample_id": np.arange(6), "given_label": given, "predicted_label": own}
+            columns |= {"label_score": np.ones(6), "is_label_issue": own != given, "corrected_label": own}
+            issues = build_label_issues(columns, "the method's own")
+        pq.write_table(issues, folder / "label_issues.parquet")
+    text = quality.corrections(quality.run_folders([tmp_path], []))
+    flagged = pq.read_table(tmp_path / "ce-x-seed0" / "label_issues.parquet").column("is_label_issue")
+    ce_corrected = np.where(flagged.to_numpy(zero_copy_only=False), true, given)
+    ce_row = (
+        f"| ce-x | 1 | {np.mean(ce_corrected == true):.4f} | 0.6667 | {np.mean(ce_corrected != given):.4f} |"
+    )
+    assert ce_row in text
+    # the method's labels: 5 of 6 right (sample 3 corrected to 2), 2 of 6 changed
+    assert "| mlc-x | 1 | 0.8333 | 0.6667 | 0.3333 |" in text
+    assert "confident learning" in text and "the method's rule" in text

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from sklearn.dummy import DummyClassifier
@@ -30,6 +31,12 @@ from raynoisy.methods.collapse_guard import (
     wrong_labels,
 )
 from raynoisy.methods.label_issues import CONFIDENT_LEARNING, detector_of
+from raynoisy.methods.meta_common import (
+    FROM_METHOD,
+    FROM_MODEL,
+    correction_source,
+    summarize_corrected_labels,
+)
 from raynoisy.train.export import LABEL_ISSUES, per_sample_table
 from raynoisy.train.harness import build_method, method_context, start_stage
 from raynoisy.train.preflight import resolve_config
@@ -465,11 +472,39 @@ def test_a_run_that_ends_falling_back_flags_label_issues_from_the_model(
     tmp_path: Path, name: str, plant: object
 ) -> None:
     method = build(tmp_path, name)
-    steering = per_sample_table(method, _TrainPass(), rank=0, world_size=1)[LABEL_ISSUES]
-    assert detector_of(steering) == method.label_issue_rule  # the method's own view
+    steering = per_sample_table(method, _TrainPass(), rank=0, world_size=1)
+    assert detector_of(steering[LABEL_ISSUES]) == method.label_issue_rule  # the method's own view
+    if name == "mlc":
+        assert correction_source(steering["corrected_labels"]) == FROM_METHOD
     plant(method)  # type: ignore[operator]
     method.on_epoch_end(0)
-    table = per_sample_table(method, _TrainPass(), rank=0, world_size=1)[LABEL_ISSUES]
+    tables = per_sample_table(method, _TrainPass(), rank=0, world_size=1)
+    table = tables[LABEL_ISSUES]
     assert detector_of(table) == CONFIDENT_LEARNING  # not the collapsed meta network's
-    assert table.column("corrected_label").null_count == table.num_rows
     assert table.num_rows == len(NOISY)
+    if name == "mwnet":  # its export is weights, not labels: the weights stay, no corrections
+        assert table.column("corrected_label").null_count == table.num_rows
+        assert tables["sample_weights"].num_rows == len(NOISY)
+        return
+    # The corrections are confident learning's too, in both files: the model's prediction where flagged.
+    net = method.eval_model().eval()
+    with torch.no_grad():
+        probs = torch.softmax(net(NOISY.x)[0], dim=1).numpy()
+    order = np.argsort(NOISY.sample_id.numpy())
+    given, probs = NOISY.y.numpy()[order], probs[order]
+    flagged = table.column("is_label_issue").to_numpy(zero_copy_only=False)
+    assert 0 < flagged.sum() < len(flagged)
+    expected = np.where(flagged, probs.argmax(axis=1), given)
+    np.testing.assert_array_equal(table.column("corrected_label").to_numpy(), expected)
+    labels = tables["corrected_labels"]
+    assert correction_source(labels) == FROM_MODEL
+    np.testing.assert_array_equal(labels.column("sample_id").to_numpy(), NOISY.sample_id.numpy()[order])
+    np.testing.assert_array_equal(labels.column("corrected_label").to_numpy(), expected)
+    np.testing.assert_allclose(
+        labels.column("given_label_probability").to_numpy(), probs[np.arange(len(given)), given], rtol=1e-6
+    )
+    true = NOISY.true_y.numpy()[order]
+    truth = pa.table({"sample_id": NOISY.sample_id.numpy(), "true_label": NOISY.true_y.numpy()})
+    summary = summarize_corrected_labels(labels, truth)["label_correction"]
+    assert summary["source"] == FROM_MODEL
+    assert summary["corrected_label_accuracy"] == pytest.approx(np.mean(expected == true))

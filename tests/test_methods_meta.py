@@ -39,7 +39,7 @@ from raynoisy.meta import (
 from raynoisy.meta.sync import state_tensors
 from raynoisy.methods import get_method_class
 from raynoisy.methods.base import Method, MethodContext, Stage
-from raynoisy.methods.meta_common import corrected_label_columns, lookahead_optimizer
+from raynoisy.methods.meta_common import FROM_METHOD, corrected_label_columns, lookahead_optimizer
 from raynoisy.models.meta_nets import LabelCorrectionNet
 from raynoisy.train.harness import build_method, method_context, start_stage, walk_stages
 from raynoisy.train.precision import autocast
@@ -816,6 +816,7 @@ def test_corrected_label_summary_by_hand() -> None:
     assert summary == {
         "label_correction": {
             "samples": 7,
+            "source": FROM_METHOD,  # no source in the table's metadata: the method's own labels
             "fraction_changed": pytest.approx(4 / 7),
             "samples_with_true_label": 6,
             "corrected_label_accuracy": pytest.approx(3 / 6),  # ids 0, 1, 3
@@ -827,6 +828,7 @@ def test_corrected_label_summary_by_hand() -> None:
     assert get_method_class("metalabelnet").summarize_export(table, _labels([None] * 7)) == {
         "label_correction": {
             "samples": 7,
+            "source": FROM_METHOD,
             "fraction_changed": pytest.approx(4 / 7),
             "samples_with_true_label": 0,
         }

@@ -21,6 +21,7 @@ import pytest
 
 from raynoisy.cli import run
 from raynoisy.methods.label_issues import PRED_PROBS, build_label_issues, summarize_label_issues
+from raynoisy.methods.meta_common import FROM_MODEL
 from raynoisy.report import is_run_dir, write_run_report
 
 K = 4
@@ -170,6 +171,13 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
     guard = {"enabled": True, "fired_epochs": [2, 3, 4], "rolled_back_epochs": [2]}
     report = write_run_report(_with_guard(_finished_run(tmp_path / "ended"), guard, readings)).read_text()
     assert "The run ended collapsed" in report
+    metrics = json.loads((tmp_path / "ended" / "metrics.json").read_text())
+    metrics["label_correction"] = {"corrected_label_accuracy": 0.75, "given_label_accuracy": 0.6}
+    metrics["label_correction"]["source"] = FROM_MODEL
+    (tmp_path / "ended" / "metrics.json").write_text(json.dumps(metrics))
+    report = write_run_report(tmp_path / "ended").read_text()
+    assert "| corrected-label accuracy (given) | 0.7500 (0.6000) |" in report
+    assert f"| corrected labels from | {FROM_MODEL} |" in report
     quiet = [reading(0.9, 0, 0)] * 4
     guard = {"enabled": True, "fired_epochs": [], "rolled_back_epochs": []}
     report = write_run_report(_with_guard(_finished_run(tmp_path / "quiet"), guard, quiet)).read_text()

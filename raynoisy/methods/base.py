@@ -262,6 +262,13 @@ class Method(ABC):
         """Metrics derived from the exported table and labels.parquet, for metrics.json."""
         return {}
 
+    @classmethod
+    def export_from_predictions(cls, label_issues: Any, pred_probs: np.ndarray) -> Any:
+        """The exported per-sample table rebuilt from the model-prediction path's ``label_issues`` table
+        and the softmax rows behind it (by sample_id), for a run whose own view was judged unusable
+        (``label_issue_columns`` returned None); None keeps the method's own table."""
+        return None
+
     def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
         """This method's columns of ``label_issues.parquet`` for a batch of training samples (eval transform).
 

@@ -36,6 +36,14 @@ from raynoisy.methods.supervised import MainModel
 # The soft label goes into the export only up to this many classes: for Clothing1M's 14 it is 14 floats
 # per sample; for 1000 classes it would be 4 kB per sample for a column nobody reads whole.
 SOFT_LABEL_MAX_CLASSES = 20
+# Where a corrected_labels table's labels came from (its schema metadata; metrics.json's
+# label_correction.source): the method's own, or the best-validation model's through confident learning
+# when the collapse guard ended the run falling back.
+CORRECTION_SOURCE_KEY = b"raynoisy.corrected_labels.source"
+FROM_METHOD = "the method"
+FROM_MODEL = (
+    "the best-validation model, by confident learning (the collapse guard rejected the method's labels)"
+)
 
 
 def check_param(ok: bool, name: str, problem: str, fix: str) -> None:
@@ -402,17 +410,62 @@ def corrected_label_columns(batch: Batch, soft: Tensor) -> dict[str, np.ndarray]
     return columns
 
 
+def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.ndarray) -> pa.Table:
+    """``corrected_labels`` from the model-prediction path's label issues, for a run whose collapse guard
+    ended it falling back: the meta network's labels were judged worse than the given ones, so the run's
+    corrections are confident learning's instead (the best-validation model's prediction where it flags the
+    given label, the given label elsewhere), the same corrections ``label_issues.parquet`` then carries.
+
+    ``pred_probs`` are that model's softmax rows in ``label_issues``' order (by sample_id). The columns are
+    those of ``corrected_label_columns``, with the model's softmax as the soft label; the schema's metadata
+    says where the labels came from (``CORRECTION_SOURCE_KEY``).
+    """
+    given = label_issues.column("given_label").to_numpy()
+    corrected = confident_corrections(label_issues)
+    probs = np.asarray(pred_probs, dtype=np.float32)
+    rows = np.arange(len(given))
+    columns: dict[str, Any] = {
+        "sample_id": label_issues.column("sample_id"),
+        "given_label": given,
+        "corrected_label": corrected,
+        "corrected_confidence": probs[rows, corrected],
+        "given_label_probability": probs[rows, given],
+    }
+    if probs.shape[1] <= SOFT_LABEL_MAX_CLASSES:
+        columns["soft_label"] = list(probs)
+    return pa.table(columns).replace_schema_metadata({CORRECTION_SOURCE_KEY: FROM_MODEL.encode()})
+
+
+def confident_corrections(label_issues: pa.Table) -> np.ndarray:
+    """The labels a ``label_issues`` table's flags imply: the predicted label where a sample is flagged, the
+    given label elsewhere (confident learning's corrections, whichever model predicted)."""
+    given = label_issues.column("given_label").to_numpy()
+    flagged = label_issues.column("is_label_issue").to_numpy(zero_copy_only=False)
+    return np.where(flagged, label_issues.column("predicted_label").to_numpy(), given)
+
+
+def correction_source(table: pa.Table) -> str:
+    """Where a ``corrected_labels`` table's labels came from: ``FROM_METHOD`` or ``FROM_MODEL``."""
+    raw = (table.schema.metadata or {}).get(CORRECTION_SOURCE_KEY)
+    return raw.decode() if raw is not None else FROM_METHOD
+
+
 def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, Any]:
     """``label_correction`` for metrics.json from a ``corrected_labels`` table.
 
-    ``fraction_changed`` counts every exported sample; accuracies and the detector scores of
-    "corrected != given" for "given != true" count only samples whose true label is known (all of them
-    under synthetic noise, the human-checked subset on Clothing1M), and are left out when there are none.
+    ``source`` says whose labels they are (``correction_source``). ``fraction_changed`` counts every
+    exported sample; accuracies and the detector scores of "corrected != given" for "given != true" count
+    only samples whose true label is known (all of them under synthetic noise, the human-checked subset on
+    Clothing1M), and are left out when there are none.
     """
     given = table.column("given_label").to_numpy()
     corrected = table.column("corrected_label").to_numpy()
     changed = corrected != given
-    out: dict[str, Any] = {"samples": len(given), "fraction_changed": ratio(int(changed.sum()), len(given))}
+    out: dict[str, Any] = {
+        "samples": len(given),
+        "source": correction_source(table),
+        "fraction_changed": ratio(int(changed.sum()), len(given)),
+    }
     true = true_labels_of(table.column("sample_id").to_numpy(), labels)
     known = true >= 0
     out["samples_with_true_label"] = int(known.sum())
@@ -431,7 +484,8 @@ class CorrectedLabelExport:
     network's soft label, ``is_label_issue`` = corrected != given, ``label_score`` = the soft label's
     probability of the given label; ``predicted_label`` is the argmax of ``eval_model()``. A run that ends
     with the collapse guard falling back flags from the best-validation model's predictions instead (the
-    model-prediction path): its corrector's labels were judged worse than the given ones.
+    model-prediction path): its corrector's labels were judged worse than the given ones, so they are not
+    exported as the run's corrections either (``corrected_labels_from_predictions``).
     """
 
     export_name = "corrected_labels"
@@ -443,6 +497,10 @@ class CorrectedLabelExport:
     @classmethod
     def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
         return summarize_corrected_labels(table, labels)
+
+    @classmethod
+    def export_from_predictions(cls, label_issues: pa.Table, pred_probs: np.ndarray) -> pa.Table:
+        return corrected_labels_from_predictions(label_issues, pred_probs)
 
     def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
         if isinstance(self, TrustedMetaMethod) and self.guard.falling_back:  # the corrector ended collapsed

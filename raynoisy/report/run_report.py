@@ -259,6 +259,8 @@ def _facts(m: dict[str, Any]) -> list[list[str]]:
                 f"{_num(lc['corrected_label_accuracy'])} ({_num(lc.get('given_label_accuracy'))})",
             ]
         )
+    if lc and lc.get("source"):  # absent from runs before the guard's fallback rebuilt the export
+        rows.append(["corrected labels from", str(lc["source"])])
     return rows
 
 
@@ -666,8 +668,9 @@ def _guard_section(run: RunData) -> str:
             )
         if ends[-1]["train_guard_fallback"]:
             text += (
-                " The run ended collapsed: its corrected labels or weights are not the method's view to"
-                " trust, and its label issues come from the best-validation model's predictions."
+                " The run ended collapsed: its meta network's labels or weights are not a view to trust,"
+                " so its label issues, and the corrected labels where the method exports them, come from"
+                " the best-validation model's predictions (confident learning)."
             )
     else:
         text = f"{read}; it never fired."
@@ -694,7 +697,8 @@ def _files_section(run_dir: Path) -> str:
         LABEL_ISSUES: "per training sample: given and predicted label, label_score, is_label_issue, "
         "corrected_label",
         LABELS: "per sample: split, given label, true label (null where unknown)",
-        "corrected_labels.parquet": "the method's corrected labels and soft labels",
+        "corrected_labels.parquet": "the corrected labels and soft labels (whose: metrics.json's "
+        "label_correction.source)",
         "sample_weights.parquet": "MW-Net's per-sample loss and weight",
         "model.pt": "best-validation model weights",
         "config.json": "the resolved config of the run",

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raynoisy.methods.base import Method
-from raynoisy.methods.label_issues import build_label_issues, prediction_columns
+from raynoisy.methods.label_issues import PRED_PROBS, build_label_issues, prediction_columns
 from raynoisy.train.run_files import SUMMARY_FILE, LoopState
 from raynoisy.train.streams import Streams
 
@@ -44,7 +44,9 @@ def per_sample_table(
 
     Label issues come from the method's own columns, or — where ``label_issue_columns`` returns None: a
     method without a view of its own, or a meta method whose collapse guard ended the run falling back —
-    from the best-validation model's predictions (confident learning), and the table says which.
+    from the best-validation model's predictions (confident learning), and the table says which. In the
+    second case a method may rebuild its export from those predictions (``export_from_predictions``:
+    MLC's and MetaLabelNet's corrected labels), and label_issues.parquet then carries the same corrections.
     """
     predictor: nn.Module | None = None
     rule = method.label_issue_rule
@@ -68,7 +70,19 @@ def per_sample_table(
         tables[method.export_name] = pa.table(
             {k: list(v) if v.ndim > 1 else v for k, v in own_all.items()}
         ).sort_by("sample_id")
+    if method.export_name is not None and PRED_PROBS in issues_all:
+        probs = issues_all[PRED_PROBS][np.argsort(issues_all["sample_id"], kind="stable")]
+        rebuilt = method.export_from_predictions(tables[LABEL_ISSUES], probs)
+        if rebuilt is not None:  # the method's own corrections were judged unusable: the model's instead
+            tables[method.export_name] = rebuilt
+            tables[LABEL_ISSUES] = _with_corrections(tables[LABEL_ISSUES], rebuilt.column("corrected_label"))
     return tables
+
+
+def _with_corrections(issues: pa.Table, corrected: pa.ChunkedArray) -> pa.Table:
+    """``issues`` with its ``corrected_label`` column replaced (the schema's metadata kept)."""
+    index = issues.schema.get_field_index("corrected_label")
+    return issues.set_column(index, issues.schema.field(index), corrected.cast(pa.int64()))
 
 
 def _append(columns: dict[str, list[np.ndarray]], batch_columns: dict[str, Any]) -> None:
