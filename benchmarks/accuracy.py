@@ -237,25 +237,27 @@ def run_grid(
 
 def _label_quality(runs: list[dict]) -> str:
     """Corrected-label accuracy (given-label accuracy), or MW-Net's mean weight of clean / mislabelled."""
-    lc = [
-        r["label_correction"]
-        for r in runs
-        if r.get("label_correction", {}).get("corrected_label_accuracy") is not None
-    ]
+    scored = [r for r in runs if r.get("label_correction", {}).get("corrected_label_accuracy") is not None]
+    lc = [r["label_correction"] for r in scored]
     if lc:
         c = statistics.mean(x["corrected_label_accuracy"] for x in lc)
         g = statistics.mean(x["given_label_accuracy"] for x in lc)
-        from_model = [r for r, x in zip(runs, lc, strict=True) if x.get("source") == FROM_MODEL]
+        from_model = [r for r in scored if r["label_correction"].get("source") == FROM_MODEL]
         if not from_model:
             return f"{c:.4f} ({g:.4f})"
         # The guard rejected the meta network's labels at the end of these runs: the exported ones are the
-        # model's (confident learning); the meta network's own last labels, where --diagnose scored them.
+        # model's (confident learning); the meta network's own last labels in those runs, where --diagnose
+        # scored them.
         own = [
             h[-1]["diag_corrected_accuracy"]
             for r in from_model
             if (h := r.get("history")) and "diag_corrected_accuracy" in h[-1]
         ]
-        meta = f"; the meta network's own {statistics.mean(own):.4f}" if len(own) == len(from_model) else ""
+        meta = (
+            f"; the meta network's own in those runs {statistics.mean(own):.4f}"
+            if len(own) == len(from_model)
+            else ""
+        )
         return f"{c:.4f} ({g:.4f}), from the model in {len(from_model)} of {len(lc)} runs{meta}"
     sw = [
         r["sample_weights"]

@@ -119,6 +119,8 @@ def corrections(folders: list[Path]) -> str:
         corrected = own.to_numpy() if own.null_count == 0 else confident_corrections(issues)
         source = "confident learning" if detector_of(issues) == CONFIDENT_LEARNING else "the method's rule"
         known = truth >= 0
+        if not known.any():  # no true labels: nothing to score
+            continue
         figures = (
             float(np.mean(corrected[known] == truth[known])),
             float(np.mean(given[known] == truth[known])),

@@ -277,7 +277,12 @@ def test_the_label_cell_says_when_the_exported_labels_are_the_models() -> None:
     cell = bench._label_quality(
         [run(0.7, bench.FROM_MODEL, 0.4), run(0.8, None, 0.8), run(0.9, bench.FROM_MODEL, 0.5)]
     )
-    assert cell == "0.8000 (0.6000), from the model in 2 of 3 runs; the meta network's own 0.4500"
+    assert (
+        cell == "0.8000 (0.6000), from the model in 2 of 3 runs; the meta network's own in those runs 0.4500"
+    )
+    # a run without true labels has no accuracy: left out of both figures, not a crash
+    unknown = {"test_accuracy": 0.8, "label_correction": {"samples": 5, "source": bench.FROM_MODEL}}
+    assert bench._label_quality([unknown, run(0.7, None, 0.4)]) == "0.7000 (0.6000)"
     # without --diagnose the meta network's own labels are not known, and the cell does not guess
     assert bench._label_quality([run(0.7, bench.FROM_MODEL, None)]).endswith("from the model in 1 of 1 runs")
     assert bench._label_quality([run(0.7, None, 0.4)]) == "0.7000 (0.6000)"

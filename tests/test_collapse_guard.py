@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.dummy import DummyClassifier
 from sklearn.metrics import accuracy_score
 from test_methods_meta import BATCH, CLASSES, MLP, SIDE, rows, toy_batch
 
+from raynoisy.data.batch import Batch
 from raynoisy.errors import ConfigError
 from raynoisy.methods.base import Method
 from raynoisy.methods.collapse_guard import (
@@ -37,7 +39,7 @@ from raynoisy.methods.meta_common import (
     correction_source,
     summarize_corrected_labels,
 )
-from raynoisy.train.export import LABEL_ISSUES, per_sample_table
+from raynoisy.train.export import LABEL_ISSUES, final_files, per_sample_table
 from raynoisy.train.harness import build_method, method_context, start_stage
 from raynoisy.train.preflight import resolve_config
 
@@ -459,12 +461,27 @@ def test_the_guard_decides_from_the_last_warmup_epoch_on(tmp_path: Path) -> None
     assert method.on_epoch_end(1)["guard_fallback"] == 1.0  # decides epoch 3's steps
 
 
+def _shuffled(batch: Batch, seed: int) -> Batch:
+    """``batch`` in a random row order with distinct, unordered sample ids, as a multi-rank pass gathers."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(batch), generator=g)
+    ids = 1000 + torch.randperm(len(batch), generator=g)
+    return Batch(batch.x[order], batch.y[order], ids, batch.true_y[order])
+
+
+PASS = _shuffled(NOISY, seed=3)
+
+
 class _TrainPass:
-    """The one part of ``Streams`` the export reads: an un-augmented pass over the training split."""
+    """The one part of ``Streams`` the export reads: an un-augmented pass over the training split, in two
+    batches whose sample ids are out of order (the export sorts by sample_id)."""
 
     def method_pass(self, split: str):
         assert split == "train"
-        return iter([NOISY.without_truth()])
+        half = len(PASS) // 2
+        return iter(
+            [rows(PASS, slice(0, half)).without_truth(), rows(PASS, slice(half, None)).without_truth()]
+        )
 
 
 @pytest.mark.parametrize(("name", "plant"), [("mlc", plant_one_class), ("mwnet", plant_equal_weights)])
@@ -489,22 +506,27 @@ def test_a_run_that_ends_falling_back_flags_label_issues_from_the_model(
     # The corrections are confident learning's too, in both files: the model's prediction where flagged.
     net = method.eval_model().eval()
     with torch.no_grad():
-        probs = torch.softmax(net(NOISY.x)[0], dim=1).numpy()
-    order = np.argsort(NOISY.sample_id.numpy())
-    given, probs = NOISY.y.numpy()[order], probs[order]
+        probs = torch.softmax(net(PASS.x)[0], dim=1).numpy()
+    order = np.argsort(PASS.sample_id.numpy())
+    given, probs, true = PASS.y.numpy()[order], probs[order], PASS.true_y.numpy()[order]
     flagged = table.column("is_label_issue").to_numpy(zero_copy_only=False)
     assert 0 < flagged.sum() < len(flagged)
     expected = np.where(flagged, probs.argmax(axis=1), given)
     np.testing.assert_array_equal(table.column("corrected_label").to_numpy(), expected)
-    labels = tables["corrected_labels"]
+    rows_ = np.arange(len(given))
+    # Through the files a run writes, and read back as the driver reads them.
+    final_files(method, {}, tables)(tmp_path)
+    labels = pq.read_table(tmp_path / "corrected_labels.parquet")
     assert correction_source(labels) == FROM_MODEL
-    np.testing.assert_array_equal(labels.column("sample_id").to_numpy(), NOISY.sample_id.numpy()[order])
+    np.testing.assert_array_equal(labels.column("sample_id").to_numpy(), PASS.sample_id.numpy()[order])
     np.testing.assert_array_equal(labels.column("corrected_label").to_numpy(), expected)
-    np.testing.assert_allclose(
-        labels.column("given_label_probability").to_numpy(), probs[np.arange(len(given)), given], rtol=1e-6
-    )
-    true = NOISY.true_y.numpy()[order]
-    truth = pa.table({"sample_id": NOISY.sample_id.numpy(), "true_label": NOISY.true_y.numpy()})
+    for column, values in (
+        ("given_label_probability", probs[rows_, given]),
+        ("corrected_confidence", probs[rows_, expected]),
+    ):
+        np.testing.assert_allclose(labels.column(column).to_numpy(), values, rtol=1e-6)
+    np.testing.assert_allclose(np.stack(labels.column("soft_label").to_pylist()), probs, rtol=1e-6)
+    truth = pa.table({"sample_id": PASS.sample_id.numpy(), "true_label": PASS.true_y.numpy()})
     summary = summarize_corrected_labels(labels, truth)["label_correction"]
     assert summary["source"] == FROM_MODEL
     assert summary["corrected_label_accuracy"] == pytest.approx(np.mean(expected == true))

@@ -21,8 +21,9 @@ import pytest
 
 from raynoisy.cli import run
 from raynoisy.methods.label_issues import PRED_PROBS, build_label_issues, summarize_label_issues
-from raynoisy.methods.meta_common import FROM_MODEL
+from raynoisy.methods.meta_common import FROM_METHOD, FROM_MODEL, confident_corrections
 from raynoisy.report import is_run_dir, write_run_report
+from raynoisy.report.run_report import _transition_panels, load_run
 
 K = 4
 N_TRAIN = 400
@@ -177,7 +178,20 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
     (tmp_path / "ended" / "metrics.json").write_text(json.dumps(metrics))
     report = write_run_report(tmp_path / "ended").read_text()
     assert "| corrected-label accuracy (given) | 0.7500 (0.6000) |" in report
-    assert f"| corrected labels from | {FROM_MODEL} |" in report
+    assert "| corrected labels from | the best-validation model, by confident learning" in report
+    # Its label issues now carry corrections, but they are the flags' own: the panel says so.
+    issues = pq.read_table(tmp_path / "ended" / "label_issues.parquet")
+    index = issues.schema.get_field_index("corrected_label")
+    filled = pa.array(confident_corrections(issues), pa.int64())
+    pq.write_table(
+        issues.set_column(index, "corrected_label", filled), tmp_path / "ended" / "label_issues.parquet"
+    )
+    notes = {title: note for title, _, note in _transition_panels(load_run(tmp_path / "ended"))}
+    assert notes["from label issues"] == "flagged samples moved to their predicted label"
+    metrics["label_correction"]["source"] = FROM_METHOD
+    (tmp_path / "ended" / "metrics.json").write_text(json.dumps(metrics))
+    notes = {title: note for title, _, note in _transition_panels(load_run(tmp_path / "ended"))}
+    assert notes["from label issues"] == "corrected vs given labels"
     quiet = [reading(0.9, 0, 0)] * 4
     guard = {"enabled": True, "fired_epochs": [], "rolled_back_epochs": []}
     report = write_run_report(_with_guard(_finished_run(tmp_path / "quiet"), guard, quiet)).read_text()

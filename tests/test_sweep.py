@@ -70,7 +70,10 @@ def _fake_sweep(folder: Path) -> dict[tuple[str, float, int], dict]:
             "history": [],
         }
         if key.method == "glc":  # a method with corrected labels
-            metrics["label_correction"] = {"corrected_label_accuracy": float(rng.uniform(0.6, 1))}
+            metrics["label_correction"] = {
+                "corrected_label_accuracy": float(rng.uniform(0.6, 1)),
+                "source": str(rng.choice(["method", "model"])),
+            }
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
         finished[(key.method, key.rate, key.seed)] = metrics
     return finished
@@ -110,8 +113,13 @@ def test_results_are_tabulated_from_the_trial_folders(tmp_path):
         assert float(row["actual_noise_rate"]) == pytest.approx(metrics["noise"]["actual_rate"])
         corrected = metrics.get("label_correction", {}).get("corrected_label_accuracy")
         assert (row["corrected_label_accuracy"] == "") == (corrected is None)
+        assert row["corrected_labels_from"] == metrics.get("label_correction", {}).get("source", "")
 
     md = (tmp_path / "results.md").read_text()
+    from_model = [r["trial"] for r in rows if r["corrected_labels_from"] == "model"]
+    assert from_model  # the fake sweep draws both sources
+    assert f"{len(from_model)} trial(s) ended with the collapse guard falling back" in md
+    assert all(f"`{trial}`" in md for trial in from_model)
     for title, column in [
         ("Test accuracy of the best-validation epoch's model", "test_accuracy"),
         ("Test accuracy of the last epoch's model", "final_test_accuracy"),

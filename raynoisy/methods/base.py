@@ -262,12 +262,18 @@ class Method(ABC):
         """Metrics derived from the exported table and labels.parquet, for metrics.json."""
         return {}
 
+    @property
+    def export_rejected(self) -> bool:
+        """True when this method's own export was judged unusable at the end of the run (a collapse guard
+        that ended it falling back): the export then skips the method's own pass and is rebuilt from the
+        model-prediction path by ``export_from_predictions``. Only methods that can rebuild say True."""
+        return False
+
     @classmethod
     def export_from_predictions(cls, label_issues: Any, pred_probs: np.ndarray) -> Any:
-        """The exported per-sample table rebuilt from the model-prediction path's ``label_issues`` table
-        and the softmax rows behind it (by sample_id), for a run whose own view was judged unusable
-        (``label_issue_columns`` returned None); None keeps the method's own table."""
-        return None
+        """The exported per-sample table rebuilt from the model-prediction path's ``label_issues`` table and
+        the softmax rows behind it (by sample_id), for a run whose ``export_rejected``."""
+        raise NotImplementedError(f"{cls.name} cannot rebuild its export from predictions")
 
     def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
         """This method's columns of ``label_issues.parquet`` for a batch of training samples (eval transform).

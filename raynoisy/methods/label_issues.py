@@ -3,7 +3,9 @@ method; and the ``label_issues`` block of metrics.json that scores it.
 
 Columns (``SCHEMA``): ``sample_id``; ``given_label`` (the label training saw); ``predicted_label`` (the
 method's classifier's argmax); ``label_score`` in [0, 1], lower = more likely wrong; ``is_label_issue``
-(bool); ``corrected_label`` (the method's own estimate of the true class, null where it has none). The
+(bool); ``corrected_label`` (the method's own estimate of the true class, null where it has none; for a
+meta method whose collapse guard ended the run falling back, confident learning's correction instead: the
+predicted label where flagged, the given label elsewhere, as its ``corrected_labels.parquet``). The
 schema's metadata names the rule that flagged the samples (``DETECTOR_KEY``).
 
 Where the columns come from: ``Method.label_issue_columns(batch)`` on the workers, over the whole training

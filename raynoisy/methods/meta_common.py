@@ -37,13 +37,11 @@ from raynoisy.methods.supervised import MainModel
 # per sample; for 1000 classes it would be 4 kB per sample for a column nobody reads whole.
 SOFT_LABEL_MAX_CLASSES = 20
 # Where a corrected_labels table's labels came from (its schema metadata; metrics.json's
-# label_correction.source): the method's own, or the best-validation model's through confident learning
-# when the collapse guard ended the run falling back.
+# label_correction.source, which the report spells out): the method's own, or the best-validation model's
+# through confident learning when the collapse guard ended the run falling back.
 CORRECTION_SOURCE_KEY = b"raynoisy.corrected_labels.source"
-FROM_METHOD = "the method"
-FROM_MODEL = (
-    "the best-validation model, by confident learning (the collapse guard rejected the method's labels)"
-)
+FROM_METHOD = "method"
+FROM_MODEL = "model"
 
 
 def check_param(ok: bool, name: str, problem: str, fix: str) -> None:
@@ -417,8 +415,10 @@ def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.nda
     given label, the given label elsewhere), the same corrections ``label_issues.parquet`` then carries.
 
     ``pred_probs`` are that model's softmax rows in ``label_issues``' order (by sample_id). The columns are
-    those of ``corrected_label_columns``, with the model's softmax as the soft label; the schema's metadata
-    says where the labels came from (``CORRECTION_SOURCE_KEY``).
+    those of ``corrected_label_columns``, with the model's softmax as the soft label and, unlike the
+    method's own table, ``corrected_confidence`` the soft label's probability of the corrected label (an
+    unflagged sample keeps its given label where the model's argmax may differ); the schema's metadata says
+    where the labels came from (``CORRECTION_SOURCE_KEY``).
     """
     given = label_issues.column("given_label").to_numpy()
     corrected = confident_corrections(label_issues)
@@ -432,7 +432,7 @@ def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.nda
         "given_label_probability": probs[rows, given],
     }
     if probs.shape[1] <= SOFT_LABEL_MAX_CLASSES:
-        columns["soft_label"] = list(probs)
+        columns["soft_label"] = pa.array(list(probs), pa.list_(pa.float32()))
     return pa.table(columns).replace_schema_metadata({CORRECTION_SOURCE_KEY: FROM_MODEL.encode()})
 
 
@@ -478,7 +478,8 @@ def summarize_corrected_labels(table: pa.Table, labels: pa.Table) -> dict[str, A
 
 
 class CorrectedLabelExport:
-    """Mixin for methods that export ``corrected_labels.parquet`` and summarise it (MLC, MetaLabelNet).
+    """Mixin for methods that export ``corrected_labels.parquet`` and summarise it (MLC, MetaLabelNet,
+    MLNT, MixNN).
 
     Their label issues come from the same corrected labels: ``corrected_label`` = argmax of the meta
     network's soft label, ``is_label_issue`` = corrected != given, ``label_score`` = the soft label's
@@ -498,12 +499,18 @@ class CorrectedLabelExport:
     def summarize_export(cls, table: pa.Table, labels: pa.Table) -> dict[str, Any]:
         return summarize_corrected_labels(table, labels)
 
+    @property
+    def export_rejected(self) -> bool:
+        return (
+            isinstance(self, TrustedMetaMethod) and self.guard.falling_back
+        )  # the corrector ended collapsed
+
     @classmethod
     def export_from_predictions(cls, label_issues: pa.Table, pred_probs: np.ndarray) -> pa.Table:
         return corrected_labels_from_predictions(label_issues, pred_probs)
 
     def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
-        if isinstance(self, TrustedMetaMethod) and self.guard.falling_back:  # the corrector ended collapsed
+        if self.export_rejected:
             return None
         own = self.per_sample_outputs(batch)  # type: ignore[attr-defined]  # the method's corrected labels
         model = self.eval_model()  # type: ignore[attr-defined]  # the classifier the run reports

@@ -43,7 +43,9 @@ fast weights uses copies of the buffers (the reference's fast forward also updat
 encoder runs in eval mode on its frozen running statistics and under no_grad (the reference leaves
 requires_grad on and computes unused grads).
 
-Export ``corrected_labels.parquet``: argmax and max of the final SLP's soft label per training sample.
+Export ``corrected_labels.parquet``: argmax and max of the final SLP's soft label per training sample; a run
+whose collapse guard ends it falling back exports its best model's corrections instead
+(``meta_common.corrected_labels_from_predictions``).
 """
 
 from __future__ import annotations

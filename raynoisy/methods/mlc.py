@@ -56,7 +56,8 @@ Deviations from the reference code, each deliberate:
   the training set), and the look-ahead lr is the current scheduled lr (not ``get_lr()``).
 
 Export ``corrected_labels.parquet``: argmax and max of g(h(x), ỹ) of the final models (eval mode), and the
-soft label when there are at most 20 classes.
+soft label when there are at most 20 classes; a run whose collapse guard ends it falling back exports its
+best model's corrections instead (``meta_common.corrected_labels_from_predictions``).
 """
 
 from __future__ import annotations

@@ -225,6 +225,14 @@ def _header(run: RunData) -> str:
     return "\n".join(lines)
 
 
+# metrics.json's label_correction.source (raynoisy.methods.meta_common.FROM_METHOD / FROM_MODEL), in words.
+CORRECTION_SOURCES = {
+    "method": "the method",
+    "model": "the best-validation model, by confident learning "
+    "(the collapse guard rejected the method's labels)",
+}
+
+
 def _facts(m: dict[str, Any]) -> list[list[str]]:
     noise = m.get("noise") or {}
     rows = [
@@ -260,7 +268,7 @@ def _facts(m: dict[str, Any]) -> list[list[str]]:
             ]
         )
     if lc and lc.get("source"):  # absent from runs before the guard's fallback rebuilt the export
-        rows.append(["corrected labels from", str(lc["source"])])
+        rows.append(["corrected labels from", CORRECTION_SOURCES.get(lc["source"], str(lc["source"]))])
     return rows
 
 
@@ -401,8 +409,11 @@ def _transition_panels(run: RunData) -> list[tuple[str, np.ndarray, str]]:
         panels.append((f"{m['method']} estimate", np.asarray(m["noise_transition_estimated"], float), by))
     if run.issues is not None and k:
         has_corrected = bool(run.issues["corrected_label"].notna().any())
+        from_model = (m.get("label_correction") or {}).get("source") == "model"
         how = (
-            "corrected vs given labels" if has_corrected else "flagged samples moved to their predicted label"
+            "corrected vs given labels"
+            if has_corrected and not from_model
+            else "flagged samples moved to their predicted label"
         )
         panels.append(("from label issues", label_issue_transition(run.issues, k), how))
     return [(t, mat, note) for t, mat, note in panels if mat.shape == (k, k)]

@@ -26,7 +26,8 @@ FINISHED, FAILED, NOT_RUN = "finished", "failed", "not run"
 
 # results.csv, one row per trial. test_accuracy: the best-validation epoch's model; final_test_accuracy: the
 # last epoch's; corrected_label_accuracy: the method's corrected labels against the true ones, where it has
-# corrected labels.
+# corrected labels; corrected_labels_from: whose they are (metrics.json's label_correction.source: "method",
+# or "model" where the collapse guard ended the trial falling back and its best model corrected them).
 RESULT_COLUMNS = [
     "trial",
     "method",
@@ -39,6 +40,7 @@ RESULT_COLUMNS = [
     "test_accuracy",
     "final_test_accuracy",
     "corrected_label_accuracy",
+    "corrected_labels_from",
     "wall_seconds",
     "error",
 ]
@@ -116,6 +118,7 @@ def trial_row(sweep_dir: Path, trial: TrialKey) -> dict[str, Any]:
             "status": FINISHED,
             "actual_noise_rate": _number((metrics.get("noise") or {}).get("actual_rate")),
             "corrected_label_accuracy": _number(correction.get("corrected_label_accuracy")),
+            "corrected_labels_from": correction.get("source"),
         }
         for key in ("best_val_accuracy", "test_accuracy", "final_test_accuracy", "wall_seconds"):
             row[key] = _number(metrics.get(key))

@@ -160,6 +160,13 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                 "## Accuracy of the corrected training labels (methods that correct labels)",
                 accuracy_table(frame, "corrected_label_accuracy", with_labels, rates, seeds),
             ]
+            from_model = frame[frame["corrected_labels_from"] == "model"]["trial"]
+            if len(from_model):
+                sections.append(
+                    f"{len(from_model)} trial(s) ended with the collapse guard falling back, so their "
+                    "corrected labels are their best model's (confident learning), not the meta network's: "
+                    + ", ".join(f"`{t}`" for t in from_model)
+                )
         sections.append(f"![test accuracy against the noise rate]({PLOT})")
     else:
         (sweep_dir / PLOT).unlink(missing_ok=True)

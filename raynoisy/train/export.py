@@ -45,15 +45,17 @@ def per_sample_table(
     Label issues come from the method's own columns, or — where ``label_issue_columns`` returns None: a
     method without a view of its own, or a meta method whose collapse guard ended the run falling back —
     from the best-validation model's predictions (confident learning), and the table says which. In the
-    second case a method may rebuild its export from those predictions (``export_from_predictions``:
-    MLC's and MetaLabelNet's corrected labels), and label_issues.parquet then carries the same corrections.
+    second case a method whose ``export_rejected`` rebuilds its export from those predictions
+    (``export_from_predictions``: MLC's and MetaLabelNet's corrected labels) instead of running its own
+    pass, and label_issues.parquet then carries the same corrections.
     """
     predictor: nn.Module | None = None
     rule = method.label_issue_rule
+    rebuild = method.export_name is not None and method.export_rejected
     own: dict[str, list[np.ndarray]] = {}
     issues: dict[str, list[np.ndarray]] = {}
     for batch in streams.method_pass("train"):
-        if method.export_name is not None:
+        if method.export_name is not None and not rebuild:
             _append(own, method.per_sample_outputs(batch))
         columns = method.label_issue_columns(batch)
         if columns is None:
@@ -70,12 +72,14 @@ def per_sample_table(
         tables[method.export_name] = pa.table(
             {k: list(v) if v.ndim > 1 else v for k, v in own_all.items()}
         ).sort_by("sample_id")
-    if method.export_name is not None and PRED_PROBS in issues_all:
+    if rebuild:  # the method's own corrections were judged unusable: the model's instead
+        assert method.export_name is not None and PRED_PROBS in issues_all, (
+            "a rejected export flags by the model"
+        )
         probs = issues_all[PRED_PROBS][np.argsort(issues_all["sample_id"], kind="stable")]
         rebuilt = method.export_from_predictions(tables[LABEL_ISSUES], probs)
-        if rebuilt is not None:  # the method's own corrections were judged unusable: the model's instead
-            tables[method.export_name] = rebuilt
-            tables[LABEL_ISSUES] = _with_corrections(tables[LABEL_ISSUES], rebuilt.column("corrected_label"))
+        tables[method.export_name] = rebuilt
+        tables[LABEL_ISSUES] = _with_corrections(tables[LABEL_ISSUES], rebuilt.column("corrected_label"))
     return tables
 
 
