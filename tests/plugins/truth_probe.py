@@ -53,3 +53,9 @@ class TruthProbe(MetaLabelCorrection):
     def per_sample_outputs(self, batch: Batch) -> dict[str, np.ndarray]:
         self._see("export", batch)
         return super().per_sample_outputs(batch)
+
+    def label_issue_columns(self, batch: Batch) -> dict[str, np.ndarray] | None:
+        # Called on every export batch, also where a guard that ended falling back skips the method's own
+        # per-sample outputs (its labels then come from the model's predictions on the same batches).
+        self._see("export", batch)
+        return super().label_issue_columns(batch)
