@@ -32,8 +32,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from raynoisy.methods.label_issues import CONFIDENT_LEARNING, detector_of, true_labels_of
-from raynoisy.methods.meta_common import confident_corrections
+from raynoisy.methods.label_issues import (
+    CONFIDENT_LEARNING,
+    confident_corrections,
+    detector_of,
+    true_labels_of,
+)
 from raynoisy.report.run_report import GUARD_COLUMNS
 
 COLUMNS = {
@@ -116,7 +120,10 @@ def corrections(folders: list[Path]) -> str:
         )
         given = issues.column("given_label").to_numpy()
         own = issues.column("corrected_label")
-        corrected = own.to_numpy() if own.null_count == 0 else confident_corrections(issues)
+        flags = (
+            issues.column(c).to_numpy(zero_copy_only=False) for c in ("predicted_label", "is_label_issue")
+        )
+        corrected = own.to_numpy() if own.null_count == 0 else confident_corrections(given, *flags)
         source = "confident learning" if detector_of(issues) == CONFIDENT_LEARNING else "the method's rule"
         known = truth >= 0
         if not known.any():  # no true labels: nothing to score

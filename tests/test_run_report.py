@@ -20,8 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from raynoisy.cli import run
-from raynoisy.methods.label_issues import PRED_PROBS, build_label_issues, summarize_label_issues
-from raynoisy.methods.meta_common import FROM_METHOD, FROM_MODEL, confident_corrections
+from raynoisy.methods.label_issues import (
+    PRED_PROBS,
+    build_label_issues,
+    confident_corrections,
+    summarize_label_issues,
+)
+from raynoisy.methods.meta_common import FROM_METHOD, FROM_MODEL
 from raynoisy.report import is_run_dir, write_run_report
 from raynoisy.report.run_report import _transition_panels, load_run
 
@@ -182,7 +187,11 @@ def test_the_report_says_what_the_collapse_guard_did(tmp_path):
     # Its label issues now carry corrections, but they are the flags' own: the panel says so.
     issues = pq.read_table(tmp_path / "ended" / "label_issues.parquet")
     index = issues.schema.get_field_index("corrected_label")
-    filled = pa.array(confident_corrections(issues), pa.int64())
+    given, predicted, flagged = (
+        issues.column(c).to_numpy(zero_copy_only=False)
+        for c in ("given_label", "predicted_label", "is_label_issue")
+    )
+    filled = pa.array(confident_corrections(given, predicted, flagged), pa.int64())
     pq.write_table(
         issues.set_column(index, "corrected_label", filled), tmp_path / "ended" / "label_issues.parquet"
     )

@@ -89,13 +89,23 @@ def prediction_columns(model: nn.Module, batch: Batch) -> dict[str, np.ndarray]:
     }
 
 
-def build_label_issues(columns: Mapping[str, np.ndarray], detector: str | None = None) -> pa.Table:
+def confident_corrections(given: np.ndarray, predicted: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The labels confident learning's flags imply: the predicted label where a sample is flagged, the given
+    label elsewhere."""
+    return np.where(np.asarray(flagged, dtype=bool), predicted, given)
+
+
+def build_label_issues(
+    columns: Mapping[str, np.ndarray], detector: str | None = None, *, correct: bool = False
+) -> pa.Table:
     """``label_issues.parquet`` from a method's per-sample columns over the whole training split.
 
     ``columns`` holds ``sample_id`` and ``given_label`` and either ``pred_probs`` (N x K: confident learning,
     see the module docstring) or ``OWN_COLUMNS`` (+ optional ``corrected_label``). ``detector`` describes the
-    method's own rule (ignored on the prediction path, whose rule is ``CONFIDENT_LEARNING``). Rows are sorted
-    by ``sample_id``. Raises ``ValueError`` naming the column when the contract is broken.
+    method's own rule (ignored on the prediction path, whose rule is ``CONFIDENT_LEARNING``). ``correct``: on
+    the prediction path, also fill ``corrected_label`` with ``confident_corrections`` (for a meta method whose
+    own corrections were rejected; left null otherwise). Rows are sorted by ``sample_id``. Raises
+    ``ValueError`` naming the column when the contract is broken.
     """
     ids = _column(columns, "sample_id", np.int64)
     given = _column(columns, "given_label", np.int64)
@@ -103,7 +113,7 @@ def build_label_issues(columns: Mapping[str, np.ndarray], detector: str | None =
     if PRED_PROBS in columns:
         probs = np.asarray(columns[PRED_PROBS], dtype=np.float32).reshape(n, -1)
         predicted, score, issue = _confident_learning(given, probs)
-        corrected = None
+        corrected = confident_corrections(given, predicted, issue) if correct else None
         detector = CONFIDENT_LEARNING
     else:
         missing = [c for c in OWN_COLUMNS if c not in columns]

@@ -412,7 +412,8 @@ def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.nda
     """``corrected_labels`` from the model-prediction path's label issues, for a run whose collapse guard
     ended it falling back: the meta network's labels were judged worse than the given ones, so the run's
     corrections are confident learning's instead (the best-validation model's prediction where it flags the
-    given label, the given label elsewhere), the same corrections ``label_issues.parquet`` then carries.
+    given label, the given label elsewhere: ``label_issues``' ``corrected_label``, filled by
+    ``build_label_issues(..., correct=True)``).
 
     ``pred_probs`` are that model's softmax rows in ``label_issues``' order (by sample_id). The columns are
     those of ``corrected_label_columns``, with the model's softmax as the soft label and, unlike the
@@ -421,7 +422,7 @@ def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.nda
     where the labels came from (``CORRECTION_SOURCE_KEY``).
     """
     given = label_issues.column("given_label").to_numpy()
-    corrected = confident_corrections(label_issues)
+    corrected = label_issues.column("corrected_label").to_numpy()
     probs = np.asarray(pred_probs, dtype=np.float32)
     rows = np.arange(len(given))
     columns: dict[str, Any] = {
@@ -434,14 +435,6 @@ def corrected_labels_from_predictions(label_issues: pa.Table, pred_probs: np.nda
     if probs.shape[1] <= SOFT_LABEL_MAX_CLASSES:
         columns["soft_label"] = pa.array(list(probs), pa.list_(pa.float32()))
     return pa.table(columns).replace_schema_metadata({CORRECTION_SOURCE_KEY: FROM_MODEL.encode()})
-
-
-def confident_corrections(label_issues: pa.Table) -> np.ndarray:
-    """The labels a ``label_issues`` table's flags imply: the predicted label where a sample is flagged, the
-    given label elsewhere (confident learning's corrections, whichever model predicted)."""
-    given = label_issues.column("given_label").to_numpy()
-    flagged = label_issues.column("is_label_issue").to_numpy(zero_copy_only=False)
-    return np.where(flagged, label_issues.column("predicted_label").to_numpy(), given)
 
 
 def correction_source(table: pa.Table) -> str:
@@ -501,9 +494,8 @@ class CorrectedLabelExport:
 
     @property
     def export_rejected(self) -> bool:
-        return (
-            isinstance(self, TrustedMetaMethod) and self.guard.falling_back
-        )  # the corrector ended collapsed
+        # The corrector ended collapsed.
+        return isinstance(self, TrustedMetaMethod) and self.guard.falling_back
 
     @classmethod
     def export_from_predictions(cls, label_issues: pa.Table, pred_probs: np.ndarray) -> pa.Table:

@@ -51,7 +51,7 @@ def per_sample_table(
     """
     predictor: nn.Module | None = None
     rule = method.label_issue_rule
-    rebuild = method.export_name is not None and method.export_rejected
+    rebuild = method.export_rejected
     own: dict[str, list[np.ndarray]] = {}
     issues: dict[str, list[np.ndarray]] = {}
     for batch in streams.method_pass("train"):
@@ -67,7 +67,7 @@ def per_sample_table(
     if merged is None:
         return None
     own_all, issues_all = merged
-    tables = {LABEL_ISSUES: build_label_issues(issues_all, rule)}
+    tables = {LABEL_ISSUES: build_label_issues(issues_all, rule, correct=rebuild)}
     if method.export_name is not None and own_all:
         tables[method.export_name] = pa.table(
             {k: list(v) if v.ndim > 1 else v for k, v in own_all.items()}
@@ -77,16 +77,8 @@ def per_sample_table(
             "a rejected export flags by the model"
         )
         probs = issues_all[PRED_PROBS][np.argsort(issues_all["sample_id"], kind="stable")]
-        rebuilt = method.export_from_predictions(tables[LABEL_ISSUES], probs)
-        tables[method.export_name] = rebuilt
-        tables[LABEL_ISSUES] = _with_corrections(tables[LABEL_ISSUES], rebuilt.column("corrected_label"))
+        tables[method.export_name] = method.export_from_predictions(tables[LABEL_ISSUES], probs)
     return tables
-
-
-def _with_corrections(issues: pa.Table, corrected: pa.ChunkedArray) -> pa.Table:
-    """``issues`` with its ``corrected_label`` column replaced (the schema's metadata kept)."""
-    index = issues.schema.get_field_index("corrected_label")
-    return issues.set_column(index, issues.schema.field(index), corrected.cast(pa.int64()))
 
 
 def _append(columns: dict[str, list[np.ndarray]], batch_columns: dict[str, Any]) -> None:
